@@ -1,0 +1,58 @@
+# Every set-up step lives here: a fresh Debian 12 needs only `make demo` / `make test`.
+SHELL := /bin/bash
+VENV ?= .venv
+# Debian's interpreter when present: the venv must be usable by the unprivileged
+# libvirt-qemu user, and pyenv interpreters under /root are not (DESIGN.md section 7).
+PYTHON ?= $(shell test -x /usr/bin/python3 && echo /usr/bin/python3 || command -v python3)
+APT_TEST_PKGS := python3-venv qemu-system-x86 qemu-utils procps
+APT_DEMO_PKGS := python3-venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test lint typecheck unit clean apt-test apt-demo venv stress bench
+
+# Install Debian packages that are missing (root only; others are told what to install).
+define apt_install
+	@missing=$$(for p in $(1); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'install ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing: $$missing"; \
+	    (apt-get install -y -q --no-install-recommends $$missing || \
+	     (apt-get update -q && apt-get install -y -q --no-install-recommends $$missing)) >/tmp/qemu-locked-apt.log 2>&1 \
+	      || { tail -20 /tmp/qemu-locked-apt.log; exit 1; }; \
+	  else echo "please install: $$missing"; fi; \
+	fi
+endef
+
+apt-demo:
+	$(call apt_install,$(APT_DEMO_PKGS))
+
+apt-test:
+	$(call apt_install,$(APT_TEST_PKGS))
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]' --config-settings editable_mode=compat
+	$(PY) -m qemu_locked.launcher
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: apt-demo $(STAMP)
+	$(PY) -m qemu_locked.demo
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check qemu_locked tests
+	$(VENV)/bin/ruff format --check qemu_locked tests
+
+typecheck: $(STAMP)
+	$(VENV)/bin/mypy
+
+unit: $(STAMP)
+	$(VENV)/bin/pytest -q -p no:cacheprovider tests
+
+test: apt-test $(STAMP) lint typecheck unit
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,85 @@
+"""One error hierarchy.  Every error carries the facts and its exit code, and
+renders as a single line; the front ends add their ``qemu-locked: `` or
+``qemu-lockctl: `` prefix."""
+
+from __future__ import annotations
+
+# Exit codes (documented in README.md, "Exit codes").
+EXIT_OK = 0
+EXIT_CONFLICT = 1  # qemu-lockctl check: would be refused
+EXIT_USAGE = 2  # bad argument, bad config, bad XML
+EXIT_LOCKED = 3  # a disk (or domain lease) is held by someone else
+EXIT_DISK = 4  # a disk cannot be opened/locked: missing, wrong type, permission
+EXIT_BACKEND = 5  # the lock machinery itself failed (no OFD support, lockspace I/O)
+EXIT_NOT_EXECUTABLE = 126
+EXIT_NOT_FOUND = 127
+
+
+class QemuLockedError(Exception):
+    exit_code = EXIT_BACKEND
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def lines(self) -> list[str]:
+        # Paths may hold newlines; libvirt shows stderr verbatim, so one fact stays one line.
+        return [self.message.replace("\n", "\\n")]
+
+
+class UsageError(QemuLockedError):
+    exit_code = EXIT_USAGE
+
+
+class ArgumentError(UsageError):
+    """A QEMU argument we cannot understand well enough to lock safely."""
+
+    def __init__(self, option: str, message: str) -> None:
+        super().__init__(f"{option}: {message}")
+        self.option = option
+
+
+class ConfigError(UsageError):
+    def __init__(self, source: str, key: str | None, message: str) -> None:
+        where = f"{source}: {key}" if key else source
+        super().__init__(f"{where}: {message}")
+        self.source = source
+        self.key = key
+
+
+class DiskError(QemuLockedError):
+    exit_code = EXIT_DISK
+
+    def __init__(self, path: str, message: str) -> None:
+        super().__init__(f"{path}: {message}")
+        self.path = path
+
+
+class LockedError(QemuLockedError):
+    """Held by another process (or host).  One line per conflicting resource."""
+
+    exit_code = EXIT_LOCKED
+
+    def __init__(self, conflicts: list[tuple[str, str, str]]) -> None:
+        # (resource, mode this VM wants, "(mode) by <holders>")
+        self.conflicts = conflicts
+        super().__init__(self._line(*conflicts[0]))
+
+    @staticmethod
+    def _line(resource: str, wanted: str, holders: str) -> str:
+        return f"{resource} is locked {holders}; this VM needs it {wanted}"
+
+    def lines(self) -> list[str]:
+        return [self._line(*c).replace("\n", "\\n") for c in self.conflicts]
+
+
+class BackendError(QemuLockedError):
+    exit_code = EXIT_BACKEND
+
+
+class EmulatorNotFound(QemuLockedError):
+    exit_code = EXIT_NOT_FOUND
+
+
+class EmulatorNotExecutable(QemuLockedError):
+    exit_code = EXIT_NOT_EXECUTABLE

@@ -1,0 +1,76 @@
+"""The lock primitive: an open-file-description (OFD) lock on byte 0, length 1.
+
+Why exactly this (DESIGN.md section 3, measured): classic POSIX locks are
+dropped when QEMU closes its own fds on the image; whole-file locks collide
+with QEMU's own locks on bytes 100-104/200-204; flock is emulated as a
+whole-file lock on NFS.  An OFD lock on byte 0 survives exec, is freed when
+the last fd of its open file description closes (the VM dies), and is the
+byte virtlockd uses, so the two exclude each other.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import sys
+
+F_OFD_GETLK: int = getattr(fcntl, "F_OFD_GETLK", 36)
+F_OFD_SETLK: int = getattr(fcntl, "F_OFD_SETLK", 37)
+F_OFD_SETLKW: int = getattr(fcntl, "F_OFD_SETLKW", 38)
+
+F_RDLCK: int = fcntl.F_RDLCK
+F_WRLCK: int = fcntl.F_WRLCK
+F_UNLCK: int = fcntl.F_UNLCK
+
+_BYTE = 0  # virtlockd's byte; QEMU uses 100-104 and 200-204
+_ORDER = sys.byteorder
+
+
+def _flock(l_type: int, start: int = _BYTE, length: int = 1) -> bytes:
+    # struct flock on 64-bit Linux: short l_type, short l_whence, (pad 4),
+    # off_t l_start, off_t l_len, pid_t l_pid, (pad 4).  Built by hand so the
+    # start path does not import struct.
+    return (
+        l_type.to_bytes(2, _ORDER, signed=True)
+        + (0).to_bytes(2, _ORDER)  # SEEK_SET
+        + bytes(4)
+        + start.to_bytes(8, _ORDER, signed=True)
+        + length.to_bytes(8, _ORDER, signed=True)
+        + bytes(8)
+    )
+
+
+def try_lock(fd: int, exclusive: bool) -> bool:
+    """Take the byte-0 lock without waiting.  False if someone else holds it."""
+    try:
+        fcntl.fcntl(fd, F_OFD_SETLK, _flock(F_WRLCK if exclusive else F_RDLCK))
+    except OSError as exc:
+        if exc.errno in (11, 13):  # EAGAIN, EACCES: a conflicting lock
+            return False
+        raise
+    return True
+
+
+def unlock(fd: int) -> None:
+    fcntl.fcntl(fd, F_OFD_SETLK, _flock(F_UNLCK))
+
+
+def conflicting(fd: int, exclusive: bool) -> tuple[str, int] | None:
+    """Who would block us: ("exclusive"|"shared", pid); pid is -1 for OFD locks.
+
+    None when nothing conflicts (or our own open file description holds it).
+    """
+    raw = fcntl.fcntl(fd, F_OFD_GETLK, _flock(F_WRLCK if exclusive else F_RDLCK))
+    l_type = int.from_bytes(raw[0:2], _ORDER, signed=True)
+    if l_type == F_UNLCK:
+        return None
+    pid = int.from_bytes(raw[24:28], _ORDER, signed=True)
+    return ("exclusive" if l_type == F_WRLCK else "shared"), pid
+
+
+def supported(fd: int) -> bool:
+    """Whether this file's filesystem takes OFD locks at all (doctor's check)."""
+    try:
+        fcntl.fcntl(fd, F_OFD_GETLK, _flock(F_RDLCK))
+    except OSError:
+        return False
+    return True
