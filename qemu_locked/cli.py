@@ -89,6 +89,14 @@ def plan(args: ArgsArg = None, domain: DomainOpt = None, as_json: JsonOpt = Fals
         print_plan(p)
 
 
+# Sub-command groups live in their own modules.
+from qemu_locked.cli_libvirt import libvirt_app  # noqa: E402
+from qemu_locked.cli_sanlock import sanlock_app  # noqa: E402
+
+app.add_typer(libvirt_app, name="libvirt")
+app.add_typer(sanlock_app, name="sanlock")
+
+
 def die(exc: QemuLockedError) -> NoReturn:
     for line in exc.lines():
         sys.stderr.write(PREFIX + line + "\n")
