@@ -39,7 +39,9 @@ def inherited_fds() -> list[dict[str, object]]:
 
 
 def main() -> None:
-    report = {"argv": sys.argv, "pid": os.getpid(), "fds": inherited_fds()}
+    with open("/proc/self/status") as f:
+        sigign = next((ln.split()[1] for ln in f if ln.startswith("SigIgn:")), "")
+    report = {"argv": sys.argv, "pid": os.getpid(), "fds": inherited_fds(), "sigign": sigign}
     daemonize = "-daemonize" in sys.argv[1:]
     if daemonize:
         r, w = os.pipe()

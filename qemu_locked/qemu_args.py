@@ -300,6 +300,7 @@ class _Parser:
         self.skipped: list[Skipped] = []
         self.readconfig_depth = 0
         self.names: dict[str, dict[str, Any]] = {}
+        self.visited: set[str] = set()
 
     # -- argv walk ---------------------------------------------------------
 
@@ -437,6 +438,11 @@ class _Parser:
             writable = root.writable and not root.cd
             role = SHAREABLE if root.share else WRITABLE
             self._walk(root.origin, root.node, writable, role, probe=False, seen=())
+        # Nodes no root reaches can only sit in a reference cycle (QEMU itself
+        # would refuse them); walking one raises the error instead of skipping it.
+        for name, node in self.names.items():
+            if name not in self.visited:
+                self._walk("-blockdev", name, not _ro(node, "-blockdev"), WRITABLE, False, ())
         return Plan(
             disks=merge_by_path(self.disks),
             skipped=tuple(self.skipped),
@@ -547,6 +553,7 @@ class _Parser:
                 raise ArgumentError("-blockdev", f"no node named '{node}'")
             origin = f"-blockdev {node}"
             seen = seen + (node,)
+            self.visited.add(node)
             node = target
         if not isinstance(node, dict):
             raise ArgumentError(origin, f"block node must be an object, not {node!r}")
