@@ -114,6 +114,6 @@ def make_image(path: Path, size: int = 1 << 20) -> str:
 def run(
     cmd: list[str], env: dict[str, str] | None = None, **kw: object
 ) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(  # noqa: PLW1510 - callers assert on returncode
+    return subprocess.run(
         cmd, capture_output=True, text=True, env=env or base_env(), timeout=60, **kw
     )  # type: ignore[call-overload,no-any-return]
