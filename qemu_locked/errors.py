@@ -11,6 +11,7 @@ EXIT_USAGE = 2  # bad argument, bad config, bad XML
 EXIT_LOCKED = 3  # a disk (or domain lease) is held by someone else
 EXIT_DISK = 4  # a disk cannot be opened/locked: missing, wrong type, permission
 EXIT_BACKEND = 5  # the lock machinery itself failed (no OFD support, lockspace I/O)
+EXIT_INTERNAL = 70  # a bug in qemu-locked (EX_SOFTWARE); still one line, no traceback
 EXIT_NOT_EXECUTABLE = 126
 EXIT_NOT_FOUND = 127
 
@@ -75,6 +76,10 @@ class LockedError(QemuLockedError):
 
 class BackendError(QemuLockedError):
     exit_code = EXIT_BACKEND
+
+
+class InternalError(QemuLockedError):
+    exit_code = EXIT_INTERNAL
 
 
 class EmulatorNotFound(QemuLockedError):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import fcntl
 import sys
+import time
 
 F_OFD_GETLK: int = getattr(fcntl, "F_OFD_GETLK", 36)
 F_OFD_SETLK: int = getattr(fcntl, "F_OFD_SETLK", 37)
@@ -47,6 +48,19 @@ def try_lock(fd: int, exclusive: bool) -> bool:
         if exc.errno in (11, 13):  # EAGAIN, EACCES: a conflicting lock
             return False
         raise
+    return True
+
+
+def lock_until(fd: int, exclusive: bool, deadline: float, poll: float = 0.05) -> bool:
+    """Poll for the lock until ``deadline`` (time.monotonic()); False on timeout.
+
+    Polling rather than F_OFD_SETLKW: a blocked SETLKW cannot be bounded without
+    signals, and waiting holders must keep the global lock order.
+    """
+    while not try_lock(fd, exclusive):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(poll)
     return True
 
 

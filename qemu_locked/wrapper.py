@@ -90,12 +90,17 @@ def main() -> NoReturn:
         cfg = _config.load()
         path = _emulator.find(cfg.emulator, argv0, argv0, os.environ.get("PATH", os.defpath))
         plan = prepare(args, cfg)
-        if plan.disks:
+        if plan.disks or plan.uuid or plan.guest:
             from qemu_locked import backends
 
-            held = backends.load(cfg.backend).acquire(plan, cfg, cfg.wait)
-            held.inherit()
+            held = backends.acquire_all(plan, cfg)
+            if held is not None:
+                held.inherit()
     except QemuLockedError as exc:
         fail(exc)
+    except Exception as exc:  # a bug of ours: still one line, and QEMU does not start unlocked
+        from qemu_locked.errors import InternalError
+
+        fail(InternalError(f"internal error: {type(exc).__name__}: {exc}"))
     name = os.path.basename(argv0)
     exec_emulator(path, path if name in _emulator.OWN_NAMES else argv0, args)

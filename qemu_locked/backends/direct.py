@@ -12,13 +12,12 @@ import time
 from qemu_locked import holders, images, ofd
 from qemu_locked._value import frozen
 from qemu_locked.errors import LockedError
+from qemu_locked.held import Held
 from qemu_locked.model import EXCLUSIVE, SHARED, Plan, stronger
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from qemu_locked.config import Config
-
-_POLL = 0.05
 
 
 @frozen
@@ -27,24 +26,6 @@ class Target:
     path: str
     mode: str
     origin: str
-
-
-class Held:
-    """Open fds whose open file descriptions carry our locks."""
-
-    def __init__(self) -> None:
-        self.fds: list[int] = []
-
-    def release(self) -> None:
-        while self.fds:
-            try:
-                os.close(self.fds.pop())
-            except OSError:
-                pass
-
-    def inherit(self) -> None:
-        for fd in self.fds:
-            os.set_inheritable(fd, True)
 
 
 def targets(plan: Plan) -> list[Target]:
@@ -69,15 +50,6 @@ def _conflict(fd: int, target: Target) -> tuple[str, str, str]:
     return target.path, target.mode, holders.describe(who, mode_hint)
 
 
-def lock_until(fd: int, exclusive: bool, deadline: float) -> bool:
-    """Poll for the lock until ``deadline`` (time.monotonic()); False on timeout."""
-    while not ofd.try_lock(fd, exclusive):
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(_POLL)
-    return True
-
-
 def acquire(plan: Plan, config: Config | None = None, wait: float = 0.0) -> Held:
     """Lock every target in global order, all or nothing.
 
@@ -92,7 +64,7 @@ def acquire(plan: Plan, config: Config | None = None, wait: float = 0.0) -> Held
             exclusive = target.mode == EXCLUSIVE
             fd = images.open_checked(target.path, exclusive, target.key)
             held.fds.append(fd)
-            if not lock_until(fd, exclusive, 0.0 if conflicts else deadline):
+            if not ofd.lock_until(fd, exclusive, 0.0 if conflicts else deadline):
                 conflicts.append(_conflict(fd, target))
         if conflicts:
             raise LockedError(conflicts)

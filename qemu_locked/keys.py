@@ -1,0 +1,60 @@
+"""Stable resource keys: what names the same disk on every host.
+
+Files: their canonical path (hosts must mount shared storage at the same
+place).  Block devices: an identity that survives different device paths and
+hosts, in this order: LVM/device-mapper UUID, SCSI/NVMe WWID, a loop device's
+backing file, and last the kernel's device name, which is host-local: doctor
+warns about those.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+
+HOST_LOCAL_PREFIX = "block:"
+
+
+def _sys_read(path: str) -> str:
+    try:
+        with open(path, "rb") as f:
+            return f.read(4096).decode("utf-8", "replace").strip()
+    except OSError:
+        return ""
+
+
+def _block_key(sysdir: str) -> str:
+    if os.path.exists(os.path.join(sysdir, "partition")):
+        parent = os.path.realpath(os.path.join(sysdir, ".."))
+        return f"{_block_key(parent)}:part{_sys_read(os.path.join(sysdir, 'partition'))}"
+    dm = _sys_read(os.path.join(sysdir, "dm", "uuid"))
+    if dm:
+        return ("lvm:" if dm.startswith("LVM-") else "dm:") + dm
+    for rel in ("device/wwid", "wwid"):
+        wwid = _sys_read(os.path.join(sysdir, rel))
+        if wwid:
+            return "wwid:" + wwid
+    backing = _sys_read(os.path.join(sysdir, "loop", "backing_file"))
+    if backing:
+        offset = _sys_read(os.path.join(sysdir, "loop", "offset")) or "0"
+        return f"loop:{os.path.realpath(backing)}@{offset}"
+    for line in _sys_read(os.path.join(sysdir, "uevent")).splitlines():
+        if line.startswith("DEVNAME="):
+            return HOST_LOCAL_PREFIX + line[len("DEVNAME=") :]
+    return HOST_LOCAL_PREFIX + os.path.basename(sysdir)
+
+
+def disk_key(path: str, st: os.stat_result) -> str:
+    if stat.S_ISBLK(st.st_mode):
+        major, minor = os.major(st.st_rdev), os.minor(st.st_rdev)
+        return _block_key(os.path.realpath(f"/sys/dev/block/{major}:{minor}"))
+    return "file:" + os.path.realpath(path)
+
+
+def domain_key(uuid: str | None, guest: str | None) -> str | None:
+    """The domain lease's key: the VM's UUID, else its name, else none."""
+    if uuid:
+        return "domain:uuid:" + uuid.strip().lower()
+    if guest:
+        return "domain:name:" + guest
+    return None

@@ -1,0 +1,295 @@
+"""Backends through the real binary: one contract every backend passes, then the
+lockspace across two "hosts" (different host_name, one in its own mount
+namespace), block devices by identity, the domain lease, waiting, and config."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from conftest import QEMU_LOCKED, base_env, make_image, run
+
+from qemu_locked import leases
+
+BACKENDS = ["direct", "lockspace"]
+
+
+@pytest.fixture
+def lockspace(tmp_path: Path) -> str:
+    d = tmp_path / "lockspace"
+    d.mkdir()
+    return str(d)
+
+
+def env_for(backend: str, lockspace: str, host: str = "hostA", **extra: str) -> dict[str, str]:
+    return base_env(
+        QEMU_LOCKED_BACKEND=backend,
+        QEMU_LOCKED_LOCKSPACE_DIR=lockspace,
+        QEMU_LOCKED_HOST_NAME=host,
+        **extra,
+    )
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+class TestBackendContract:
+    """What every backend must do, checked with real processes and real locks."""
+
+    def test_exclusive_refuses_a_second_writer_naming_the_holder(
+        self, start, tmp_path, lockspace, backend
+    ) -> None:
+        img = make_image(tmp_path / "a.img")
+        a = start("-name", "guest=first", "-drive", f"file={img}", env=env_for(backend, lockspace))
+        assert a.started()
+        b = start("-name", "guest=second", "-drive", f"file={img}", env=env_for(backend, lockspace))
+        assert not b.started() and b.proc.returncode == 3
+        err = b.stderr()
+        assert err.startswith(
+            f"qemu-locked: {img} is locked (exclusive) by pid {a.report['pid']}, guest 'first'"
+        )
+        assert len(err.splitlines()) == 1
+
+    def test_shared_with_shared_and_not_with_exclusive(
+        self, start, tmp_path, lockspace, backend
+    ) -> None:
+        img = make_image(tmp_path / "s.img")
+        env = env_for(backend, lockspace)
+        assert start("-drive", f"file={img},readonly=on", env=env).started()
+        assert start("-drive", f"file={img},readonly=on", env=env).started()
+        w = start("-drive", f"file={img}", env=env)
+        assert not w.started() and w.proc.returncode == 3
+
+    def test_holder_death_frees_at_once(self, start, tmp_path, lockspace, backend) -> None:
+        img = make_image(tmp_path / "k.img")
+        env = env_for(backend, lockspace)
+        a = start("-drive", f"file={img}", env=env)
+        assert a.started()
+        a.kill()
+        assert start("-drive", f"file={img}", env=env).started()
+
+    def test_all_or_nothing(self, start, tmp_path, lockspace, backend) -> None:
+        a, b = make_image(tmp_path / "a.img"), make_image(tmp_path / "b.img")
+        env = env_for(backend, lockspace)
+        assert start("-drive", f"file={b}", env=env).started()
+        vm = start("-drive", f"file={a}", "-drive", f"file={b}", env=env)
+        assert not vm.started()
+        assert start("-drive", f"file={a}", env=env).started()  # a was not left held
+
+    def test_domain_lease_refuses_a_second_diskless_start(self, start, lockspace, backend) -> None:
+        uuid = "0e4b8f4a-6f43-4d36-9d3a-2b1e5f1c9a77"
+        env = env_for(backend, lockspace)
+        a = start("-name", "guest=solo", "-uuid", uuid, "-m", "64", env=env)
+        assert a.started()
+        b = start("-name", "guest=solo", "-uuid", uuid.upper(), "-m", "64", env=env)
+        assert not b.started() and b.proc.returncode == 3
+        assert (
+            f"domain {uuid.upper()} is locked (exclusive) by pid {a.report['pid']}, guest 'solo'"
+            in b.stderr()
+        )
+        off = start(
+            "-name",
+            "guest=solo",
+            "-uuid",
+            uuid,
+            env=env_for(backend, lockspace, QEMU_LOCKED_DOMAIN_LEASE="false"),
+        )
+        assert off.started()
+
+    def test_check_reports_without_taking(self, start, tmp_path, lockspace, backend) -> None:
+        from qemu_locked import backends, config
+        from qemu_locked.qemu_args import parse_argv
+
+        img = make_image(tmp_path / "c.img")
+        cfg = config.load(env_for(backend, lockspace))
+        plan = parse_argv(["-drive", f"file={img}"])
+        assert backends.conflicts_all(plan, cfg) == []
+        a = start("-name", "guest=h", "-drive", f"file={img}", env=env_for(backend, lockspace))
+        assert a.started()
+        (conflict,) = backends.conflicts_all(plan, cfg)
+        assert conflict[0] == img and "guest 'h'" in conflict[2]
+
+
+def test_two_hosts_one_in_its_own_mount_namespace(start, tmp_path, lockspace) -> None:
+    """Host B runs in a private mount namespace: only the shared directory links them."""
+    if not shutil.which("unshare"):
+        pytest.skip("unshare (util-linux) missing")
+    img = make_image(tmp_path / "shared.img")
+    a = start(
+        "-name", "guest=on-a", "-drive", f"file={img}", env=env_for("lockspace", lockspace, "hostA")
+    )
+    assert a.started()
+    r = subprocess.run(
+        ["unshare", "-m", "--propagation", "private", QEMU_LOCKED, "-name", "guest=on-b", "-drive", f"file={img}"],
+        env=env_for("lockspace", lockspace, "hostB"), capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    if r.returncode != 3 and "unshare failed" in r.stderr:
+        pytest.skip(f"no mount namespaces here: {r.stderr.strip()}")
+    assert r.returncode == 3
+    assert f"by pid {a.report['pid']}, guest 'on-a' on host 'hostA'" in r.stderr
+    # shared leases across hosts
+    ro = make_image(tmp_path / "ro.img")
+    assert start(
+        "-drive", f"file={ro},readonly=on", env=env_for("lockspace", lockspace, "hostA")
+    ).started()
+    assert start(
+        "-drive", f"file={ro},readonly=on", env=env_for("lockspace", lockspace, "hostB")
+    ).started()
+    # the holder on A dies: B gets the disk
+    a.kill()
+    b = start("-drive", f"file={img}", env=env_for("lockspace", lockspace, "hostB"))
+    assert b.started()
+
+
+def test_lease_files_records_and_no_record_on_refusal(start, tmp_path, lockspace) -> None:
+    img = make_image(tmp_path / "r.img")
+    env = env_for("lockspace", lockspace, "hostA")
+    a = start("-name", "guest=rec", "-uuid", "1111", "-drive", f"file={img}", env=env)
+    assert a.started()
+    b = start("-name", "guest=late", "-drive", f"file={img}", env=env)
+    assert not b.started()
+    name = leases.lease_name("file:" + os.path.realpath(img))
+    path = Path(lockspace) / name
+    st = path.stat()
+    assert stat.S_ISREG(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o660
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        recs = leases.read_records(fd)
+    finally:
+        os.close(fd)
+    assert [(r.host, r.pid, r.guest, r.uuid, r.mode, r.live) for r in recs] == [
+        ("hostA", a.report["pid"], "rec", "1111", "exclusive", True)
+    ]
+    a.kill()
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        assert [r.live for r in leases.read_records(fd)] == [False]  # the record stays, shown stale
+    finally:
+        os.close(fd)
+
+
+def test_planted_symlink_is_refused_and_its_target_untouched(start, tmp_path, lockspace) -> None:
+    img = make_image(tmp_path / "p.img")
+    victim = tmp_path / "victim"
+    victim.write_text("precious\n")
+    (Path(lockspace) / leases.lease_name("file:" + os.path.realpath(img))).symlink_to(victim)
+    r = run([QEMU_LOCKED, "-drive", f"file={img}"], env=env_for("lockspace", lockspace))
+    assert (
+        r.returncode == 5
+        and "is a symlink, refusing" in r.stderr
+        and len(r.stderr.splitlines()) == 1
+    )
+    assert victim.read_text() == "precious\n"
+
+
+def test_missing_lockspace_dir_is_one_line(tmp_path) -> None:
+    img = make_image(tmp_path / "m.img")
+    r = run(
+        [QEMU_LOCKED, "-drive", f"file={img}"], env=env_for("lockspace", str(tmp_path / "nope"))
+    )
+    assert r.returncode == 5
+    assert (
+        r.stderr
+        == f"qemu-locked: lockspace_dir {tmp_path / 'nope'} does not exist (create it: qemu-lockctl lockspace init)\n"
+    )
+
+
+@pytest.fixture
+def loop_device(tmp_path: Path):  # type: ignore[no-untyped-def]
+    if os.geteuid() != 0 or not shutil.which("losetup"):
+        if os.environ.get("CI") == "true":
+            raise RuntimeError("CI runs as root with losetup")
+        pytest.skip("needs root and losetup")
+    backing = make_image(tmp_path / "loop-backing.img", 8 << 20)
+    r = subprocess.run(["losetup", "--find", "--show", backing], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"no loop devices here: {r.stderr.strip()}")
+    dev = r.stdout.strip()
+    yield dev
+    subprocess.run(["losetup", "-d", dev], check=False)
+
+
+def test_block_device_same_lease_through_two_paths(start, tmp_path, lockspace, loop_device) -> None:
+    st = os.stat(loop_device)
+    other = tmp_path / "same-device-node"
+    os.mknod(other, stat.S_IFBLK | 0o600, st.st_rdev)  # a second node, as in libvirt's private /dev
+    env = env_for("lockspace", lockspace)
+    a = start("-name", "guest=blk", "-drive", f"file={loop_device},format=raw", env=env)
+    assert a.started()
+    b = start("-drive", f"file={other},format=raw", env=env)
+    assert not b.started() and "guest 'blk'" in b.stderr()
+    from qemu_locked.keys import disk_key
+
+    assert disk_key(loop_device, st) == disk_key(str(other), os.stat(other)) and disk_key(
+        loop_device, st
+    ).startswith("loop:")
+
+
+def test_wait_for_the_holder(start, tmp_path, lockspace) -> None:
+    img = make_image(tmp_path / "w.img")
+    env = env_for("lockspace", lockspace)
+    a = start("-drive", f"file={img}", env=env)
+    assert a.started()
+    waiter = start(
+        "-drive", f"file={img}", env=env_for("lockspace", lockspace, QEMU_LOCKED_WAIT="30")
+    )
+    time.sleep(0.3)  # let it start waiting; the assertion below does not depend on timing
+    assert waiter.proc.poll() is None
+    a.kill()
+    assert waiter.started()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_opposite_order_with_wait_cannot_deadlock(tmp_path, lockspace, backend) -> None:
+    a, b = make_image(tmp_path / "a.img"), make_image(tmp_path / "b.img")
+    env = env_for(backend, lockspace, QEMU_LOCKED_WAIT="60", FAKE_QEMU_EXIT="0")
+    procs = []
+    for _ in range(4):
+        for first, second in ((a, b), (b, a)):
+            procs.append(subprocess.Popen([QEMU_LOCKED, "-drive", f"file={first}", "-drive", f"file={second}"],
+                                          env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))  # fmt: skip
+    assert [p.wait(timeout=120) for p in procs] == [0] * len(procs)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('backend = "nfs"\n', "backend: must be one of direct, lockspace, sanlock, not 'nfs'"),
+        ("wait = -1\n", "wait: must be a finite number >= 0, not -1"),
+        ('domain_lease = "yes"\n', "domain_lease: must be true or false, not 'yes'"),
+        (
+            'lockspace_dir = "relative/dir"\n',
+            "lockspace_dir: must be an absolute path, not 'relative/dir'",
+        ),
+        ("bogus = 1\n", "bogus: unknown key"),
+        ("[table]\nx = 1\n", "table: unknown key"),
+        ("backend = \n", "not valid TOML"),
+    ],
+)
+def test_config_errors_name_the_key_and_file(tmp_path, text: str, message: str) -> None:
+    cfg = tmp_path / "q.toml"
+    cfg.write_text(text)
+    r = run([QEMU_LOCKED, "-m", "1"], env=base_env(QEMU_LOCKED_CONFIG=str(cfg)))
+    assert r.returncode == 2
+    assert r.stderr.startswith(f"qemu-locked: {cfg}: ") and message in r.stderr
+    assert len(r.stderr.splitlines()) == 1
+
+
+def test_env_overrides_the_file(tmp_path) -> None:
+    cfg = tmp_path / "q.toml"
+    cfg.write_text('backend = "nfs"\n')
+    r = run(
+        [QEMU_LOCKED, "-m", "1"], env=base_env(QEMU_LOCKED_CONFIG=str(cfg), QEMU_LOCKED_WAIT="soon")
+    )
+    assert r.returncode == 2 and "nfs" in r.stderr  # the file is still validated
+    cfg.write_text('backend = "direct"\nwait = 1\n')
+    r = run(
+        [QEMU_LOCKED, "-m", "1"], env=base_env(QEMU_LOCKED_CONFIG=str(cfg), QEMU_LOCKED_WAIT="soon")
+    )
+    assert (
+        r.returncode == 2
+        and r.stderr == "qemu-locked: $QEMU_LOCKED_WAIT: wait: must be a number, not 'soon'\n"
+    )
