@@ -54,5 +54,15 @@ unit: $(STAMP)
 
 test: apt-test $(STAMP) lint typecheck unit
 
+# Benchmarks run from a non-editable install with the launcher's -IS flags,
+# as a host would install it; they write BENCHMARKS.md (not part of make test).
+BENCH_VENV := $(VENV)/bench-env
+bench: $(STAMP)
+	test -x $(BENCH_VENV)/bin/python || $(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/python -m pip install -q --upgrade --force-reinstall --no-deps .
+	$(BENCH_VENV)/bin/python -m pip install -q lxml portalocker typer
+	$(BENCH_VENV)/bin/python -m qemu_locked.launcher
+	$(BENCH_VENV)/bin/python tests/bench/bench.py BENCHMARKS.md
+
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -87,3 +87,13 @@ def test_defaults_and_env(tmp_path) -> None:
 def test_missing_explicit_config_is_an_error(tmp_path) -> None:
     with pytest.raises(ConfigError, match="no such file"):
         config.load({"QEMU_LOCKED_CONFIG": str(tmp_path / "absent.toml")})
+
+
+def test_shipped_example_config_is_the_defaults(tmp_path) -> None:
+    from pathlib import Path
+
+    example = Path(config.__file__).parent / "examples" / "qemu-locked.toml"
+    cfg = config.load({"QEMU_LOCKED_CONFIG": str(example)})
+    from qemu_locked._value import replace
+
+    assert replace(cfg, source="(defaults)") == config.Config()
