@@ -4,12 +4,12 @@ VENV ?= .venv
 # Debian's interpreter when present: the venv must be usable by the unprivileged
 # libvirt-qemu user, and pyenv interpreters under /root are not (DESIGN.md section 7).
 PYTHON ?= $(shell test -x /usr/bin/python3 && echo /usr/bin/python3 || command -v python3)
-APT_TEST_PKGS := python3-venv qemu-system-x86 qemu-utils procps
+APT_TEST_PKGS := python3-venv qemu-system-x86 qemu-utils procps libvirt-daemon-system libvirt-clients tini
 APT_DEMO_PKGS := python3-venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck unit clean apt-test apt-demo venv stress bench
+.PHONY: demo test lint typecheck unit clean apt-test apt-demo venv stress bench e2e
 
 # Install Debian packages that are missing (root only; others are told what to install).
 define apt_install
@@ -53,6 +53,11 @@ unit: $(STAMP)
 	$(VENV)/bin/pytest -q -p no:cacheprovider tests
 
 test: apt-test $(STAMP) lint typecheck unit
+
+# The libvirt end-to-end suite alone (also part of `unit`/`test`): a real libvirtd
+# and QEMU, started and stopped by tests/e2e/lab.py; root only.
+e2e: apt-test $(STAMP)
+	$(VENV)/bin/pytest -q -p no:cacheprovider tests/e2e
 
 # Benchmarks run from a non-editable install with the launcher's -IS flags,
 # as a host would install it; they write BENCHMARKS.md (not part of make test).

@@ -1,0 +1,1 @@
+"""End-to-end suite: a real libvirtd and QEMU, started and stopped by the harness (lab.py)."""

@@ -1,0 +1,43 @@
+"""Session fixtures of the e2e suite: the lab (packages, daemons, qemu-locked for
+libvirt-qemu, an images directory) and a per-test ``lab`` that removes its domains.
+
+Under CI=true the lab must come up: a reason to skip becomes a failure.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from e2e import lab as _lab
+
+
+@pytest.fixture(scope="session")
+def lab_env() -> Iterator[tuple[_lab.Daemons, Path]]:
+    try:
+        daemons, images = _lab.setup()
+    except _lab.LabUnavailable as exc:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"e2e lab unavailable under CI=true: {exc}")
+        _lab.log(f"skipping the libvirt suite: {exc}")
+        pytest.skip(f"libvirt e2e lab unavailable: {exc}")
+    try:
+        yield daemons, images
+    finally:
+        _lab.remove_leftover_domains()
+        daemons.stop_all()
+        shutil.rmtree(images, ignore_errors=True)
+
+
+@pytest.fixture
+def lab(lab_env: tuple[_lab.Daemons, Path]) -> Iterator[_lab.Lab]:
+    daemons, images = lab_env
+    the_lab = _lab.Lab(daemons, images)
+    try:
+        yield the_lab
+    finally:
+        the_lab.cleanup()
