@@ -27,6 +27,7 @@ import time
 from qemu_locked import ofd
 from qemu_locked._value import frozen
 from qemu_locked.errors import BackendError
+from qemu_locked.held import Held, Pending
 
 try:  # hashlib costs ~4 ms on the start path (it loads OpenSSL); the builtin does not
     from _sha256 import sha256 as _sha256  # type: ignore[import-not-found,unused-ignore]
@@ -240,15 +241,19 @@ def merge_wants(wants: list[Want]) -> list[Want]:
     return [by_name[n] for n in sorted(by_name)]
 
 
-def acquire(space: Lockspace, wants: list[Want], me: Holder, wait: float) -> list[int]:
+def acquire(
+    space: Lockspace, wants: list[Want], me: Holder, wait: float, defer: bool = False
+) -> Held:
     """Take every lease, all or nothing; then leave one record in each.
 
     Records are written only once every lease is held, so a refused start
-    leaves none behind.  Returns the fds that hold the leases.
+    leaves none behind.  With ``defer``, busy leases stay open and pending (for
+    the migration keeper, which writes their records once it holds them).
     """
     from qemu_locked.errors import LockedError
 
-    fds: list[int] = []
+    held = Held()
+    fds = held.fds
     try:
         deadline = time.monotonic() + wait
         conflicts: list[tuple[str, str, str]] = []
@@ -257,19 +262,24 @@ def acquire(space: Lockspace, wants: list[Want], me: Holder, wait: float) -> lis
             fd = space.open_lease(lease_name(w.key))
             fds.append(fd)
             exclusive = w.mode == "exclusive"
-            if not ofd.lock_until(fd, exclusive, 0.0 if conflicts else deadline):
+            if defer:
+                if not ofd.try_lock(fd, exclusive):
+                    held.pending.append(Pending(fd, exclusive, w.label, w.key))
+            elif not ofd.lock_until(fd, exclusive, 0.0 if conflicts else deadline):
                 conflicts.append((w.label, w.mode, describe_holders(fd, "exclusive")))
         if conflicts:
             raise LockedError(conflicts)
+        pending = {p.fd for p in held.pending}
         for w, fd in zip(merged, fds, strict=True):
+            if fd in pending:
+                continue
             slot = take_slot(fd)
             if slot is not None:
                 write_record(fd, slot, w.key, w.mode, me.host, me.guest, me.uuid, me.pid)
     except BaseException:
-        for fd in fds:
-            os.close(fd)
+        held.release()
         raise
-    return fds
+    return held
 
 
 def conflicts(space: Lockspace, wants: list[Want]) -> list[tuple[str, str, str]]:

@@ -96,6 +96,10 @@ def main() -> NoReturn:
             held = backends.acquire_all(plan, cfg)
             if held is not None:
                 held.inherit()
+                if held.pending:
+                    from qemu_locked import keeper
+
+                    keeper.spawn(held.pending, cfg, plan)
     except QemuLockedError as exc:
         fail(exc)
     except Exception as exc:  # a bug of ours: still one line, and QEMU does not start unlocked

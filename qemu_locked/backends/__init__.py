@@ -64,9 +64,15 @@ def domain_lease_wanted(plan: Plan, config: Config) -> str | None:
 
 
 def acquire_all(plan: Plan, config: Config) -> Held | None:
-    """Domain lease first (a global rule, so no lock-order cycle), then the disks."""
+    """Domain lease first (a global rule, so no lock-order cycle), then the disks.
+
+    A migration destination (``-incoming``) defers what is busy: the source
+    holds it until the migration ends.  Deferred locks come back in
+    ``Held.pending`` for the keeper.
+    """
     from qemu_locked.held import Held
 
+    defer = plan.incoming is not None
     held = Held()
     try:
         key = domain_lease_wanted(plan, config)
@@ -78,15 +84,19 @@ def acquire_all(plan: Plan, config: Config) -> Held | None:
                 label = f"domain {plan.uuid or plan.guest}"
                 me = leases.Holder(config.effective_host(), plan.guest, plan.uuid, os.getpid())
                 want = [leases.Want(key, "exclusive", label)]
-                held.fds.extend(leases.acquire(space, want, me, config.wait))
+                held.extend(leases.acquire(space, want, me, config.wait, defer))
             finally:
                 space.close()
         if plan.disks:
-            held.extend(load(config.backend).acquire(plan, config, config.wait))
+            backend = load(config.backend)
+            if defer and config.backend != "sanlock":
+                held.extend(backend.acquire(plan, config, config.wait, defer=True))
+            else:
+                held.extend(backend.acquire(plan, config, config.wait))
     except BaseException:
         held.release()
         raise
-    return held if held.fds else None
+    return held if held.fds or held.pending else None
 
 
 def conflicts_all(plan: Plan, config: Config) -> list[tuple[str, str, str]]:

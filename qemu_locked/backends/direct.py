@@ -12,7 +12,7 @@ import time
 from qemu_locked import holders, images, ofd
 from qemu_locked._value import frozen
 from qemu_locked.errors import LockedError
-from qemu_locked.held import Held
+from qemu_locked.held import Held, Pending
 from qemu_locked.model import EXCLUSIVE, SHARED, Plan, stronger
 
 TYPE_CHECKING = False
@@ -50,11 +50,14 @@ def _conflict(fd: int, target: Target) -> tuple[str, str, str]:
     return target.path, target.mode, holders.describe(who, mode_hint)
 
 
-def acquire(plan: Plan, config: Config | None = None, wait: float = 0.0) -> Held:
+def acquire(
+    plan: Plan, config: Config | None = None, wait: float = 0.0, defer: bool = False
+) -> Held:
     """Lock every target in global order, all or nothing.
 
     After the first conflict the rest are only tried (not waited for), so the
-    refusal names every holder at once.
+    refusal names every holder at once.  With ``defer`` (a migration
+    destination) a busy image is not a conflict: it stays open and pending.
     """
     held = Held()
     try:
@@ -64,7 +67,10 @@ def acquire(plan: Plan, config: Config | None = None, wait: float = 0.0) -> Held
             exclusive = target.mode == EXCLUSIVE
             fd = images.open_checked(target.path, exclusive, target.key)
             held.fds.append(fd)
-            if not ofd.lock_until(fd, exclusive, 0.0 if conflicts else deadline):
+            if defer:
+                if not ofd.try_lock(fd, exclusive):
+                    held.pending.append(Pending(fd, exclusive, target.path))
+            elif not ofd.lock_until(fd, exclusive, 0.0 if conflicts else deadline):
                 conflicts.append(_conflict(fd, target))
         if conflicts:
             raise LockedError(conflicts)

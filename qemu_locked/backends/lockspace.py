@@ -11,11 +11,11 @@ from __future__ import annotations
 import os
 
 from qemu_locked import images, keys, leases
-from qemu_locked.held import Held
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from qemu_locked.config import Config
+    from qemu_locked.held import Held
     from qemu_locked.model import Plan
 
 
@@ -31,11 +31,11 @@ def me(plan: Plan, config: Config) -> leases.Holder:
     return leases.Holder(config.effective_host(), plan.guest, plan.uuid, os.getpid())
 
 
-def acquire(plan: Plan, config: Config, wait: float = 0.0) -> Held:
+def acquire(plan: Plan, config: Config, wait: float = 0.0, defer: bool = False) -> Held:
     want = wants(plan)
     space = leases.Lockspace(config.lockspace_dir)
     try:
-        return Held(leases.acquire(space, want, me(plan, config), wait))
+        return leases.acquire(space, want, me(plan, config), wait, defer)
     finally:
         space.close()
 
