@@ -444,12 +444,13 @@ def disk_xml(
     shareable: bool = False,
     transient: bool = False,
     cache: str | None = None,
+    driver_extra: str = "",
     source_xml: str | None = None,
     backing_xml: str = "",
 ) -> str:
     cache_attr = f" cache={quoteattr(cache)}" if cache else ""
     parts = [f"<disk type={quoteattr(kind)} device={quoteattr(device)}>"]
-    parts.append(f"<driver name='qemu' type={quoteattr(fmt)}{cache_attr}/>")
+    parts.append(f"<driver name='qemu' type={quoteattr(fmt)}{cache_attr}{driver_extra}/>")
     if source_xml is not None:
         parts.append(source_xml)
     elif path is not None:
