@@ -21,6 +21,7 @@ from qemu_locked.errors import (
     EXIT_USAGE,
     EmulatorNotExecutable,
     EmulatorNotFound,
+    InternalError,
     LockedError,
     QemuLockedError,
     UsageError,
@@ -50,9 +51,12 @@ def _root() -> None:
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
 DomainOpt = Annotated[
-    Path | None, typer.Option("--domain", "-d", help="A libvirt domain XML file.")
+    Path | None,
+    typer.Option("--domain", "-d", metavar="FILE", help="A libvirt domain XML file (- for stdin)."),
 ]
-ArgsArg = Annotated[list[str] | None, typer.Argument(help="QEMU arguments, after --.")]
+ArgsArg = Annotated[
+    list[str] | None, typer.Argument(metavar="-- QEMU-ARGS", help="QEMU arguments, after --.")
+]
 
 
 def emit_json(obj: Any) -> None:
@@ -222,7 +226,9 @@ def check(args: ArgsArg = None, domain: DomainOpt = None, as_json: JsonOpt = Fal
 
 @app.command()
 def status(
-    paths: Annotated[list[str] | None, typer.Argument(help="Only locks on these files.")] = None,
+    paths: Annotated[
+        list[str] | None, typer.Argument(metavar="PATH", help="Only locks on these files.")
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Every byte-0 lock held on this host (and, with a lockspace backend, on
@@ -341,14 +347,23 @@ def acquire_waiting(plan: Plan, cfg: _config.Config, wait: float) -> Held | None
 
 @app.command(context_settings={"allow_interspersed_args": False})
 def run(
-    cmd: Annotated[list[str] | None, typer.Argument(help="The command to exec, after --.")] = None,
+    cmd: Annotated[
+        list[str] | None, typer.Argument(metavar="-- CMD", help="The command to exec, after --.")
+    ] = None,
     domain: DomainOpt = None,
     disk: Annotated[
         list[str] | None,
-        typer.Option("--disk", help="PATH[:shared] to lock (repeatable; exclusive by default)."),
+        typer.Option(
+            "--disk",
+            metavar="PATH[:shared]",
+            help="A disk to lock (repeatable; exclusive unless :shared).",
+        ),
     ] = None,
     wait: Annotated[
-        float, typer.Option("--wait", min=0.0, help="Wait up to SECONDS for holders to go.")
+        float,
+        typer.Option(
+            "--wait", min=0.0, metavar="SECONDS", help="Wait up to SECONDS for holders to go."
+        ),
     ] = 0.0,
 ) -> None:
     """Take the locks, then exec CMD holding them (qemu-img, backup scripts...).
@@ -401,7 +416,9 @@ def run(
 def doctor(
     path: Annotated[
         list[str] | None,
-        typer.Option("--path", help="Check OFD locks in this directory (repeatable)."),
+        typer.Option(
+            "--path", metavar="DIR", help="Check OFD locks in this directory (repeatable)."
+        ),
     ] = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -460,6 +477,13 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         sys.stderr.write(PREFIX + "interrupted\n")
         raise SystemExit(130) from None
+    except BrokenPipeError:
+        # `qemu-lockctl status | head`: the reader left; nothing to report.
+        try:
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115  (no flush error at exit)
+        except OSError:
+            pass
+        raise SystemExit(141) from None
     except Exception as exc:
         # typer vendors click in some releases: match click's exceptions by name.
         names = {c.__name__ for c in type(exc).__mro__}
@@ -467,7 +491,8 @@ def main(argv: list[str] | None = None) -> None:
             sys.stderr.write(PREFIX + "interrupted\n")
             raise SystemExit(130) from None
         if "ClickException" not in names:
-            raise
+            # A bug of ours: still one line, never a traceback (exit 70).
+            die(InternalError(f"internal error: {type(exc).__name__}: {exc}"))
         message = " ".join(exc.format_message().split())  # type: ignore[attr-defined]
         if "UsageError" in names:
             die(UsageError(message))

@@ -178,7 +178,7 @@ def parse(data: bytes, source: str, encoding: str | None = None) -> Any:
     try:
         root: Any = etree.fromstring(data, _parser(encoding))
     except etree.XMLSyntaxError as exc:
-        raise UsageError(f"{source}: not valid XML: {_one_line(str(exc))}") from None
+        raise UsageError(f"{source}: not valid XML: {_one_line(exc.msg or str(exc))}") from None
     except ValueError as exc:  # e.g. an encoding lxml cannot decode
         raise UsageError(f"{source}: not valid XML: {_one_line(str(exc))}") from None
     if root is None:

@@ -135,6 +135,21 @@ def test_runner_sees_errors_as_exceptions() -> None:
     assert "DOCTYPE declares entities" in str(result.exception)
 
 
+def test_a_bug_is_one_line_exit_70(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from qemu_locked import status
+
+    def broken(*_a: object) -> list[dict[str, object]]:
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(status, "status_rows", broken)
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["status"])
+    assert exc.value.code == 70
+    assert capsys.readouterr().err == "qemu-lockctl: internal error: RuntimeError: boom\n"
+
+
 def test_disk_specs() -> None:
     p = cli.disk_plan(["/a:shared", "/b", "/c:exclusive", "/d:weird", "/a"])
     assert [(d.path, d.mode) for d in p.disks] == [
