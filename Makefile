@@ -4,7 +4,7 @@ VENV ?= .venv
 # Debian's interpreter when present: the venv must be usable by the unprivileged
 # libvirt-qemu user, and pyenv interpreters under /root are not (DESIGN.md section 7).
 PYTHON ?= $(shell test -x /usr/bin/python3 && echo /usr/bin/python3 || command -v python3)
-APT_TEST_PKGS := python3-venv qemu-system-x86 qemu-utils procps libvirt-daemon-system libvirt-clients tini
+APT_TEST_PKGS := python3-venv qemu-system-x86 qemu-utils procps strace util-linux libvirt-daemon-system libvirt-clients tini sanlock python3-sanlock
 APT_DEMO_PKGS := python3-venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
@@ -68,6 +68,10 @@ bench: $(STAMP)
 	$(BENCH_VENV)/bin/python -m pip install -q lxml portalocker typer
 	$(BENCH_VENV)/bin/python -m qemu_locked.launcher
 	$(BENCH_VENV)/bin/python tests/bench/bench.py BENCHMARKS.md
+
+# The full race/fault/hostile-input suite; rewrites README.md's reliability section.
+stress: apt-test $(STAMP)
+	STRESS=full $(VENV)/bin/pytest -q -p no:cacheprovider tests/stress
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -13,6 +13,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from stress.support import stress_sessionfinish, tally  # noqa: F401 - the stress suite's fixture
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    stress_sessionfinish(session, exitstatus)
+
 
 BIN = Path(sys.executable).parent
 QEMU_LOCKED = str(BIN / "qemu-locked")
