@@ -213,7 +213,7 @@ def check(args: ArgsArg = None, domain: DomainOpt = None, as_json: JsonOpt = Fal
         )
     elif found:
         rows = [[res, wanted, held_text(who)] for res, wanted, who in found]
-        sys.stdout.write(table(rows, ["PATH", "WANTED", "HELD"]))
+        sys.stdout.write(table(rows, ["RESOURCE", "WANTED", "HELD"]))
     else:
         n = len(p.disks)
         sys.stdout.write(f"ok: {n} disk{'s' if n != 1 else ''} free (backend {cfg.backend})\n")

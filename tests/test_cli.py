@@ -3,6 +3,7 @@ command against real locks held by real processes (qemu-locked + the fake QEMU).
 
 from __future__ import annotations
 
+import calendar
 import json
 import os
 import shutil
@@ -88,6 +89,25 @@ def test_plan_domain_table() -> None:
     for row in lines[3:12]:
         assert row[col - 2 : col] == "  " and row[col] == "/", row
     assert "libvirt <lease>: not used by qemu-locked" in result.stdout
+
+
+def test_plan_applies_config_roles() -> None:
+    args = [
+        "plan",
+        "--json",
+        "--",
+        "-drive",
+        "file=/x/a.img",
+        "-drive",
+        "file=/x/ro.img,readonly=on",
+    ]
+    result = runner.invoke(cli.app, args, env=base_env(QEMU_LOCKED_READONLY="none"))
+    assert result.exit_code == 0, result.output
+    obj = json.loads(result.stdout)
+    assert [d["path"] for d in obj["disks"]] == ["/x/a.img"]
+    assert obj["skipped"] == [
+        {"source": "/x/ro.img", "reason": 'readonly disk: not locked (config readonly = "none")'}
+    ]
 
 
 def test_plan_from_stdin() -> None:
@@ -225,7 +245,7 @@ def test_check_exit_codes(start, images: tuple[str, str]) -> None:  # type: igno
     )
     assert held.returncode == 1, held.stderr
     lines = held.stdout.splitlines()
-    assert lines[0].split() == ["PATH", "WANTED", "HELD"]
+    assert lines[0].split() == ["RESOURCE", "WANTED", "HELD"]
     assert lines[1].split()[:3] == [a, "exclusive", "exclusive"]
     assert f"pid {vm.proc.pid}, guest 'web'" in lines[1]
     assert lines[2].split()[:3] == [b, "exclusive", "shared"]
@@ -249,6 +269,28 @@ def test_check_json_names_holders(start, images: tuple[str, str], tmp_path: Path
     assert [(h["pid"], h["guest"], h["uuid"]) for h in conflict["holders"]] == [
         (vm.proc.pid, "db", "5a1e0000-0000-4000-8000-000000000001")
     ]
+
+
+def test_domain_lease_counts_in_check_and_run(
+    start, images: tuple[str, str], tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    """The same VM (uuid) must not run twice, even on other disks: check and run see the
+    domain lease that qemu-locked keeps when a lockspace directory exists."""
+    a, b = images
+    lockspace = tmp_path / "lockspace"
+    lockspace.mkdir()
+    env = base_env(QEMU_LOCKED_LOCKSPACE_DIR=str(lockspace))
+    uuid = "00000000-0000-4000-8000-000000000004"  # domain() gives "twin" this uuid
+    vm = start("-name", "guest=twin", "-uuid", uuid, "-drive", f"file={a},format=raw", env=env)
+    assert vm.started(), vm.stderr()
+    xml = domain(tmp_path, "twin", file_disk(b))
+    proc = lockctl("check", "--domain", xml, env=env)
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stdout.splitlines()[1].split()[:3] == ["domain", uuid, "exclusive"]
+    assert f"pid {vm.proc.pid}" in proc.stdout
+    assert lockctl("run", "--domain", xml, "--", "true", env=env).returncode == 3
+    vm.kill()
+    assert lockctl("run", "--domain", xml, "--", "true", env=env).returncode == 0
 
 
 def test_check_missing_disk_is_exit_4(tmp_path: Path) -> None:
@@ -276,11 +318,7 @@ def test_status_finds_holders_by_pid_and_guest(start, images: tuple[str, str]) -
         assert r["uuid"] == "5a1e0000-0000-4000-8000-000000000002"
         assert r["host"] == os.uname().nodename
         assert (
-            abs(
-                time.time()
-                - time.mktime(time.strptime(r["since"], "%Y-%m-%dT%H:%M:%SZ"))
-                + time.timezone
-            )
+            abs(time.time() - calendar.timegm(time.strptime(r["since"], "%Y-%m-%dT%H:%M:%SZ")))
             < 120
         )
     table = lockctl("status", a).stdout.splitlines()
