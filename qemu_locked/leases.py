@@ -124,9 +124,10 @@ class Lockspace:
     def close(self) -> None:
         os.close(self.dirfd)
 
-    def open_lease(self, name: str, create: bool = True) -> int:
+    def open_lease(self, name: str, create: bool = True, readonly: bool = False) -> int:
         """An fd of a lease file (read-write), created if missing; never a symlink."""
-        flags = os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY
+        access = os.O_RDONLY if readonly else os.O_RDWR
+        flags = access | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY
         try:
             fd = os.open(name, flags | (os.O_CREAT if create else 0), _FILE_MODE, dir_fd=self.dirfd)
         except OSError as exc:
@@ -287,7 +288,7 @@ def conflicts(space: Lockspace, wants: list[Want]) -> list[tuple[str, str, str]]
     out = []
     for w in merge_wants(wants):
         try:
-            fd = space.open_lease(lease_name(w.key), create=False)
+            fd = space.open_lease(lease_name(w.key), create=False, readonly=True)
         except BackendError:
             continue  # no lease file: nobody ever held it
         try:

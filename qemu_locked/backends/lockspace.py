@@ -47,3 +47,63 @@ def conflicts(plan: Plan, config: Config) -> list[tuple[str, str, str]]:
         return leases.conflicts(space, want)
     finally:
         space.close()
+
+
+def _display(key: str) -> str:
+    return key[len("file:") :] if key.startswith("file:") else key
+
+
+def status_rows(config: Config, paths: list[str] | None = None) -> list[dict[str, object]]:
+    """Every lease in the lockspace with its holders, on every host sharing it.
+
+    The lock is the truth: a record whose slot is unlocked is ``stale``; a
+    held lease without a live record is shown with an unknown holder.
+    """
+    from qemu_locked import ofd
+    from qemu_locked.errors import BackendError
+    from qemu_locked.status import iso_time
+
+    only: set[str] | None = None
+    if paths:
+        only = {leases.lease_name(w.key) for w in wants_for_paths(paths)}
+    space = leases.Lockspace(config.lockspace_dir)
+    rows: list[dict[str, object]] = []
+    try:
+        for name in space.names():
+            if only is not None and name not in only:
+                continue
+            try:
+                fd = space.open_lease(name, create=False, readonly=True)
+            except BackendError:
+                continue
+            try:
+                held = ofd.conflicting(fd, True)
+                records = leases.read_records(fd)
+            finally:
+                os.close(fd)
+            live = [r for r in records if r.live and held]
+            for rec in records:
+                state = "held" if rec in live else "stale"
+                rows.append({
+                    "path": _display(rec.key), "mode": rec.mode, "pid": rec.pid,
+                    "host": rec.host, "guest": rec.guest or None, "uuid": rec.uuid or None,
+                    "since": iso_time(rec.since), "state": state, "lease": name,
+                    "source": "lockspace",
+                })  # fmt: skip
+            if held and not live:
+                rows.append({
+                    "path": name, "mode": held[0], "pid": None, "host": None, "guest": None,
+                    "uuid": None, "since": None, "state": "held (no record)", "lease": name,
+                    "source": "lockspace",
+                })  # fmt: skip
+    finally:
+        space.close()
+    return rows
+
+
+def wants_for_paths(paths: list[str]) -> list[leases.Want]:
+    out = []
+    for path in paths:
+        st = images.check(path)
+        out.append(leases.Want(keys.disk_key(path, st), "shared", path))
+    return out

@@ -230,6 +230,17 @@ def test_lockspace_full_readonly_and_deleted(tmp_path: Path, small_fs: Path) -> 
     space.mkdir()
     img = make_image(tmp_path / "img")
     running = VM(["-name", "guest=early", "-drive", f"file={img}"], lockspace_env(space))
+    try:
+        _full_readonly_deleted(tmp_path, small_fs, space, img, running)
+    finally:
+        running.kill()
+    record("lockspace-fs", "lockspace on a full, a read-only, and a deleted filesystem", 3,
+           "one-line errors (exit 5), no partial records, the running VM unharmed")  # fmt: skip
+
+
+def _full_readonly_deleted(
+    tmp_path: Path, small_fs: Path, space: Path, img: str, running: VM
+) -> None:
     assert running.started()
     # Fill the filesystem: a new lease cannot get its record written.
     filler = small_fs / "filler"
@@ -278,9 +289,6 @@ def test_lockspace_full_readonly_and_deleted(tmp_path: Path, small_fs: Path) -> 
     r = run([QEMU_LOCKED, "-drive", f"file={img}"], env=lockspace_env(space))
     assert r.returncode == 5 and "does not exist" in r.stderr
     assert running.proc.poll() is None  # unharmed
-    running.kill()
-    record("lockspace-fs", "lockspace on a full, a read-only, and a deleted filesystem", 3,
-           "one-line errors (exit 5), no partial records, the running VM unharmed")  # fmt: skip
 
 
 def test_no_shell_anywhere() -> None:
