@@ -213,6 +213,7 @@ def disable_xml(xml: str, name: str) -> bytes | None:
             parent = cmdline.getparent()
             assert parent is not None
             parent.remove(cmdline)
+    etree.cleanup_namespaces(root)  # drops xmlns:qemu when nothing uses it any more
     return etree.tostring(root, encoding="utf-8")
 
 

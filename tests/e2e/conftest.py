@@ -16,7 +16,9 @@ import pytest
 from e2e import lab as _lab
 
 
-@pytest.fixture(scope="session")
+# Package scope: libvirtd is stopped as soon as the e2e tests are done, not at the
+# end of the whole pytest session.
+@pytest.fixture(scope="package")
 def lab_env() -> Iterator[tuple[_lab.Daemons, Path]]:
     try:
         daemons, images = _lab.setup()
