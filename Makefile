@@ -65,7 +65,7 @@ BENCH_VENV := $(VENV)/bench-env
 bench: $(STAMP)
 	test -x $(BENCH_VENV)/bin/python || $(PYTHON) -m venv $(BENCH_VENV)
 	$(BENCH_VENV)/bin/python -m pip install -q --upgrade --force-reinstall --no-deps .
-	$(BENCH_VENV)/bin/python -m pip install -q lxml portalocker typer
+	$(BENCH_VENV)/bin/python -m pip install -q lxml portalocker typer matplotlib
 	$(BENCH_VENV)/bin/python -m qemu_locked.launcher
 	$(BENCH_VENV)/bin/python tests/bench/bench.py BENCHMARKS.md
 

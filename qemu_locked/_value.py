@@ -37,6 +37,9 @@ def _fields(cls: type) -> tuple[tuple[str, object], ...]:
 
 def _init(self: Any, *args: object, **kwargs: object) -> None:
     fields = type(self)._fields_
+    if not kwargs and len(args) == len(fields):  # the common, hot case
+        self.__dict__.update(zip(type(self)._names_, args, strict=True))
+        return
     if len(args) > len(fields):
         raise TypeError(f"{type(self).__name__}() takes {len(fields)} arguments")
     for (name, _default), value in zip(fields, args, strict=False):
@@ -79,6 +82,7 @@ def _repr(self: Any) -> str:
 def frozen(cls: type[_T]) -> type[_T]:
     """Make ``cls`` an immutable value class from its annotated fields."""
     cls._fields_ = _fields(cls)  # type: ignore[attr-defined]
+    cls._names_ = tuple(n for n, _ in cls._fields_)  # type: ignore[attr-defined]
     for name, fn in (
         ("__init__", _init),
         ("__setattr__", _setattr),

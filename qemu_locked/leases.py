@@ -68,7 +68,17 @@ def lease_name(key: str) -> str:
     return digest + ".lease"
 
 
+_BOOT_ID: list[str] = []
+
+
 def boot_id() -> str:
+    if _BOOT_ID:
+        return _BOOT_ID[0]
+    _BOOT_ID.append(_read_boot_id())
+    return _BOOT_ID[0]
+
+
+def _read_boot_id() -> str:
     try:
         with open("/proc/sys/kernel/random/boot_id", "rb") as f:
             return f.read(64).decode("ascii", "replace").strip()
@@ -87,7 +97,7 @@ def encode_record(fields: dict[str, str]) -> bytes:
     return body[:RECORD_SIZE].ljust(RECORD_SIZE, b"\0")
 
 
-def decode_record(slot: int, raw: bytes) -> Record | None:
+def decode_record(slot: int, raw: bytes, live: bool = True) -> Record | None:
     """Parse one record; anything malformed is ignored, never trusted."""
     if not raw.startswith(_MAGIC):
         return None
@@ -104,7 +114,7 @@ def decode_record(slot: int, raw: bytes) -> Record | None:
         return None
     return Record(slot, values.get("host", "?"), pid, values.get("boot", ""),
                   values.get("guest", ""), values.get("uuid", ""),
-                  values.get("mode", "?"), since, values.get("key", ""))  # fmt: skip
+                  values.get("mode", "?"), since, values.get("key", ""), live)  # fmt: skip
 
 
 class Lockspace:
@@ -186,21 +196,28 @@ def write_record(fd: int, slot: int, key: str, mode: str, host: str, guest: str 
         raise BackendError("cannot write the lease record: short write (filesystem full?)")
 
 
-def read_records(fd: int) -> list[Record]:
-    """Every record in a lease file, with ``live`` from its slot lock."""
+def read_records(fd: int, lease_held: bool = True) -> list[Record]:
+    """Every record in a lease file, with ``live`` from its slot lock.
+
+    ``lease_held=False`` (byte 0 is known free) marks them all stale without
+    probing each slot: a free lease has no live holder.
+    """
     try:
         data = os.pread(fd, (SLOTS + 1) * RECORD_SIZE, 0)
     except OSError:
         return []
     out = []
     for slot in range(1, min(SLOTS, len(data) // RECORD_SIZE - 1) + 1):
-        rec = decode_record(slot, data[slot * RECORD_SIZE : (slot + 1) * RECORD_SIZE])
-        if rec is None:
+        raw = data[slot * RECORD_SIZE : (slot + 1) * RECORD_SIZE]
+        if not raw.startswith(_MAGIC):
             continue
-        raw = fcntl.fcntl(fd, ofd.F_OFD_GETLK, ofd._flock(ofd.F_WRLCK, slot))
-        held = int.from_bytes(raw[0:2], ofd._ORDER, signed=True) != ofd.F_UNLCK
-        out.append(Record(rec.slot, rec.host, rec.pid, rec.boot, rec.guest, rec.uuid,
-                          rec.mode, rec.since, rec.key, held))  # fmt: skip
+        held = False
+        if lease_held:
+            probe = fcntl.fcntl(fd, ofd.F_OFD_GETLK, ofd._flock(ofd.F_WRLCK, slot))
+            held = int.from_bytes(probe[0:2], ofd._ORDER, signed=True) != ofd.F_UNLCK
+        rec = decode_record(slot, raw, held)
+        if rec is not None:
+            out.append(rec)
     return out
 
 

@@ -26,7 +26,19 @@ _BYTE = 0  # virtlockd's byte; QEMU uses 100-104 and 200-204
 _ORDER = sys.byteorder
 
 
+_FLOCKS: dict[tuple[int, int], bytes] = {}
+
+
 def _flock(l_type: int, start: int = _BYTE, length: int = 1) -> bytes:
+    if length == 1:
+        cached = _FLOCKS.get((l_type, start))
+        if cached is None:
+            cached = _FLOCKS[(l_type, start)] = _build_flock(l_type, start, 1)
+        return cached
+    return _build_flock(l_type, start, length)
+
+
+def _build_flock(l_type: int, start: int, length: int) -> bytes:
     # struct flock on 64-bit Linux: short l_type, short l_whence, (pad 4),
     # off_t l_start, off_t l_len, pid_t l_pid, (pad 4).  Built by hand so the
     # start path does not import struct.

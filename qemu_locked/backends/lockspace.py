@@ -78,7 +78,7 @@ def status_rows(config: Config, paths: list[str] | None = None) -> list[dict[str
                 continue
             try:
                 held = ofd.conflicting(fd, True)
-                records = leases.read_records(fd)
+                records = leases.read_records(fd, held is not None)
             finally:
                 os.close(fd)
             live = [r for r in records if r.live and held]
