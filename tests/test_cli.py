@@ -540,3 +540,32 @@ def test_libvirt_lockd_setting_is_flagged(tmp_path: Path, monkeypatch: pytest.Mo
     (tmp_path / "absent.conf").write_text('file_lockspace_dir = "/var/lib/libvirt/lockd/files"\n')
     out, _user = doctor.check_libvirt(doctor.check_config()[1])
     assert out[0].status == "OK"
+
+
+def test_ofd_portalocker_face(tmp_path: Path) -> None:
+    """portalocker's Lock over our OFD locker: two opens in one process conflict (OFD
+    semantics), the timeout retries, shared locks coexist, and no path is ever created."""
+    import portalocker
+
+    from qemu_locked.ofd_portalocker import NON_BLOCKING, SHARED, OFDLock
+
+    image = make_image(tmp_path / "img")
+    first = OFDLock(image)
+    first.acquire()
+    t0 = time.monotonic()
+    with pytest.raises(portalocker.AlreadyLocked):
+        OFDLock(image, timeout=0.3, check_interval=0.05).acquire()
+    assert 0.25 < time.monotonic() - t0 < 5
+    with pytest.raises(portalocker.AlreadyLocked):
+        OFDLock(image, flags=SHARED | NON_BLOCKING).acquire()
+    rows = json.loads(lockctl("status", "--json", image).stdout)["locks"]
+    assert [(r["mode"], r["pid"]) for r in rows] == [("exclusive", os.getpid())]
+    first.release()
+    a, b = OFDLock(image, flags=SHARED | NON_BLOCKING), OFDLock(image, flags=SHARED | NON_BLOCKING)
+    a.acquire()
+    b.acquire()
+    a.release()
+    b.release()
+    with pytest.raises(FileNotFoundError):
+        OFDLock(str(tmp_path / "absent")).acquire()
+    assert not (tmp_path / "absent").exists()
