@@ -443,6 +443,7 @@ def disk_xml(
     readonly: bool = False,
     shareable: bool = False,
     transient: bool = False,
+    share_backing: bool = False,
     cache: str | None = None,
     driver_extra: str = "",
     source_xml: str | None = None,
@@ -463,7 +464,7 @@ def disk_xml(
     if shareable:
         parts.append("<shareable/>")
     if transient:
-        parts.append("<transient/>")
+        parts.append("<transient shareBacking='yes'/>" if share_backing else "<transient/>")
     parts.append("</disk>")
     return "".join(parts)
 
