@@ -1,0 +1,388 @@
+"""The sanlock backend against two real sanlock daemons playing two hosts.
+
+Each host is a ``sanlock daemon`` with its own SANLOCK_RUN_DIR and ``-e
+host-N`` name (no watchdog, unprivileged; see sanlock-notes.md); the VMs are
+the real qemu-locked wrapper exec'ing the fake QEMU, with the host chosen by
+SANLOCK_RUN_DIR and the config by QEMU_LOCKED_CONFIG.  Nothing is mocked.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import stat
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import QEMU_LOCKCTL, QEMU_LOCKED, VM, base_env, make_image, run
+from sanlock_helpers import Host, hosts, install_sanlock, sanlock_installed
+
+from qemu_locked.backends import sanlock as backend
+
+IO_TIMEOUT = 1
+LOCKSPACE = "qltest"
+
+
+def _require_sanlock() -> None:
+    if sanlock_installed():
+        return
+    why = install_sanlock()
+    if why is None and sanlock_installed():
+        return
+    message = f"sanlock unavailable: {why or 'installed but not found'}"
+    if os.environ.get("CI") == "true":
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+class Cluster:
+    """Two hosts sharing one lockspace file and one lease file."""
+
+    def __init__(self, base: Path, hs: list[Host]) -> None:
+        self.base = base
+        self.hosts = hs
+        self.lockspace = base / "lockspace.img"
+        self.leases = base / "leases.img"
+        self.images = base / "images"
+        self.images.mkdir()
+        self.configs: list[Path] = []
+        for h in hs:
+            cfg = base / f"{h.name}.toml"
+            cfg.write_text(
+                'backend = "sanlock"\n'
+                f'sanlock_lockspace = "{LOCKSPACE}"\n'
+                f'sanlock_path = "{self.lockspace}"\n'
+                f'sanlock_resources = "{self.leases}"\n'
+                f"sanlock_host_id = {h.number}\n"
+                f"sanlock_io_timeout = {IO_TIMEOUT}\n"
+            )
+            self.configs.append(cfg)
+
+    def env(self, host: int, **extra: str) -> dict[str, str]:
+        h = self.hosts[host - 1]
+        values = {
+            "QEMU_LOCKED_CONFIG": str(self.configs[host - 1]),
+            "SANLOCK_RUN_DIR": str(h.run_dir),
+        }
+        values.update(extra)
+        return base_env(**values)
+
+    def lockctl(self, host: int, *args: str) -> subprocess.CompletedProcess[str]:
+        return run([QEMU_LOCKCTL, "sanlock", *args], env=self.env(host))
+
+    def init_and_join(self, slots: int = 64) -> dict[str, float]:
+        r = self.lockctl(1, "init", "--slots", str(slots), "--json")
+        assert r.returncode == 0, r.stderr
+        joins = [
+            subprocess.Popen(
+                [QEMU_LOCKCTL, "sanlock", "join", "--json"],
+                env=self.env(h.number),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for h in self.hosts
+        ]
+        seconds = {}
+        for h, p in zip(self.hosts, joins, strict=True):
+            out, err = p.communicate(timeout=60)
+            assert p.returncode == 0, err
+            seconds[h.name] = json.loads(out)["seconds"]
+        return seconds
+
+    def status(self, host: int = 1) -> dict[str, object]:
+        r = self.lockctl(host, "status", "--json")
+        assert r.returncode == 0, r.stderr
+        return json.loads(r.stdout)  # type: ignore[no-any-return]
+
+    def owners(self, key: str, host: int = 1) -> list[tuple[int, str]]:
+        """(host id, mode) of every owner of the lease for ``key`` on storage."""
+        name = backend.lease_name(key)
+        for lease in self.status(host)["leases"]:  # type: ignore[attr-defined]
+            if lease["lease"] == name:
+                return sorted((o["host_id"], o["mode"]) for o in lease["owners"])
+        return []
+
+
+def file_key(path: str) -> str:
+    return backend.resource_key(path, os.stat(path))
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    _require_sanlock()
+    base = tmp_path_factory.mktemp("sl")
+    with hosts(base, 2) as hs:
+        c = Cluster(base, hs)
+        c.init_and_join()
+        yield c
+
+
+def wait_free(c: Cluster, key: str, timeout: float = 10) -> float:
+    """Seconds until the lease for ``key`` has no owner on storage."""
+    t0 = time.monotonic()
+    while c.owners(key):
+        assert time.monotonic() - t0 < timeout, f"{key} still held"
+        time.sleep(0.05)
+    return time.monotonic() - t0
+
+
+def test_only_the_registration_fd_reaches_qemu(cluster: Cluster, start) -> None:
+    img = make_image(cluster.images / "solo.img")
+    vm: VM = start("-name", "guest=solo", "-drive", f"file={img}", env=cluster.env(1))
+    assert vm.started(), vm.stderr()
+    fds = vm.report["fds"]
+    assert len(fds) == 1 and fds[0]["path"].startswith("socket:"), fds  # type: ignore[index]
+    assert cluster.owners(file_key(img)) == [(1, "exclusive")]
+    assert cluster.owners("domain:solo") == [(1, "exclusive")]
+
+
+def test_cross_host_refusal_names_the_holder(cluster: Cluster, start) -> None:
+    img = make_image(cluster.images / "web.img")
+    uuid = "8f4a3c1e-1111-4222-8333-944445555666"
+    first: VM = start(
+        "-name", "guest=web", "-uuid", uuid, "-drive", f"file={img}", env=cluster.env(1)
+    )
+    assert first.started(), first.stderr()
+    second: VM = start("-name", "guest=other", "-drive", f"file={img}", env=cluster.env(2))
+    assert not second.started()
+    assert second.proc.returncode == 3
+    assert second.stderr().splitlines() == [
+        f"qemu-locked: {img} is locked (exclusive) by host id 1 (host-1); "
+        "this VM needs it exclusive"
+    ]
+    # The same VM (same UUID) with no disk in common: the domain lease refuses it.
+    other = make_image(cluster.images / "web-copy.img")
+    twin: VM = start("-name", "guest=web", "-uuid", uuid, "-drive", f"file={other}",
+                     env=cluster.env(2))  # fmt: skip
+    assert not twin.started()
+    assert twin.proc.returncode == 3
+    assert f"qemu-locked: domain {uuid} is locked (exclusive) by host id 1 (host-1)" in (
+        twin.stderr()
+    )
+    assert cluster.owners(file_key(other)) == []  # all or nothing
+
+
+def test_same_host_second_start_is_refused(cluster: Cluster, start) -> None:
+    img = make_image(cluster.images / "local.img")
+    first: VM = start("-drive", f"file={img}", env=cluster.env(2))
+    assert first.started(), first.stderr()
+    second: VM = start("-drive", f"file={img}", env=cluster.env(2))
+    assert not second.started()
+    assert second.proc.returncode == 3
+    assert "by host id 2 (host-2)" in second.stderr()
+
+
+def test_release_when_the_holder_is_killed_both_hosts(cluster: Cluster, start) -> None:
+    img = make_image(cluster.images / "k.img")
+    key = file_key(img)
+    env_wait = {"QEMU_LOCKED_WAIT": "10"}
+    vm1: VM = start("-drive", f"file={img}", env=cluster.env(1))
+    assert vm1.started(), vm1.stderr()
+    vm1.kill(signal.SIGKILL)
+    wait_free(cluster, key)
+    vm2: VM = start("-drive", f"file={img}", env=cluster.env(2, **env_wait))  # other host
+    assert vm2.started(), vm2.stderr()
+    assert cluster.owners(key) == [(2, "exclusive")]
+    vm2.kill(signal.SIGKILL)
+    wait_free(cluster, key)
+    vm3: VM = start("-drive", f"file={img}", env=cluster.env(1, **env_wait))  # back again
+    assert vm3.started(), vm3.stderr()
+    vm4: VM = start("-drive", f"file={img}", env=cluster.env(1))  # same host, after a kill
+    assert not vm4.started()
+    vm3.kill(signal.SIGKILL)
+    vm5: VM = start("-drive", f"file={img}", env=cluster.env(1, **env_wait))
+    assert vm5.started(), vm5.stderr()
+
+
+def test_wait_takes_the_lease_once_freed(cluster: Cluster, start) -> None:
+    img = make_image(cluster.images / "w.img")
+    holder: VM = start("-drive", f"file={img}", env=cluster.env(1))
+    assert holder.started(), holder.stderr()
+    waiter: VM = start("-drive", f"file={img}", env=cluster.env(2, QEMU_LOCKED_WAIT="20"))
+    time.sleep(1)
+    assert waiter.proc.poll() is None  # still waiting
+    holder.kill()
+    assert waiter.started(), waiter.stderr()
+
+
+def test_shared_leases_across_hosts(cluster: Cluster, start) -> None:
+    img = make_image(cluster.images / "cluster-fs.img")
+    args = ["-drive", f"file={img},format=raw,if=none,id=d0",
+            "-device", "virtio-blk-pci,drive=d0,share-rw=on"]  # fmt: skip
+    a: VM = start(*args, env=cluster.env(1))
+    b: VM = start(*args, env=cluster.env(2))
+    assert a.started(), a.stderr()
+    assert b.started(), b.stderr()
+    assert cluster.owners(file_key(img)) == [(1, "shared"), (2, "shared")]
+    writer: VM = start("-drive", f"file={img}", env=cluster.env(1))
+    assert not writer.started()
+    assert writer.proc.returncode == 3
+    assert "(shared) by host id 1 (host-1), host id 2 (host-2)" in writer.stderr()
+    a.kill()
+    b.kill()
+    wait_free(cluster, file_key(img))
+    writer2: VM = start("-drive", f"file={img}", env=cluster.env(2, QEMU_LOCKED_WAIT="5"))
+    assert writer2.started(), writer2.stderr()
+
+
+def test_a_vm_spanning_several_leases_is_all_or_nothing(cluster: Cluster, start) -> None:
+    disks = [make_image(cluster.images / f"multi-{i}.img") for i in range(4)]
+    busy = disks[2]
+    holder: VM = start("-name", "guest=holder", "-drive", f"file={busy}", env=cluster.env(1))
+    assert holder.started(), holder.stderr()
+    args = ["-name", "guest=big"]
+    for d in disks:
+        args += ["-drive", f"file={d}"]
+    vm: VM = start(*args, env=cluster.env(2))
+    assert not vm.started()
+    assert vm.proc.returncode == 3
+    err = vm.stderr().splitlines()
+    assert err == [
+        f"qemu-locked: {busy} is locked (exclusive) by host id 1 (host-1); "
+        "this VM needs it exclusive"
+    ]
+    for d in disks:
+        if d != busy:
+            assert cluster.owners(file_key(d)) == [], d
+    assert cluster.owners("domain:big") == []
+    assert cluster.owners(file_key(busy)) == [(1, "exclusive")]
+    holder.kill()
+    wait_free(cluster, file_key(busy))
+    again: VM = start(*args, env=cluster.env(2))
+    assert again.started(), again.stderr()
+    assert len(again.report["fds"]) == 1  # type: ignore[arg-type]
+    for d in disks:
+        assert cluster.owners(file_key(d)) == [(2, "exclusive")]
+
+
+def test_leases_land_in_distinct_slots_and_are_found_again(cluster: Cluster) -> None:
+    table = cluster.status(2)
+    names = [lease["lease"] for lease in table["leases"]]  # type: ignore[attr-defined]
+    slots = [lease["slot"] for lease in table["leases"]]  # type: ignore[attr-defined]
+    assert len(set(names)) == len(names)
+    assert len(set(slots)) == len(slots)
+    assert table["joined"] and table["slots"] == 64
+
+
+def test_lease_slots_probe_linearly_on_collision(cluster: Cluster, start) -> None:
+    """Two keys with the same home slot (found by search) get neighbouring slots."""
+    n = 64
+    wanted = backend.home_slot(file_key(str(cluster.images)) + "/probe-0.img", n)
+    first = make_image(cluster.images / "probe-0.img")
+    second = None
+    for i in range(1, 5000):
+        cand = str(cluster.images / f"probe-{i}.img")
+        if backend.home_slot("file:" + os.path.realpath(cand), n) == wanted:
+            second = make_image(Path(cand))
+            break
+    assert second is not None
+    a: VM = start("-drive", f"file={first}", env=cluster.env(1))
+    b: VM = start("-drive", f"file={second}", env=cluster.env(2))
+    assert a.started(), a.stderr()
+    assert b.started(), b.stderr()
+    assert cluster.owners(file_key(first)) == [(1, "exclusive")]
+    assert cluster.owners(file_key(second)) == [(2, "exclusive")]
+    by_name = {lease["lease"]: lease["slot"] for lease in cluster.status()["leases"]}  # type: ignore[attr-defined]
+    slots = {by_name[backend.lease_name(file_key(p))] for p in (first, second)}
+    assert len(slots) == 2
+
+
+def test_lockctl_errors_are_one_line(cluster: Cluster) -> None:
+    r = cluster.lockctl(1, "init")
+    assert r.returncode == 5
+    assert r.stderr.startswith("qemu-lockctl: sanlock: ") and r.stderr.count("\n") == 1
+    assert "already holds lockspace 'qltest'" in r.stderr and "Traceback" not in r.stderr
+    bad = run(
+        [QEMU_LOCKCTL, "sanlock", "join"],
+        env=cluster.env(1, QEMU_LOCKED_SANLOCK_HOST_ID="0"),
+    )
+    assert bad.returncode == 2
+    assert bad.stderr.startswith("qemu-lockctl: ") and "sanlock_host_id" in bad.stderr
+    assert bad.stderr.count("\n") == 1
+
+
+def test_doctor_reports_binding_daemon_join_and_no_fencing(cluster: Cluster) -> None:
+    r = cluster.lockctl(2, "doctor", "--json")
+    assert r.returncode == 0, r.stdout + r.stderr
+    found = {f["check"]: f for f in json.loads(r.stdout)}
+    assert found["sanlock binding"]["status"] == "OK"
+    assert "sanlock.cpython-311" in found["sanlock binding"]["message"]
+    assert found["sanlock daemon"]["status"] == "OK"
+    assert found["sanlock join"]["status"] == "OK"
+    assert "host id 2" in found["sanlock join"]["message"]
+    assert found["sanlock fencing"]["status"] == "WARN"
+    assert "NO fencing" in found["sanlock fencing"]["message"]
+    assert "io_timeout 1" in found["sanlock lockspace"]["message"]
+
+
+def test_no_daemon_is_one_clear_line(cluster: Cluster, tmp_path: Path) -> None:
+    img = make_image(tmp_path / "nodaemon.img")
+    env = cluster.env(1, SANLOCK_RUN_DIR=str(tmp_path))
+    r = subprocess.run([QEMU_LOCKED, "-drive", f"file={img}"], env=env, capture_output=True,
+                       text=True, timeout=30)  # fmt: skip
+    assert r.returncode == 5
+    assert r.stderr == (
+        "qemu-locked: sanlock: register: no sanlock daemon reachable at "
+        f"{tmp_path}/sanlock.sock (Sanlock registration failed: No such file or directory (2))\n"
+    )
+    d = run([QEMU_LOCKCTL, "sanlock", "doctor"], env=env)
+    assert d.returncode == 1 and "not reachable" in d.stdout
+
+
+def test_status_rows_feed_qemu_lockctl_status(cluster: Cluster, start) -> None:
+    img = make_image(cluster.images / "rows.img")
+    vm: VM = start("-name", "guest=rows", "-drive", f"file={img}", env=cluster.env(1))
+    assert vm.started(), vm.stderr()
+    r = run(
+        [
+            str(Path(QEMU_LOCKED).parent / "python"),
+            "-c",
+            "import json,sys\nfrom qemu_locked import config\n"
+            "from qemu_locked.backends import sanlock\n"
+            "print(json.dumps(sanlock.status_rows(config.load(), [sys.argv[1]])))",
+            img,
+        ],
+        env=cluster.env(1),
+    )
+    assert r.returncode == 0, r.stderr
+    rows = json.loads(r.stdout)
+    assert len(rows) == 1
+    assert rows[0]["pid"] == vm.report["pid"] and rows[0]["guest"] == "rows"
+    assert rows[0]["host"] == "host-1" and rows[0]["mode"] == "exclusive"
+
+
+@pytest.mark.slow
+def test_host_crash_failover(tmp_path_factory: pytest.TempPathFactory, start) -> None:
+    """Host 1's daemon dies (SIGKILL) while its VM runs: host 2 gets the lease
+    after the failover time (60 s + 8 * io_timeout here).  Without a watchdog
+    the VM on host 1 is not fenced: it is still running when host 2 takes over."""
+    _require_sanlock()
+    base = tmp_path_factory.mktemp("slf")
+    with hosts(base, 2) as hs:
+        c = Cluster(base, hs)
+        c.init_and_join(slots=8)
+        img = make_image(c.images / "failover.img")
+        vm1: VM = start("-name", "guest=fo", "-drive", f"file={img}", env=c.env(1))
+        assert vm1.started(), vm1.stderr()
+        hs[0].crash()
+        t0 = time.monotonic()
+        vm2: VM = start("-name", "guest=fo", "-drive", f"file={img}",
+                        env=c.env(2, QEMU_LOCKED_WAIT="150"))  # fmt: skip
+        assert vm2.started(timeout=160), vm2.stderr()
+        elapsed = time.monotonic() - t0
+        assert 60 <= elapsed <= 110, elapsed
+        assert vm1.proc.poll() is None  # no fencing without a watchdog
+        (base / "failover-seconds").write_text(f"{elapsed:.1f}\n")
+        print(f"failover after {elapsed:.1f} s")
+
+
+def test_lease_files_are_sparse_and_aligned(cluster: Cluster) -> None:
+    st = os.stat(cluster.leases)
+    assert stat.S_ISREG(st.st_mode)
+    assert st.st_size == 64 * backend.ALIGN
+    assert os.stat(cluster.lockspace).st_size == backend.ALIGN
