@@ -60,7 +60,10 @@ ArgsArg = Annotated[
 
 
 def emit_json(obj: Any) -> None:
-    sys.stdout.write(json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+    # Indented output uses json's pure-Python encoder: 0.9 s for 10,000 status
+    # rows here.  Large answers (scripts read them) are written compactly.
+    big = isinstance(obj, dict) and any(isinstance(v, list) and len(v) > 200 for v in obj.values())
+    sys.stdout.write(json.dumps(obj, indent=None if big else 2, ensure_ascii=False) + "\n")
 
 
 def table(rows: list[list[str]], header: list[str]) -> str:
@@ -451,9 +454,11 @@ def doctor(
 
 # Sub-command groups live in their own modules.
 from qemu_locked.cli_libvirt import libvirt_app  # noqa: E402
+from qemu_locked.cli_lockspace import lockspace_app  # noqa: E402
 from qemu_locked.cli_sanlock import sanlock_app  # noqa: E402
 
 app.add_typer(libvirt_app, name="libvirt")
+app.add_typer(lockspace_app, name="lockspace")
 app.add_typer(sanlock_app, name="sanlock")
 
 

@@ -288,6 +288,15 @@ def check_lockspace(cfg: _config.Config, user: User | None) -> Iterator[Finding]
     directory = cfg.lockspace_dir
     used = cfg.backend == "lockspace"
     if not used and not os.path.lexists(directory):
+        if cfg.domain_lease and cfg.backend == "direct":
+            yield Finding(
+                WARN,
+                "domain lease",
+                f"{directory} is absent, so no domain lease is taken: the same VM could start "
+                "twice if it has no lockable disk",
+                "qemu-lockctl lockspace init (or domain_lease = false to silence this)",
+            )
+            return
         yield Finding(OK, "lockspace", f"{directory}: absent, not used (backend {cfg.backend})")
         return
     severity = FAIL if used else WARN
@@ -307,7 +316,7 @@ def check_lockspace(cfg: _config.Config, user: User | None) -> Iterator[Finding]
                 severity,
                 "lockspace",
                 f"{why}: the emulator runs as {user.name} and creates lease files there",
-                f"chown {user.name} {directory} && chmod 0770 {directory}",
+                "qemu-lockctl lockspace init",
             )
             return
         yield Finding(OK, "lockspace", f"{directory}: writable by {user.name}")
@@ -392,6 +401,31 @@ def _domain_emulators() -> Iterator[Finding]:
         yield Finding(status, "libvirt", msg, fix)
 
 
+def _is_block(path: str) -> bool:
+    import stat
+
+    try:
+        return stat.S_ISBLK(os.stat(path).st_mode)
+    except OSError:
+        return False
+
+
+def check_block_identity(path: str) -> Finding:
+    """A block device's lease key: stable across hosts, or host-local (warned)."""
+    from qemu_locked.keys import HOST_LOCAL_PREFIX, disk_key
+
+    key = disk_key(path, os.stat(path))
+    if key.startswith(HOST_LOCAL_PREFIX):
+        return Finding(
+            WARN,
+            "block identity",
+            f"{path}: no stable identity (LVM UUID, WWID, loop backing file); its lease key "
+            f"{key!r} is the kernel name, which other hosts do not share",
+            "use LVM, multipath or devices with a WWID for disks shared between hosts",
+        )
+    return Finding(OK, "block identity", f"{path}: lease key {key!r} (same on every host)")
+
+
 def run(paths: list[str] | None = None) -> list[Finding]:
     """Every finding, in a stable order."""
     findings: list[Finding] = []
@@ -401,7 +435,8 @@ def run(paths: list[str] | None = None) -> list[Finding]:
     findings.append(check_emulator(cfg))
     findings.extend(check_launcher(user))
     if paths:
-        findings.extend(check_ofd(p, p) for p in paths)
+        findings.extend(check_ofd(p, p) for p in paths if not _is_block(p))
+        findings.extend(check_block_identity(p) for p in paths if _is_block(p))
     else:
         findings.extend(check_ofd(d, d) for d in DEFAULT_IMAGE_DIRS if os.path.isdir(d))
     findings.extend(check_lockspace(cfg, user))

@@ -67,11 +67,16 @@ def main() -> None:
     code = os.environ.get("FAKE_QEMU_EXIT")
     if code is not None:
         sys.exit(int(code))
-    stop = []
-    signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
-    signal.signal(signal.SIGINT, lambda *_: stop.append(1))
-    while not stop:
-        time.sleep(3600)  # any signal interrupts it
+
+    def _stop(*_: object) -> None:
+        # A handler that only set a flag would not end time.sleep(): Python
+        # resumes the sleep after the handler returns (PEP 475).
+        raise SystemExit(0)
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    while True:
+        time.sleep(3600)
 
 
 if __name__ == "__main__":

@@ -139,3 +139,69 @@ def spawn(pending: list[Pending], config: Config, plan: Plan) -> None:
         os._exit(0)
     os.waitpid(middle, 0)
     os.close(pidfd)
+
+
+def _lease_key(path: str) -> str:
+    """The resource a lease file stands for, from any record in it (the holder's)."""
+    from qemu_locked import leases
+
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError:
+        return path
+    try:
+        keys = {r.key for r in leases.read_records(fd, lease_held=False) if r.key}
+    finally:
+        os.close(fd)
+    if len(keys) != 1:
+        return path
+    key = keys.pop()
+    return key[len("file:") :] if key.startswith("file:") else key
+
+
+def pending_rows(host: str, lockspace_prefix: str) -> list[dict[str, object]]:
+    """Locks a keeper still waits for, as ``qemu-lockctl status`` rows.
+
+    A keeper is found by its comm; the VM it serves by its pidfd's ``Pid:``
+    line; what it waits for by its other fds.
+    """
+    from qemu_locked import holders
+
+    rows: list[dict[str, object]] = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/comm", "rb") as f:
+                if f.read().strip() != COMM:
+                    continue
+            fds = os.listdir(f"/proc/{name}/fd")
+        except OSError:
+            continue
+        vm_pid = 0
+        waiting: list[str] = []
+        for fd in fds:
+            if fd in ("0", "1", "2"):
+                continue
+            try:
+                target = os.readlink(f"/proc/{name}/fd/{fd}")
+                with open(f"/proc/{name}/fdinfo/{fd}") as f:
+                    info = f.read()
+            except OSError:
+                continue
+            pid_line = [ln for ln in info.splitlines() if ln.startswith("Pid:")]
+            if pid_line:
+                vm_pid = int(pid_line[0].split()[1])
+            else:
+                waiting.append(target)
+        if not vm_pid:
+            continue
+        guest, uuid, _comm = holders.guest_of(vm_pid)
+        for target in waiting:
+            lease = target.startswith(lockspace_prefix)
+            row: dict[str, object] = {"path": _lease_key(target) if lease else target}
+            row.update(mode="pending", pid=vm_pid, host=host, guest=guest, uuid=uuid, since=None)
+            row.update(state="pending (incoming migration)", keeper=int(name))
+            row["source"] = "lease" if lease else "ofd"
+            rows.append(row)
+    return rows

@@ -84,9 +84,15 @@ def backend_rows(config: Config, paths: list[str] | None = None) -> list[Row]:
     its rows are added as they are (duplicates of local rows are dropped by
     :func:`status_rows`).
     """
-    if config.backend == "direct":
-        return []
     from qemu_locked import backends
+
+    if config.backend == "direct":
+        # Domain leases live in lockspace_dir whatever the backend.
+        if not os.path.isdir(config.lockspace_dir):
+            return []
+        from qemu_locked.backends import lockspace
+
+        return lockspace.status_rows(config, paths)
 
     try:
         module = backends.load(config.backend)
@@ -100,8 +106,17 @@ def backend_rows(config: Config, paths: list[str] | None = None) -> list[Row]:
 
 
 def status_rows(config: Config, paths: list[str] | None = None) -> list[Row]:
-    """All rows, local first, sorted by path then pid."""
-    rows = local_rows(config, paths)
+    """All rows, local first, sorted by path then pid.
+
+    Lease files seen through /proc are left to the lockspace rows, which name
+    the resource (image path or domain) instead of a hashed file name.  Locks
+    that a migration keeper still waits for are rows in state ``pending``.
+    """
+    from qemu_locked import keeper
+
+    space = os.path.realpath(config.lockspace_dir) + os.sep
+    rows = [r for r in local_rows(config, paths) if not str(r["path"]).startswith(space)]
+    rows += keeper.pending_rows(config.effective_host(), space)
     have = {(r["path"], r["pid"], r["host"]) for r in rows}
     for row in backend_rows(config, paths):
         if (row.get("path"), row.get("pid"), row.get("host")) not in have:

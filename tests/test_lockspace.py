@@ -293,3 +293,25 @@ def test_env_overrides_the_file(tmp_path) -> None:
         r.returncode == 2
         and r.stderr == "qemu-locked: $QEMU_LOCKED_WAIT: wait: must be a number, not 'soon'\n"
     )
+
+
+def test_lockspace_init_and_doctor(tmp_path) -> None:
+    from conftest import QEMU_LOCKCTL
+
+    target = tmp_path / "new" / "lockspace"
+    r = run([QEMU_LOCKCTL, "lockspace", "init", str(target), "--group", "root"])
+    assert r.returncode == 0, r.stderr
+    st = target.stat()
+    assert stat.S_IMODE(st.st_mode) == 0o2770 and st.st_gid == 0
+    assert (
+        run(
+            [QEMU_LOCKCTL, "lockspace", "init", str(target), "--group", "no-such-group-x"]
+        ).returncode
+        == 2
+    )
+    # doctor warns that the domain lease is off while lockspace_dir is missing
+    r = run(
+        [QEMU_LOCKCTL, "doctor", "--json"],
+        env=base_env(QEMU_LOCKED_LOCKSPACE_DIR=str(tmp_path / "absent")),
+    )
+    assert '"domain lease"' in r.stdout and "lockspace init" in r.stdout

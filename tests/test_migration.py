@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import QEMU_LOCKED, base_env
+from conftest import QEMU_LOCKCTL, QEMU_LOCKED, base_env
 
 from qemu_locked import leases
 
@@ -148,6 +148,14 @@ def test_live_migration_hands_the_locks_to_the_destination(tmp_path: Path, backe
         dst_qmp = QMP(str(tmp_path / "dst.qmp"))  # started instead of being refused
         assert dst.poll() is None
         assert len(keepers_of(dst.pid)) == 1  # the busy locks are pending
+        st = subprocess.run(
+            [QEMU_LOCKCTL, "status", "--json"], env=env, capture_output=True, text=True, timeout=60
+        )
+        pending = [r for r in json.loads(st.stdout)["locks"] if r["mode"] == "pending"]
+        assert pending and all(r["pid"] == dst.pid and r["guest"] == "dst" for r in pending), (
+            st.stdout
+        )
+        assert sorted(r["path"] for r in pending) == sorted([image, f"domain:uuid:{UUID}"])
         r = third_start(image, env)
         assert r.returncode == 3 and f"by pid {src.pid}, guest 'src'" in r.stderr
 
