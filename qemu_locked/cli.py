@@ -256,6 +256,11 @@ def status(
 
     header = ["MODE", "PID", "GUEST", "COMMAND", "UUID", "SINCE", "HOST", "PATH"]
     keys = ["mode", "pid", "guest", "comm", "uuid", "since", "host", "path"]
+    if any("state" in r for r in rows):  # lease records (held/stale) and pending migrations
+        header.insert(1, "STATE")
+        keys.insert(1, "state")
+        for r in rows:
+            r.setdefault("state", "held")
     sys.stdout.write(table([[cell(r.get(k)) for k in keys] for r in rows], header))
 
 
