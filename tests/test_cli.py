@@ -497,7 +497,7 @@ def test_doctor_flags_a_lockspace_the_qemu_user_cannot_write(
     assert proc.returncode == 1
     (bad,) = [f for f in findings(proc) if f["status"] == "FAIL"]
     assert bad["check"] == "lockspace" and "not rwx for libvirt-qemu" in bad["message"]
-    assert bad["fix"].startswith(f"chown libvirt-qemu {lockspace}")
+    assert bad["fix"] == "qemu-lockctl lockspace init"
     lockspace.chmod(0o777)
     ok = lockctl("doctor", "--json", env=base_env(QEMU_LOCKED_CONFIG=str(config)))
     assert next(f for f in findings(ok) if f["check"] == "lockspace")["status"] == "OK"
