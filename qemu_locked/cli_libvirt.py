@@ -289,6 +289,15 @@ def _targets(uri: str, domains: list[str] | None, all_: bool) -> list[str]:
     return domains
 
 
+def _when(uri: str, name: str) -> str:
+    """A note for a running domain: the change applies from its next start."""
+    try:
+        running = virsh(uri, "domid", name).strip() not in ("", "-")
+    except VirshError:
+        return ""
+    return "; running now, takes effect at its next start" if running else ""
+
+
 def _each(names: list[str], action: str, step: Callable[[str], None]) -> None:
     """Run ``step`` on every domain; report each failure, fail at the end."""
     if len(names) == 1:
@@ -325,7 +334,10 @@ def enable(
             sys.stdout.write(f"{name}: already under qemu-locked\n")
             return
         define(connect, new)
-        sys.stdout.write(f"{name}: enabled ({wrapper}, execs {recorded_emulator(new.decode())})\n")
+        sys.stdout.write(
+            f"{name}: enabled ({wrapper}, execs {recorded_emulator(new.decode())})"
+            f"{_when(connect, name)}\n"
+        )
 
     _each(names, "enable", step)
 
@@ -346,6 +358,6 @@ def disable(
             sys.stdout.write(f"{name}: not under qemu-locked\n")
             return
         define(connect, new)
-        sys.stdout.write(f"{name}: disabled\n")
+        sys.stdout.write(f"{name}: disabled{_when(connect, name)}\n")
 
     _each(names, "disable", step)
