@@ -70,9 +70,17 @@ def leave() -> None:
 
 
 @sanlock_app.command()
-def status(as_json: JsonOpt = False) -> None:
+def status(
+    resources: Annotated[
+        list[str] | None,
+        typer.Argument(
+            help="Only the leases of these disk paths or domain:UUID / domain:NAME keys."
+        ),
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
     """The lockspace, its hosts, and every lease with its holders."""
-    table = _backend.lease_table(_config.load())
+    table = _backend.lease_table(_config.load(), resources)
     if as_json:
         _emit(table)
         return
@@ -98,8 +106,12 @@ def status(as_json: JsonOpt = False) -> None:
             )
         else:
             who = "free"
-        local = "".join(f", pid {p['pid']}" for p in lease["local"])
-        out.write(f"  slot {lease['slot']:>4}  {lease['lease']}  {who}{local}\n")
+        local = "".join(
+            f", pid {p['pid']}" + (f" guest '{p['guest']}'" if p["guest"] else "")
+            for p in lease["local"]
+        )
+        what = lease["resource"] or lease["lease"]
+        out.write(f"  slot {lease['slot']:>4}  {what}  {who}{local}\n")
 
 
 @sanlock_app.command()

@@ -436,3 +436,24 @@ def test_block_devices_are_keyed_by_stable_id(
     other: VM = start("-drive", f"file={loop_device},format=raw", env=cluster.env(2))
     assert not other.started()
     assert f"{loop_device} is locked (exclusive) by host id 1 (host-1)" in other.stderr()
+
+
+def test_status_for_a_path_names_holder_host_pid_and_guest(cluster: Cluster, start) -> None:
+    img = make_image(cluster.images / "st.img")
+    vm: VM = start("-name", "guest=stvm", "-drive", f"file={img}", env=cluster.env(1))
+    assert vm.started(), vm.stderr()
+    r = cluster.lockctl(1, "status", img, "domain:stvm")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0].endswith("this host (id 1) joined")
+    pid = vm.report["pid"]
+    held = [ln.split(None, 2)[2] for ln in lines if ln.lstrip().startswith("slot")]
+    assert sorted(held) == sorted(
+        [
+            f"{img}  host id 1 (host-1) exclusive, pid {pid} guest 'stvm'",
+            f"domain:stvm  host id 1 (host-1) exclusive, pid {pid} guest 'stvm'",
+        ]
+    )
+    missing = cluster.lockctl(1, "status", str(cluster.images / "nope.img"))
+    assert missing.returncode == 4
+    assert missing.stderr.startswith("qemu-lockctl: ") and missing.stderr.count("\n") == 1

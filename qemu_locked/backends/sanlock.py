@@ -635,10 +635,21 @@ def _local_holders() -> dict[str, list[tuple[int, str]]]:
     return found
 
 
-def lease_table(config: Config) -> dict[str, Any]:
-    """Everything ``sanlock status`` shows: the lockspace, its hosts, every lease."""
+def key_of(resource: str) -> str:
+    """The resource key of a path (file or block device) or a ``domain:`` key."""
+    if resource.startswith("domain:"):
+        return resource
+    return resource_key(resource, images.check(resource))
+
+
+def lease_table(config: Config, resources: list[str] | None = None) -> dict[str, Any]:
+    """Everything ``sanlock status`` shows: the lockspace, its hosts, every lease
+    (only those of ``resources``, paths or ``domain:`` keys, when given)."""
+    from qemu_locked import holders
+
     sl = binding()
     area = Area(config)
+    labels = {lease_name(key_of(r)): r for r in resources or []}
     names = host_names(area)
     joined = False
     try:
@@ -677,7 +688,7 @@ def lease_table(config: Config) -> dict[str, Any]:
     n = area.slots(sl)
     for slot in range(1, n):
         got = _read_slot(sl, area, slot)
-        if not isinstance(got, tuple):
+        if not isinstance(got, tuple) or (resources and got[1] not in labels):
             continue
         lease = Lease("", "", EXCLUSIVE)
         lease.name, lease.slot = got[1], slot
@@ -689,11 +700,15 @@ def lease_table(config: Config) -> dict[str, Any]:
         rows.append(
             {
                 "lease": got[1],
+                "resource": labels.get(got[1]),
                 "slot": slot,
                 "path": path,
                 "offset": offset,
                 "owners": owner_rows,
-                "local": [{"pid": p, "mode": m} for p, m in local.get(got[1], [])],
+                "local": [
+                    {"pid": p, "mode": m, "guest": holders.guest_of(p)[0]}
+                    for p, m in local.get(got[1], [])
+                ],
             }
         )
     return {
