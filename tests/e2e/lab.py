@@ -525,8 +525,9 @@ class Lab:
         env = dict(os.environ, LIBVIRT_DEFAULT_URI=URI)
         return run([self.qemu_lockctl, *args], check=check, env=env, timeout=120)
 
-    def define(self, xml: str, *, locked: bool = True) -> str:
-        """Define a domain (the original emulator), then put it under qemu-locked."""
+    def define(self, xml: str, *, locked: bool = True, env: dict[str, str] | None = None) -> str:
+        """Define a domain (the original emulator), then put it under qemu-locked;
+        ``env``: more QEMU_LOCKED_* settings for its emulator (<qemu:env>)."""
         name = xml.split("<name>", 1)[1].split("</name>", 1)[0]
         assert name.startswith(PREFIX), name
         with tempfile.NamedTemporaryFile("w", suffix=".xml", delete=False) as f:
@@ -538,6 +539,18 @@ class Lab:
         self.defined.append(name)
         if locked:
             self.lockctl("libvirt", "enable", name)
+        if env:
+            extra = "".join(
+                f"<qemu:env name={quoteattr(k)} value={quoteattr(v)}/>" for k, v in env.items()
+            )
+            xml = self.dumpxml(name).replace("</qemu:commandline>", extra + "</qemu:commandline>")
+            assert extra in xml, "env needs a domain under qemu-locked"
+            with tempfile.NamedTemporaryFile("w", suffix=".xml", delete=False) as f:
+                f.write(xml)
+            try:
+                self.virsh("define", f.name)
+            finally:
+                os.unlink(f.name)
         return name
 
     def start(self, name: str, *, check: bool = True) -> subprocess.CompletedProcess[str]:

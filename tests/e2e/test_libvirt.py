@@ -207,9 +207,10 @@ def test_virtlockd_side_by_side(lab: Lab, libvirt_conf: Configure) -> None:
     protect every disk: no deadlock, and a conflicting start is still refused
     (by us: our wrapper runs before virtlockd acquires, at CPU start).
 
-    With virtlockd's default (it locks byte 0 of the disk itself, like us), each
-    VM's own two locks collide: the start fails at once and cleanly, with
-    virtlockd's "Lockspace resource ... is locked"; nothing hangs or stays locked.
+    With virtlockd's default (it locks byte 0 of the disk itself, like the direct
+    backend), each VM's own two locks collide: the start fails at once and
+    cleanly, with virtlockd's "Lockspace resource ... is locked"; nothing hangs or
+    stays locked.  With qemu-locked's lockspace backend they work together again.
     """
     disk = lab.image("lockd.qcow2")
     a = lab.define(domain_xml(f"{PREFIX}lk1", [disk_xml(disk)]))
@@ -236,6 +237,34 @@ def test_virtlockd_side_by_side(lab: Lab, libvirt_conf: Configure) -> None:
     assert "Lockspace resource" in proc.stderr and "is locked" in proc.stderr, proc.stderr
     assert lab.state(a) == "shut off"
     assert lock_free(disk)
+
+    # Still virtlockd's default, with qemu-locked's lockspace backend (lease files,
+    # not the disk's byte 0): the two work together again.
+    space = lab.images / "lockspace-lockd"
+    lab.lockctl("lockspace", "init", str(space))
+    env = {"QEMU_LOCKED_BACKEND": "lockspace", "QEMU_LOCKED_LOCKSPACE_DIR": str(space)}
+    c = lab.define(domain_xml(f"{PREFIX}lk3", [disk_xml(disk)]), env=env)
+    d = lab.define(domain_xml(f"{PREFIX}lk4", [disk_xml(disk)]), env=env)
+    lab.start(c)
+    assert lab.state(c) == "running"
+    assert_refused_by_us(lab.start(d, check=False), c)
+
+
+def test_block_device_conflict_is_refused_with_the_lockspace_backend(lab: Lab) -> None:
+    """The other way around the private /dev: backend = "lockspace" keys a block
+    device by its device number, in a lease directory every namespace shares."""
+    space = lab.images / "lockspace"
+    lab.lockctl("lockspace", "init", str(space))
+    env = {"QEMU_LOCKED_BACKEND": "lockspace", "QEMU_LOCKED_LOCKSPACE_DIR": str(space)}
+    dev = lab.loop_device()
+    disk = disk_xml(dev, kind="block", fmt="raw")
+    a = lab.define(domain_xml(f"{PREFIX}blkls1", [disk]), env=env)
+    b = lab.define(domain_xml(f"{PREFIX}blkls2", [disk]), env=env)
+    lab.start(a)
+    assert_refused_by_us(lab.start(b, check=False), a)
+    lab.destroy(a)
+    lab.start(b)
+    assert lab.state(b) == "running"
 
 
 def test_block_device_conflict_is_refused_without_private_dev(
