@@ -457,3 +457,48 @@ def test_status_for_a_path_names_holder_host_pid_and_guest(cluster: Cluster, sta
     missing = cluster.lockctl(1, "status", str(cluster.images / "nope.img"))
     assert missing.returncode == 4
     assert missing.stderr.startswith("qemu-lockctl: ") and missing.stderr.count("\n") == 1
+
+
+_HOLD_ALLOCATOR = """
+import os, sys, time
+from qemu_locked import config
+from qemu_locked.backends import sanlock as b
+sl = b.binding()
+area = b.Area(config.load())
+fd = sl.register()
+sl.acquire(area.lockspace, f"{b.ALLOC_PREFIX}{area.slots(sl)}".encode(), area.disk(0), slkfd=fd)
+print("ready", flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_stuck_allocator_blocks_only_new_leases(cluster: Cluster, start) -> None:
+    """Creating a lease needs the allocator lease; a lease that exists does not."""
+    old = make_image(cluster.images / "exists.img")
+    first: VM = start("-drive", f"file={old}", env=cluster.env(2))
+    assert first.started(), first.stderr()
+    first.kill()
+    wait_free(cluster, file_key(old))
+    holder = subprocess.Popen(
+        [str(Path(QEMU_LOCKED).parent / "python"), "-c", _HOLD_ALLOCATOR],
+        env=cluster.env(1),
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "ready"
+        new = make_image(cluster.images / "brand-new.img")
+        t0 = time.monotonic()
+        vm: VM = start("-drive", f"file={new}", env=cluster.env(2))
+        assert not vm.started(timeout=30)
+        assert time.monotonic() - t0 >= backend.ALLOC_WAIT
+        assert vm.proc.returncode == 5
+        assert vm.stderr() == (
+            f"qemu-locked: sanlock: cannot create the lease for {new}: the lease allocator "
+            f"(slot 0 of {cluster.leases}) is held (exclusive) by host id 1 (host-1)\n"
+        )
+        again: VM = start("-drive", f"file={old}", env=cluster.env(2))
+        assert again.started(), again.stderr()
+    finally:
+        holder.kill()
+        holder.wait()

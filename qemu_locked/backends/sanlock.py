@@ -69,6 +69,7 @@ TRANSIENT = frozenset({E_AGAIN, E_BUSY, -245, -244, -213, -212, -222})
 # shared request (-246), owned by another host (-247).
 HELD = frozenset({E_EXIST, E_HELD_OTHER_HOST, -246, -247})
 NOT_JOINED = frozenset({E_NOENT, -E_NOENT, E_NOSPC, -E_NOSPC, -241})
+ALLOC_WAIT = 5.0  # seconds to wait for the allocator lease (creation takes ms)
 TRANSIENT_BUDGET = 5.0  # seconds of retrying transient errors, on top of `wait`
 _BACKOFF_FIRST, _BACKOFF_MAX = 0.01, 0.5
 
@@ -376,12 +377,24 @@ def _alloc_name(area: Area, sl: ModuleType) -> bytes:
     return f"{ALLOC_PREFIX}{area.slots(sl)}".encode()
 
 
-def _locate(sl: ModuleType, area: Area, lease: Lease, fd: int) -> int:
+def _locate(sl: ModuleType, area: Area, lease: Lease, fd: int, wait: float) -> int:
+    """The lease's slot, creating the lease under the allocator lease if needed."""
     slot = _probe(sl, area, lease, creating=False)
     if slot >= 0:
         return slot
     alloc = _alloc_name(area, sl)
-    _take(sl, area, alloc, area.disk(0), False, fd, time.monotonic() + 30.0, "lease allocator")
+    deadline = time.monotonic() + max(wait, ALLOC_WAIT)
+    code = _take(sl, area, alloc, area.disk(0), False, fd, deadline, "lease allocator")
+    if code:
+        # Creating takes milliseconds: a holder this long is stuck or on a dead host.
+        alloc_lease = Lease("", "lease allocator", EXCLUSIVE)
+        alloc_lease.name, alloc_lease.slot = alloc.decode(), 0
+        found = owners(sl, area, alloc_lease)
+        who = describe_owners(found, host_names(area) if found else {})
+        raise BackendError(
+            f"sanlock: cannot create the lease for {lease.label}: the lease allocator "
+            f"(slot 0 of {area.res_path}) is held {who}"
+        )
     try:
         return _probe(sl, area, lease, creating=True)
     finally:
@@ -490,7 +503,7 @@ def acquire(plan: Plan, config: Config, wait: float = 0.0) -> Held:
         deadline = time.monotonic() + wait
         refused: list[tuple[Lease, int]] = []
         for lease in todo:
-            lease.slot = _locate(sl, area, lease, fd)
+            lease.slot = _locate(sl, area, lease, fd, wait)
             code = _take(
                 sl,
                 area,
