@@ -101,6 +101,12 @@ def persistent_domains(uri: str) -> list[str]:
     return [n for n in virsh(uri, "list", "--all", "--persistent", "--name").split() if n]
 
 
+def dumpxml(uri: str, name: str) -> str:
+    """The persistent XML, secrets included (e.g. a VNC password): what is defined
+    back must lose nothing."""
+    return virsh(uri, "dumpxml", "--inactive", "--security-info", name)
+
+
 def define(uri: str, xml: bytes) -> None:
     fd, path = tempfile.mkstemp(prefix="qemu-lockctl-", suffix=".xml")
     try:
@@ -328,7 +334,7 @@ def enable(
     names = _targets(connect, domains, all_)
 
     def step(name: str) -> None:
-        xml = virsh(connect, "dumpxml", "--inactive", name)
+        xml = dumpxml(connect, name)
         new = enable_xml(xml, name, wrapper)
         if new is None:
             sys.stdout.write(f"{name}: already under qemu-locked\n")
@@ -352,7 +358,7 @@ def disable(
     names = _targets(connect, domains, all_)
 
     def step(name: str) -> None:
-        xml = virsh(connect, "dumpxml", "--inactive", name)
+        xml = dumpxml(connect, name)
         new = disable_xml(xml, name)
         if new is None:
             sys.stdout.write(f"{name}: not under qemu-locked\n")

@@ -332,8 +332,14 @@ def test_enable_disable_round_trip_is_byte_identical(lab: Lab) -> None:
     custom = domain_xml(f"{PREFIX}rt2", [disk_xml(a, readonly=True, fmt="qcow2")]).replace(
         "</domain>", ROUND_TRIP_EXTRA + "</domain>"
     )
+    # A VNC password is only in the XML with --security-info: enable must keep it.
+    custom = custom.replace(
+        "<memballoon", "<graphics type='vnc' autoport='yes' passwd='s3cret'/>\n    <memballoon"
+    )
     names = [lab.define(plain, locked=False), lab.define(custom, locked=False)]
     before = {n: lab.dumpxml(n) for n in names}
+    secure = {n: lab.virsh("dumpxml", "--inactive", "--security-info", n).stdout for n in names}
+    assert "passwd='s3cret'" in secure[names[1]]
     out = lab.lockctl("libvirt", "enable", *names).stdout
     assert all(f"{n}: enabled" in out for n in names), out
     for n in names:
@@ -349,6 +355,7 @@ def test_enable_disable_round_trip_is_byte_identical(lab: Lab) -> None:
     lab.lockctl("libvirt", "disable", *names)
     for n in names:
         assert lab.dumpxml(n) == before[n]
+        assert lab.virsh("dumpxml", "--inactive", "--security-info", n).stdout == secure[n]
     assert "not under qemu-locked" in lab.lockctl("libvirt", "disable", names[0]).stdout
 
 
