@@ -103,7 +103,15 @@ def persistent_domains(uri: str) -> list[str]:
 
 def dumpxml(uri: str, name: str) -> str:
     """The persistent XML, secrets included (e.g. a VNC password): what is defined
-    back must lose nothing."""
+    back must lose nothing.  A transient domain has none: defining its XML would
+    make it persistent, so it is refused."""
+    for line in virsh(uri, "dominfo", name).splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "Persistent" and value.strip() == "no":
+            raise UsageError(
+                f"domain {name} is transient (not defined): nothing persistent to change; "
+                f"start it with the emulator you want"
+            )
     return virsh(uri, "dumpxml", "--inactive", "--security-info", name)
 
 

@@ -380,6 +380,15 @@ def test_enable_all_and_errors(lab: Lab) -> None:
     lines = bad.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("qemu-lockctl: "), bad.stderr
     assert "Traceback" not in bad.stderr
+    # A transient domain (virsh create) has no persistent XML to change.
+    transient = domain_xml(f"{PREFIX}transient-dom", [disk_xml(lab.image("tr.qcow2"))])
+    xml_file = lab.images / "transient.xml"
+    xml_file.write_text(transient)
+    lab.virsh("create", str(xml_file))
+    lab.defined.append(f"{PREFIX}transient-dom")
+    refused = lab.lockctl("libvirt", "enable", f"{PREFIX}transient-dom", check=False)
+    assert refused.returncode == 2 and "is transient" in refused.stderr, refused.stderr
+    assert lab.virsh("dominfo", f"{PREFIX}transient-dom").stdout.count("Persistent:     no") == 1
     usage = lab.lockctl("libvirt", "enable", check=False)
     assert usage.returncode == 2 and usage.stderr.startswith("qemu-lockctl: "), usage.stderr
     noexec = lab.lockctl(
