@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import stat
 import subprocess
@@ -502,3 +503,63 @@ def test_a_stuck_allocator_blocks_only_new_leases(cluster: Cluster, start) -> No
     finally:
         holder.kill()
         holder.wait()
+
+
+@pytest.mark.qemu
+def test_real_qemu_keeps_the_leases_until_it_dies(cluster: Cluster, start) -> None:
+    """The real qemu-system-x86_64 (TCG) keeps the inherited registration: the
+    lease stays held while it runs (after it opened and locked its image) and is
+    freed when it is killed."""
+    qemu = shutil.which("qemu-system-x86_64")
+    if qemu is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("CI: qemu-system-x86_64 must be installed")
+        pytest.skip("qemu-system-x86_64 not installed")
+    img = make_image(cluster.images / "real.img")
+    args = ["-name", "guest=realvm", "-machine", "none", "-accel", "tcg", "-nodefaults",
+            "-display", "none", "-S", "-m", "16", "-drive", f"file={img},format=raw,if=none,id=d0"]  # fmt: skip
+    proc = subprocess.Popen(
+        [QEMU_LOCKED, *args],
+        env=cluster.env(1, QEMU_LOCKED_EMULATOR=qemu),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not _qemu_image_locked(proc.pid, img):  # QEMU's own locks: it is up
+            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert os.readlink(f"/proc/{proc.pid}/exe") == os.path.realpath(qemu)
+        time.sleep(0.5)
+        assert cluster.owners(file_key(img)) == [(1, "exclusive")]
+        assert cluster.owners("domain:realvm") == [(1, "exclusive")]
+        other = run([QEMU_LOCKED, *args], env=cluster.env(2, QEMU_LOCKED_EMULATOR=qemu))
+        assert other.returncode == 3
+        assert "by host id 1 (host-1)" in other.stderr
+        proc.kill()
+        proc.wait(10)
+        wait_free(cluster, file_key(img))
+        wait_free(cluster, "domain:realvm")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+
+
+def _qemu_image_locked(pid: int, path: str) -> bool:
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return False
+    for fd in fds:
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{fd}") != path:
+                continue
+            info = Path(f"/proc/{pid}/fdinfo/{fd}").read_text()
+        except OSError:
+            continue
+        if any(ln.startswith("lock:") and int(ln.split()[7]) >= 100 for ln in info.splitlines()):
+            return True
+    return False
