@@ -74,7 +74,7 @@ def status(
     resources: Annotated[
         list[str] | None,
         typer.Argument(
-            help="Only the leases of these disk paths or domain:UUID / domain:NAME keys."
+            help="Only the leases of these disk paths or domain:uuid:UUID / domain:name:NAME keys."
         ),
     ] = None,
     as_json: JsonOpt = False,

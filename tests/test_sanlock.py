@@ -139,7 +139,7 @@ def test_only_the_registration_fd_reaches_qemu(cluster: Cluster, start) -> None:
     fds = vm.report["fds"]
     assert len(fds) == 1 and fds[0]["path"].startswith("socket:"), fds  # type: ignore[index]
     assert cluster.owners(file_key(img)) == [(1, "exclusive")]
-    assert cluster.owners("domain:solo") == [(1, "exclusive")]
+    assert cluster.owners("domain:name:solo") == [(1, "exclusive")]
 
 
 def test_cross_host_refusal_names_the_holder(cluster: Cluster, start) -> None:
@@ -250,7 +250,7 @@ def test_a_vm_spanning_several_leases_is_all_or_nothing(cluster: Cluster, start)
     for d in disks:
         if d != busy:
             assert cluster.owners(file_key(d)) == [], d
-    assert cluster.owners("domain:big") == []
+    assert cluster.owners("domain:name:big") == []
     assert cluster.owners(file_key(busy)) == [(1, "exclusive")]
     holder.kill()
     wait_free(cluster, file_key(busy))
@@ -420,17 +420,12 @@ def loop_device(tmp_path: Path) -> Iterator[str]:
         subprocess.run(["losetup", "-d", dev], capture_output=True)
 
 
-def test_block_devices_are_keyed_by_stable_id(
-    cluster: Cluster, start, loop_device: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    by_id = tmp_path / "by-id"
-    by_id.mkdir()
-    (by_id / "scsi-1QEMU_disk").symlink_to(loop_device)
-    (by_id / "wwn-0x5000c500a1b2c3d4").symlink_to(loop_device)
-    (by_id / "wwn-0x5000c500ffffffff").symlink_to("/dev/null")
-    monkeypatch.setattr(backend, "_BY_ID", str(by_id))  # a by-id directory we control
-    assert file_key(loop_device) == "dev:wwn-0x5000c500a1b2c3d4"
-    monkeypatch.undo()
+def test_block_devices_are_keyed_by_stable_id(cluster: Cluster, start, loop_device: str) -> None:
+    """A block device's key is an identity every host shares (here, read from
+    sysfs: the loop device's backing file), never its host-local /dev name."""
+    sysfs = Path(f"/sys/block/{Path(loop_device).name}/loop/backing_file")
+    backing = sysfs.read_text().strip()
+    assert file_key(loop_device) == f"loop:{os.path.realpath(backing)}@0"
     # Through the wrapper: the block device is leased across hosts like a file.
     vm: VM = start("-drive", f"file={loop_device},format=raw", env=cluster.env(1))
     assert vm.started(), vm.stderr()
@@ -443,7 +438,7 @@ def test_status_for_a_path_names_holder_host_pid_and_guest(cluster: Cluster, sta
     img = make_image(cluster.images / "st.img")
     vm: VM = start("-name", "guest=stvm", "-drive", f"file={img}", env=cluster.env(1))
     assert vm.started(), vm.stderr()
-    r = cluster.lockctl(1, "status", img, "domain:stvm")
+    r = cluster.lockctl(1, "status", img, "domain:name:stvm")
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
     assert lines[0].endswith("this host (id 1) joined")
@@ -452,7 +447,7 @@ def test_status_for_a_path_names_holder_host_pid_and_guest(cluster: Cluster, sta
     assert sorted(held) == sorted(
         [
             f"{img}  host id 1 (host-1) exclusive, pid {pid} guest 'stvm'",
-            f"domain:stvm  host id 1 (host-1) exclusive, pid {pid} guest 'stvm'",
+            f"domain:name:stvm  host id 1 (host-1) exclusive, pid {pid} guest 'stvm'",
         ]
     )
     missing = cluster.lockctl(1, "status", str(cluster.images / "nope.img"))
@@ -534,14 +529,14 @@ def test_real_qemu_keeps_the_leases_until_it_dies(cluster: Cluster, start) -> No
         assert os.readlink(f"/proc/{proc.pid}/exe") == os.path.realpath(qemu)
         time.sleep(0.5)
         assert cluster.owners(file_key(img)) == [(1, "exclusive")]
-        assert cluster.owners("domain:realvm") == [(1, "exclusive")]
+        assert cluster.owners("domain:name:realvm") == [(1, "exclusive")]
         other = run([QEMU_LOCKED, *args], env=cluster.env(2, QEMU_LOCKED_EMULATOR=qemu))
         assert other.returncode == 3
         assert "by host id 1 (host-1)" in other.stderr
         proc.kill()
         proc.wait(10)
         wait_free(cluster, file_key(img))
-        wait_free(cluster, "domain:realvm")
+        wait_free(cluster, "domain:name:realvm")
     finally:
         if proc.poll() is None:
             proc.kill()

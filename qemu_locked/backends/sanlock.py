@@ -14,7 +14,7 @@ empty) is an array of 1 MiB paxos-lease slots:
 * slot 0 is the *allocator* lease, named ``qemu-locked-slots-<N>``: it
   records the slot count on the storage itself (so growing the file can
   never remap keys) and serialises the creation of new leases;
-* a resource key (``file:/real/path``, ``dev:wwn-...``, ``domain:<uuid>``)
+* a resource key (``file:/real/path``, ``wwid:...``, ``lvm:...``, ``domain:<uuid>``)
   is named ``qlk-`` + 40 hex digits of its SHA-256 (sanlock names are 48
   bytes); its home slot is ``1 + hash mod (N-1)``; on collision the next
   slots are probed linearly.  A lease, once written, is never moved or
@@ -231,45 +231,22 @@ def _text(value: object) -> str:
 
 # -- resource keys ---------------------------------------------------------------
 
-_BY_ID = "/dev/disk/by-id"
-# by-id names that are the same on every host, best first.
-_STABLE_PREFIXES = ("wwn-", "dm-uuid-LVM-", "dm-uuid-", "nvme-eui.", "scsi-3", "nvme-", "scsi-")
-
-
-def _device_key(path: str, st: os.stat_result) -> str:
-    """A block device by an identity every host sees alike: its WWN or LVM UUID
-    link in /dev/disk/by-id when there is one, else its canonical path."""
-    found: list[str] = []
-    try:
-        names = os.listdir(_BY_ID)
-    except OSError:
-        names = []
-    for name in names:
-        try:
-            other = os.stat(f"{_BY_ID}/{name}")
-        except OSError:
-            continue
-        if stat.S_ISBLK(other.st_mode) and other.st_rdev == st.st_rdev:
-            found.append(name)
-    for prefix in _STABLE_PREFIXES:
-        best = sorted(n for n in found if n.startswith(prefix))
-        if best:
-            return "dev:" + best[0]
-    return "dev:" + os.path.realpath(path)
-
 
 def resource_key(path: str, st: os.stat_result) -> str:
-    if stat.S_ISBLK(st.st_mode):
-        return _device_key(path, st)
-    return "file:" + os.path.realpath(path)
+    """What names this disk on every host (shared with the other backends):
+    ``file:`` + canonical path; for a block device its LVM/dm UUID, WWID or a
+    loop device's backing file, read from sysfs (no udev needed), and only
+    last its kernel name (host-local: ``qemu-lockctl doctor`` warns)."""
+    from qemu_locked.keys import disk_key
+
+    return disk_key(path, st)
 
 
 def domain_key(uuid: str | None, guest: str | None) -> str | None:
-    if uuid:
-        return "domain:" + uuid.strip().lower()
-    if guest:
-        return "domain:" + guest
-    return None
+    """``domain:uuid:<uuid>``, else ``domain:name:<name>`` (as the other backends)."""
+    from qemu_locked.keys import domain_key as shared_domain_key
+
+    return shared_domain_key(uuid, guest)
 
 
 def _digest(key: str) -> str:
