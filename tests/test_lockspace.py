@@ -315,3 +315,43 @@ def test_lockspace_init_and_doctor(tmp_path) -> None:
         env=base_env(QEMU_LOCKED_LOCKSPACE_DIR=str(tmp_path / "absent")),
     )
     assert '"domain lease"' in r.stdout and "lockspace init" in r.stdout
+
+
+def test_direct_backend_block_device_across_private_dev_nodes(
+    start, tmp_path, lockspace, loop_device
+) -> None:
+    """Two VMs reaching one block device through different /dev nodes (as libvirt's
+    private /dev gives each QEMU): the direct backend's device lease refuses the second."""
+    st = os.stat(loop_device)
+    other = tmp_path / "private-dev-node"
+    os.mknod(other, stat.S_IFBLK | 0o600, st.st_rdev)
+    a = start(
+        "-name",
+        "guest=blk1",
+        "-drive",
+        f"file={loop_device},format=raw",
+        env=env_for("direct", lockspace),
+    )
+    assert a.started()
+    assert a.locks()[loop_device] == [
+        "WRITE"
+    ]  # the node lock is still taken too (virtlockd's byte)
+    b = start(
+        "-name",
+        "guest=blk2",
+        "-drive",
+        f"file={other},format=raw",
+        env=env_for("direct", lockspace),
+    )
+    assert not b.started() and b.proc.returncode == 3
+    assert f"{other} is locked (exclusive) by pid {a.report['pid']}, guest 'blk1'" in b.stderr()
+
+
+def test_direct_backend_block_device_without_lockspace_fails_closed(tmp_path, loop_device) -> None:
+    r = run([QEMU_LOCKED, "-drive", f"file={loop_device},format=raw"],
+            env=env_for("direct", str(tmp_path / "absent")))  # fmt: skip
+    assert (
+        r.returncode == 5
+        and "qemu-lockctl lockspace init" in r.stderr
+        and len(r.stderr.splitlines()) == 1
+    )

@@ -2,6 +2,12 @@
 
 Cluster-wide wherever the filesystem forwards OFD locks to a lock server
 (NFSv4, CephFS, GPFS); host-local otherwise.
+
+Block devices get a lease in ``lockspace_dir`` too, keyed by the device's
+identity: a lock on a /dev node is a lock on that node's inode, and libvirt
+gives every QEMU a private /dev with nodes of its own, so two VMs on one
+device would lock two different inodes (measured under libvirt 9).  Without
+a lockspace directory such a start is refused rather than left unprotected.
 """
 
 from __future__ import annotations
@@ -11,13 +17,14 @@ import time
 
 from qemu_locked import holders, images, ofd
 from qemu_locked._value import frozen
-from qemu_locked.errors import LockedError
+from qemu_locked.errors import BackendError, LockedError
 from qemu_locked.held import Held, Pending
 from qemu_locked.model import EXCLUSIVE, SHARED, Plan, stronger
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from qemu_locked.config import Config
+    from qemu_locked.leases import Want
 
 
 @frozen
@@ -50,6 +57,22 @@ def _conflict(fd: int, target: Target) -> tuple[str, str, str]:
     return target.path, target.mode, holders.describe(who, mode_hint)
 
 
+def _block_leases(tgts: list[Target], config: Config | None) -> list[Want]:
+    blocks = [t for t in tgts if t.key[0] == "b"]
+    if not blocks:
+        return []  # image files only: the lease modules are not even imported
+    from qemu_locked import keys, leases
+
+    directory = config.lockspace_dir if config is not None else "(no config)"
+    if config is None or not os.path.isdir(directory):
+        raise BackendError(
+            f"{blocks[0].path}: a block device also needs a lease in lockspace_dir {directory}, "
+            "which does not exist (run: qemu-lockctl lockspace init); a lock on its /dev node "
+            "alone does not reach VMs with a private /dev (libvirt)"
+        )
+    return [leases.Want(keys.disk_key(t.path, os.stat(t.path)), t.mode, t.path) for t in blocks]
+
+
 def acquire(
     plan: Plan, config: Config | None = None, wait: float = 0.0, defer: bool = False
 ) -> Held:
@@ -63,7 +86,18 @@ def acquire(
     try:
         deadline = time.monotonic() + wait
         conflicts: list[tuple[str, str, str]] = []
-        for target in targets(plan):
+        tgts = targets(plan)
+        wants = _block_leases(tgts, config)
+        if wants and config is not None:
+            from qemu_locked import leases
+
+            space = leases.Lockspace(config.lockspace_dir)
+            try:
+                me = leases.Holder(config.effective_host(), plan.guest, plan.uuid, os.getpid())
+                held.extend(leases.acquire(space, wants, me, wait, defer))
+            finally:
+                space.close()
+        for target in tgts:
             exclusive = target.mode == EXCLUSIVE
             fd = images.open_checked(target.path, exclusive, target.key)
             held.fds.append(fd)
@@ -82,8 +116,18 @@ def acquire(
 
 def conflicts(plan: Plan, config: Config | None = None) -> list[tuple[str, str, str]]:
     """What would refuse this plan now.  Takes no lock (F_OFD_GETLK)."""
+    tgts = targets(plan)
+    wants = _block_leases(tgts, config)
     out = []
-    for target in targets(plan):
+    if wants and config is not None:
+        from qemu_locked import leases
+
+        space = leases.Lockspace(config.lockspace_dir)
+        try:
+            out += leases.conflicts(space, wants)
+        finally:
+            space.close()
+    for target in tgts:
         fd = images.open_checked(target.path, False, target.key)
         try:
             if ofd.conflicting(fd, target.mode == EXCLUSIVE):

@@ -32,6 +32,7 @@ def lab_env() -> Iterator[tuple[_lab.Daemons, Path]]:
     finally:
         _lab.remove_leftover_domains()
         daemons.stop_all()
+        _lab.teardown()
         shutil.rmtree(images, ignore_errors=True)
 
 

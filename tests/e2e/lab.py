@@ -640,6 +640,30 @@ def make_images_dir() -> Path:
     return path
 
 
+DEFAULT_LOCKSPACE = Path("/var/lib/qemu-locked/lockspace")
+CREATED: list[Path] = []  # what setup() created on the host, removed by teardown()
+
+
+def ensure_default_lockspace() -> None:
+    """The default lockspace_dir, as `qemu-lockctl lockspace init` makes it: the
+    direct backend keeps domain leases and block-device leases there."""
+    if DEFAULT_LOCKSPACE.exists():
+        return
+    top = next(p for p in [DEFAULT_LOCKSPACE, *DEFAULT_LOCKSPACE.parents] if p.parent.exists())
+    run(
+        [str(VENV / "bin" / "qemu-lockctl"), "lockspace", "init", str(DEFAULT_LOCKSPACE)],
+        check=True,
+    )
+    CREATED.append(top)
+
+
+def teardown() -> None:
+    import shutil
+
+    while CREATED:
+        shutil.rmtree(CREATED.pop(), ignore_errors=True)
+
+
 def setup() -> tuple[Daemons, Path]:
     """Everything before the first test.  Raises LabUnavailable with the reason."""
     if sys.platform != "linux":
@@ -653,6 +677,7 @@ def setup() -> tuple[Daemons, Path]:
     if not pids_named("libvirtd"):
         clean_stale_conf()
     install_qemu_locked()
+    ensure_default_lockspace()
     prepare_argv_dir()
     daemons.ensure_virtlogd()
     daemons.ensure_libvirtd()

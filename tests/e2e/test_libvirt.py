@@ -143,12 +143,6 @@ def test_block_device_disk_on_a_loop_device_is_locked(lab: Lab) -> None:
     lab.destroy(name)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="core bug: the direct backend locks the /dev node's inode, and libvirt gives "
-    "each domain a private /dev (tmpfs, mount namespace): two domains on one block "
-    "device lock two different inodes and both run (see the e2e report)",
-)
 def test_block_device_second_writer_is_refused(lab: Lab) -> None:
     dev = lab.loop_device()
     disk = disk_xml(dev, kind="block", fmt="raw")
