@@ -13,7 +13,9 @@ class Pending:
     holder record the keeper writes once the lease is taken.
     """
 
-    __slots__ = ("exclusive", "fd", "label", "lease", "record_key")
+    # Kept by the keeper for QEMU's whole life instead of handed over (sanlock:
+    # a lease belongs to the registration that took it, here the keeper's).
+    holds_for_life = False
 
     def __init__(self, fd: int, exclusive: bool, label: str, record_key: str | None = None) -> None:
         self.fd = fd
@@ -21,6 +23,25 @@ class Pending:
         self.label = label
         self.record_key = record_key
         self.lease = record_key is not None
+
+    def try_take(self) -> bool:
+        """One attempt, in the keeper: an OFD lock on the shared open file description."""
+        from qemu_locked import ofd
+
+        return ofd.try_lock(self.fd, self.exclusive)
+
+    def holders(self) -> str:
+        """Who still holds it, for the keeper's timeout line."""
+        import os
+
+        if self.lease:
+            from qemu_locked.leases import describe_holders
+
+            return describe_holders(self.fd, "exclusive")
+        from qemu_locked import holders
+
+        st = os.fstat(self.fd)
+        return holders.describe(holders.holders_of(st.st_dev, st.st_ino), "exclusive")
 
 
 class Held:

@@ -11,6 +11,10 @@ after the keeper exits.  It waits up to ``incoming_wait`` seconds, then writes
 one line to QEMU's stderr (libvirt's domain log) and applies
 ``incoming_timeout_action``: ``kill`` the VM (fail closed) or ``warn``.
 
+With the sanlock backend the keeper cannot hand what it takes to QEMU (a
+sanlock lease belongs to the registration that acquired it), so it registers
+itself, takes the leases, and holds them until QEMU exits.
+
 It is not QEMU's child: QEMU never reaps children it did not start, so a
 keeper forked straight from the wrapper (with PR_SET_PDEATHSIG, QEMU being its
 parent after exec) stays a zombie under the VM for its whole life (measured).
@@ -23,8 +27,6 @@ comm is ``ql-keeper``; ``qemu-lockctl status`` finds pending locks by it.
 from __future__ import annotations
 
 import os
-
-from qemu_locked import ofd
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -49,7 +51,7 @@ def _lock_or_vm_gone(p: Pending, pidfd: int, deadline: float) -> bool | None:
     import select
     import time
 
-    while not ofd.try_lock(p.fd, p.exclusive):
+    while not p.try_take():
         left = deadline - time.monotonic()
         if left <= 0:
             return False
@@ -79,15 +81,20 @@ def run(pending: list[Pending], config: Config, plan: Plan, vm_pid: int, pidfd: 
     """The keeper's whole life (in the forked grandchild); never returns."""
     code = 0
     try:
-        _close_all_but({2, pidfd} | {p.fd for p in pending})
+        _close_all_but({2, pidfd} | {p.fd for p in pending if p.fd >= 0})
         _set_comm(COMM)
         import time
 
         deadline = time.monotonic() + config.incoming_wait
+        keep_alive = False
         for p in pending:
             got = _lock_or_vm_gone(p, pidfd, deadline)
             if got is None:
+                keep_alive = False
                 break  # the VM is gone: nothing left to keep
+            if got and p.holds_for_life:
+                keep_alive = True
+                continue
             if got:
                 if p.record_key is not None:
                     from qemu_locked import leases
@@ -99,7 +106,7 @@ def run(pending: list[Pending], config: Config, plan: Plan, vm_pid: int, pidfd: 
                                             plan.guest, plan.uuid, vm_pid)  # fmt: skip
                 os.close(p.fd)
                 continue
-            holders = _holders(p)
+            holders = p.holders()
             action = config.incoming_timeout_action
             _say(
                 f"{p.label} is still locked {holders} after {config.incoming_wait:g} s of "
@@ -110,22 +117,16 @@ def run(pending: list[Pending], config: Config, plan: Plan, vm_pid: int, pidfd: 
             if action == "kill":
                 os.kill(vm_pid, _SIGKILL)
                 code = 1
+                keep_alive = False
                 break
+        if keep_alive:
+            import select
+
+            select.select([pidfd], [], [])  # hold what we took until QEMU exits
     except BaseException as exc:  # never a traceback into the domain log
         _say(f"keeper: internal error: {type(exc).__name__}: {exc}")
         code = 70
     os._exit(code)
-
-
-def _holders(p: Pending) -> str:
-    if p.lease:
-        from qemu_locked.leases import describe_holders
-
-        return describe_holders(p.fd, "exclusive")
-    from qemu_locked import holders
-
-    st = os.fstat(p.fd)
-    return holders.describe(holders.holders_of(st.st_dev, st.st_ino), "exclusive")
 
 
 def spawn(pending: list[Pending], config: Config, plan: Plan) -> None:

@@ -558,3 +558,40 @@ def _qemu_image_locked(pid: int, path: str) -> bool:
         if any(ln.startswith("lock:") and int(ln.split()[7]) >= 100 for ln in info.splitlines()):
             return True
     return False
+
+
+def test_a_vm_without_disks_still_gets_its_domain_lease(cluster: Cluster, start) -> None:
+    uuid = "3b2f9d6c-0000-4e1a-9c5b-7a6d5e4f3c2b"
+    first: VM = start("-name", "guest=diskless", "-uuid", uuid, "-m", "64", env=cluster.env(1))
+    assert first.started(), first.stderr()
+    twin: VM = start("-name", "guest=diskless", "-uuid", uuid, "-m", "64", env=cluster.env(2))
+    assert not twin.started() and twin.proc.returncode == 3
+    assert f"domain {uuid} is locked (exclusive) by host id 1 (host-1)" in twin.stderr()
+
+
+def test_migration_destination_waits_for_the_source(cluster: Cluster, start) -> None:
+    """-incoming on host 2 while host 1's source holds the leases: the destination
+    starts, its keeper takes the leases once the source is gone and holds them
+    until the destination exits; a third start is refused throughout."""
+    img = make_image(cluster.images / "migrating.img")
+    uuid = "5e6f7a8b-1111-4c2d-9e3f-405162738495"
+    key = file_key(img)
+    src: VM = start(
+        "-name", "guest=mig", "-uuid", uuid, "-drive", f"file={img}", env=cluster.env(1)
+    )
+    assert src.started(), src.stderr()
+    dst: VM = start("-name", "guest=mig", "-uuid", uuid, "-drive", f"file={img}", "-incoming", "defer",
+                    env=cluster.env(2))  # fmt: skip
+    assert dst.started(), dst.stderr()  # not refused
+    third: VM = start("-name", "guest=third", "-drive", f"file={img}", env=cluster.env(2))
+    assert not third.started() and "by host id 1 (host-1)" in third.stderr()
+    src.kill(signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while cluster.owners(key) != [(2, "exclusive")]:
+        assert time.monotonic() < deadline, cluster.owners(key)
+        time.sleep(0.1)
+    assert cluster.owners(f"domain:uuid:{uuid}") == [(2, "exclusive")]
+    again: VM = start("-name", "guest=third", "-drive", f"file={img}", env=cluster.env(1))
+    assert not again.started() and "by host id 2 (host-2)" in again.stderr()
+    dst.kill(signal.SIGKILL)  # the keeper holding the leases exits with it
+    wait_free(cluster, key, timeout=20)

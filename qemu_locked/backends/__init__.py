@@ -87,9 +87,9 @@ def acquire_all(plan: Plan, config: Config) -> Held | None:
                 held.extend(leases.acquire(space, want, me, config.wait, defer))
             finally:
                 space.close()
-        if plan.disks:
+        if plan.disks or _backend_keeps_domain_lease(plan, config):
             backend = load(config.backend)
-            if defer and config.backend != "sanlock":
+            if defer:
                 held.extend(backend.acquire(plan, config, config.wait, defer=True))
             else:
                 held.extend(backend.acquire(plan, config, config.wait))
@@ -111,6 +111,11 @@ def conflicts_all(plan: Plan, config: Config) -> list[tuple[str, str, str]]:
             out += leases.conflicts(space, [leases.Want(key, "exclusive", label)])
         finally:
             space.close()
-    if plan.disks:
+    if plan.disks or _backend_keeps_domain_lease(plan, config):
         out += load(config.backend).conflicts(plan, config)
     return out
+
+
+def _backend_keeps_domain_lease(plan: Plan, config: Config) -> bool:
+    """sanlock holds the domain lease among its own leases, even with no disk."""
+    return config.backend == "sanlock" and config.domain_lease and bool(plan.uuid or plan.guest)

@@ -39,6 +39,7 @@ import stat
 import sys
 import time
 
+from qemu_locked import held as _held
 from qemu_locked import images
 from qemu_locked.errors import BackendError, ConfigError, LockedError, QemuLockedError
 from qemu_locked.model import EXCLUSIVE, SHARED, Plan, stronger
@@ -424,25 +425,51 @@ def _take(
         delay = min(delay * 2, _BACKOFF_MAX)
 
 
-class Held:
+class Held(_held.Held):
     """The registration fd: the daemon holds our leases for as long as the
     process that registered (QEMU, after exec) keeps it open or lives."""
 
     def __init__(self, fd: int | None = None) -> None:
-        self.fds: list[int] = [] if fd is None else [fd]
-        self.pending: list[object] = []  # nothing is deferred: see docs-sanlock.md, migration
+        super().__init__([] if fd is None else [fd])
         self.leases: list[Lease] = []
 
-    def release(self) -> None:
-        while self.fds:
-            try:
-                os.close(self.fds.pop())
-            except OSError:
-                pass
 
-    def inherit(self) -> None:
-        for fd in self.fds:
-            os.set_inheritable(fd, True)
+class _KeeperRegistration:
+    """The migration keeper's own registration, made in the keeper process."""
+
+    fd = -1
+
+
+class SanlockPending(_held.Pending):
+    """A lease the migration source still holds, for the keeper.
+
+    sanlock leases belong to the registered process that acquired them; the
+    keeper cannot hand them to QEMU, so it registers itself, takes them, and
+    holds them until QEMU exits (``holds_for_life``).  Trade-off: if the keeper
+    alone is killed, or sanlock kills it when the lockspace is lost, those
+    leases go while the VM runs on; a VM started normally has no such gap.
+    """
+
+    holds_for_life = True
+
+    def __init__(self, area: Area, lease: Lease) -> None:
+        super().__init__(-1, lease.mode == EXCLUSIVE, lease.label)
+        self.area = area
+        self.lease_ = lease
+
+    def try_take(self) -> bool:
+        sl = binding()
+        if _KeeperRegistration.fd < 0:
+            _KeeperRegistration.fd = sl.register()
+        lease = self.lease_
+        code = _take(sl, self.area, lease.name.encode(), self.area.disk(lease.slot),
+                     lease.mode == SHARED, _KeeperRegistration.fd, time.monotonic(),
+                     lease.label)  # fmt: skip
+        return code == 0
+
+    def holders(self) -> str:
+        found = owners(binding(), self.area, self.lease_)
+        return describe_owners(found, host_names(self.area) if found else {})
 
 
 def _release_all(sl: ModuleType, area: Area, held: Held) -> None:
@@ -459,11 +486,12 @@ def _release_all(sl: ModuleType, area: Area, held: Held) -> None:
     held.release()
 
 
-def acquire(plan: Plan, config: Config, wait: float = 0.0) -> Held:
+def acquire(plan: Plan, config: Config, wait: float = 0.0, defer: bool = False) -> Held:
     """Register with the daemon and take every lease, all or nothing.
 
     After the first refusal the remaining leases are only tried (not waited
-    for), so the error names every holder at once.
+    for), so the error names every holder at once.  With ``defer`` (a
+    migration destination) a lease a real holder has is left to the keeper.
     """
     todo = leases(plan, config)
     if not todo:
@@ -488,10 +516,12 @@ def acquire(plan: Plan, config: Config, wait: float = 0.0) -> Held:
                 area.disk(lease.slot),
                 lease.mode == SHARED,
                 fd,
-                time.monotonic() if refused else deadline,
+                time.monotonic() if refused or defer else deadline,
                 lease.label,
             )
-            if code:
+            if code and defer:
+                held.pending.append(SanlockPending(area, lease))
+            elif code:
                 refused.append((lease, code))
             else:
                 held.leases.append(lease)
