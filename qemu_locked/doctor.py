@@ -440,6 +440,10 @@ def run(paths: list[str] | None = None) -> list[Finding]:
     else:
         findings.extend(check_ofd(d, d) for d in DEFAULT_IMAGE_DIRS if os.path.isdir(d))
     findings.extend(check_lockspace(cfg, user))
+    if cfg.backend == "sanlock":
+        from qemu_locked.backends import sanlock
+
+        findings.extend(Finding(*f) for f in sanlock.doctor_findings(cfg))
     findings.extend(libvirt)
     return findings
 

@@ -595,3 +595,13 @@ def test_migration_destination_waits_for_the_source(cluster: Cluster, start) -> 
     assert not again.started() and "by host id 2 (host-2)" in again.stderr()
     dst.kill(signal.SIGKILL)  # the keeper holding the leases exits with it
     wait_free(cluster, key, timeout=20)
+
+
+def test_main_doctor_includes_the_sanlock_findings(cluster: Cluster) -> None:
+    r = run([QEMU_LOCKCTL, "doctor", "--json"], env=cluster.env(1))
+    checks = {f["check"]: f for f in json.loads(r.stdout)["findings"]}
+    assert any("sanlock" in c for c in checks), checks
+    assert any(
+        "fencing" in f["message"].lower() or "watchdog" in f["message"].lower()
+        for f in checks.values()
+    )
