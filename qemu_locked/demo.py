@@ -14,6 +14,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from qemu_locked import holders
+
 BIN = Path(sys.executable).parent
 QEMU_LOCKED = str(BIN / "qemu-locked")
 
@@ -25,16 +27,7 @@ def say(text: str) -> None:
 
 def holds_lock(pid: int, path: str) -> bool:
     """Whether the process holds a byte-0 lock on path (read from its fdinfo)."""
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        try:
-            if os.readlink(f"/proc/{pid}/fd/{fd}") != path:
-                continue
-            info = Path(f"/proc/{pid}/fdinfo/{fd}").read_text()
-        except OSError:
-            continue
-        if any(ln.startswith("lock:") and ln.split()[7] == "0" for ln in info.splitlines()):
-            return True
-    return False
+    return any(start == 0 for _k, _m, start in holders.fd_locks(pid).get(path, []))
 
 
 def start(name: str, image: str, emulator: str, real: bool) -> subprocess.Popen[str]:

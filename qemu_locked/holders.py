@@ -107,6 +107,26 @@ def _lock_lines(pid: int, fd: str) -> Iterator[tuple[str, str, int, int, int]]:
         yield kind, "exclusive" if access == "WRITE" else "shared", dev, int(ino), start
 
 
+def fd_locks(pid: int) -> dict[str, list[tuple[str, str, int]]]:
+    """path -> [(kind, mode, start byte)] of the locks held through a process's fds.
+
+    Every lock, not just byte 0: QEMU's own image locks (bytes 100-204) too.
+    """
+    out: dict[str, list[tuple[str, str, int]]] = {}
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return out
+    for fd in fds:
+        try:
+            path = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        for kind, mode, _dev, _ino, start in _lock_lines(pid, fd):
+            out.setdefault(path, []).append((kind, mode, start))
+    return out
+
+
 def _pids() -> list[int]:
     try:
         return sorted(int(p) for p in os.listdir("/proc") if p.isdigit())

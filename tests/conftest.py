@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 from stress.support import stress_sessionfinish, tally  # noqa: F401 - the stress suite's fixture
 
+from qemu_locked import holders, ofd
+
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     stress_sessionfinish(session, exitstatus)
@@ -109,6 +111,21 @@ def start(vms: list[VM]):  # type: ignore[no-untyped-def]
         return vm
 
     return _start
+
+
+def lock_free(path: str, exclusive: bool = True) -> bool:
+    """Can a brand-new open file description lock byte 0 right now?"""
+    fd = os.open(path, os.O_RDWR if exclusive else os.O_RDONLY)
+    try:
+        return ofd.try_lock(fd, exclusive)
+    finally:
+        os.close(fd)
+
+
+def byte0_modes(pid: int, path: str) -> list[str]:
+    """Modes of the byte-0 OFD locks a process holds on path ("exclusive"/"shared")."""
+    locks = holders.fd_locks(pid).get(path, [])
+    return [mode for kind, mode, start in locks if start == 0 and kind == "OFDLCK"]
 
 
 def make_image(path: Path, size: int = 1 << 20) -> str:

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import QEMU_LOCKCTL, QEMU_LOCKED, base_env
+from conftest import QEMU_LOCKCTL, QEMU_LOCKED, base_env, byte0_modes
 
 from qemu_locked import leases
 
@@ -73,20 +73,6 @@ def qemu(
     return subprocess.Popen(
         args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
     )
-
-
-def byte0_lock(pid: int, path: str) -> str | None:
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        try:
-            if os.readlink(f"/proc/{pid}/fd/{fd}") != path:
-                continue
-            info = Path(f"/proc/{pid}/fdinfo/{fd}").read_text()
-        except OSError:
-            continue
-        for ln in info.splitlines():
-            if ln.startswith("lock:") and ln.split()[7] == "0" and ln.split()[2] == "OFDLCK":
-                return ln.split()[4]
-    return None
 
 
 def keepers_of(pid: int) -> list[int]:
@@ -169,7 +155,7 @@ def test_live_migration_hands_the_locks_to_the_destination(tmp_path: Path, backe
         wait_until(lambda: not keepers_of(dst.pid), "the keeper to take the locks and exit")
         assert dst.poll() is None
         if backend == "direct":
-            assert byte0_lock(dst.pid, image) == "WRITE"
+            assert byte0_modes(dst.pid, image) == ["exclusive"]
         else:
             name = leases.lease_name("file:" + os.path.realpath(image))
             fd = os.open(space / name, os.O_RDONLY)

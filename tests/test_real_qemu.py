@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 from conftest import QEMU_LOCKED, base_env, make_image
 
+from qemu_locked import holders
+
 QEMU = shutil.which("qemu-system-x86_64")
 if QEMU is None:
     if os.environ.get("CI") == "true":
@@ -25,19 +27,8 @@ pytestmark = pytest.mark.qemu
 
 
 def fd_locks(pid: int) -> dict[str, list[tuple[str, int]]]:
-    """path -> [(mode, start byte)] of the locks held through the process's fds."""
-    out: dict[str, list[tuple[str, int]]] = {}
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        try:
-            path = os.readlink(f"/proc/{pid}/fd/{fd}")
-            info = Path(f"/proc/{pid}/fdinfo/{fd}").read_text()
-        except OSError:
-            continue
-        for line in info.splitlines():
-            if line.startswith("lock:"):
-                parts = line.split()
-                out.setdefault(path, []).append((parts[4], int(parts[7])))
-    return out
+    """path -> [(mode, start byte)] of every lock the process holds (ours and QEMU's)."""
+    return {path: [(m, st) for _k, m, st in locks] for path, locks in holders.fd_locks(pid).items()}
 
 
 def start_qemu(*disk_args: str) -> subprocess.Popen[str]:
@@ -85,7 +76,7 @@ def test_real_qemu_runs_under_our_lock_with_its_own_locks_intact(images: tuple[s
     try:
         locks = wait_for_qemu_locks(vm, [qcow2, raw])
         for path in (qcow2, raw):
-            assert ("WRITE", 0) in locks[path], locks  # ours, inherited across exec
+            assert ("exclusive", 0) in locks[path], locks  # ours, inherited across exec
             assert any(
                 start in (100, 101, 102, 103, 104, 200, 201, 202, 203, 204)
                 for _m, start in locks[path]
@@ -133,7 +124,7 @@ def test_real_qemu_blockdev_json_like_libvirt(images: tuple[str, str]) -> None:
     vm = start_qemu("-blockdev", storage, "-blockdev", fmt)
     try:
         locks = wait_for_qemu_locks(vm, [qcow2])
-        assert ("WRITE", 0) in locks[qcow2]
+        assert ("exclusive", 0) in locks[qcow2]
     finally:
         vm.kill()
         vm.wait()

@@ -12,18 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import FAKE_QEMU, QEMU_LOCKED, VM, base_env, make_image, run
-
-from qemu_locked import ofd
-
-
-def lock_free(path: str, exclusive: bool = True) -> bool:
-    """Can a brand-new open file description lock byte 0 right now?"""
-    fd = os.open(path, os.O_RDWR if exclusive else os.O_RDONLY)
-    try:
-        return ofd.try_lock(fd, exclusive)
-    finally:
-        os.close(fd)
+from conftest import FAKE_QEMU, QEMU_LOCKED, VM, base_env, lock_free, make_image, run
 
 
 def test_exec_holds_the_lock_and_argv_is_unchanged(start, tmp_path: Path) -> None:

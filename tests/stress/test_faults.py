@@ -14,10 +14,10 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import QEMU_LOCKED, VM, base_env, make_image, run
+from conftest import QEMU_LOCKED, VM, base_env, byte0_modes, lock_free, make_image, run
 from stress.support import record
 
-from qemu_locked import leases, ofd
+from qemu_locked import leases
 
 QEMU = shutil.which("qemu-system-x86_64")
 IN_CI = os.environ.get("CI") == "true"
@@ -29,14 +29,6 @@ def need(tool: str | None, why: str) -> str:
     if IN_CI:
         raise RuntimeError(f"CI must have {why}")
     pytest.skip(f"{why} not installed")
-
-
-def lock_free(path: str) -> bool:
-    fd = os.open(path, os.O_RDWR)
-    try:
-        return ofd.try_lock(fd, True)
-    finally:
-        os.close(fd)
 
 
 def test_wrapper_killed_at_every_step_leaves_nothing_locked(tmp_path: Path) -> None:
@@ -142,22 +134,6 @@ class QMP:
                 return msg
 
 
-def byte0(pid: int, path: str) -> list[str]:
-    out = []
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        try:
-            if os.readlink(f"/proc/{pid}/fd/{fd}") == path:
-                info = Path(f"/proc/{pid}/fdinfo/{fd}").read_text()
-                out += [
-                    ln.split()[4]
-                    for ln in info.splitlines()
-                    if ln.startswith("lock:") and ln.split()[7] == "0"
-                ]
-        except OSError:
-            pass
-    return out
-
-
 def test_qemu_reopening_its_images_keeps_our_lock(tmp_path: Path) -> None:
     qemu = need(QEMU, "qemu-system-x86_64")
     disk = str(tmp_path / "disk.qcow2")
@@ -179,7 +155,9 @@ def test_qemu_reopening_its_images_keeps_our_lock(tmp_path: Path) -> None:
     ops = 0
     try:
         q = QMP(qmp_path)
-        assert byte0(proc.pid, disk) == ["WRITE"] and byte0(proc.pid, iso1) == ["READ"]
+        assert byte0_modes(proc.pid, disk) == ["exclusive"] and byte0_modes(proc.pid, iso1) == [
+            "shared"
+        ]
         steps = [
             ("blockdev-reopen", {"options": [{"driver": "qcow2", "node-name": "f", "file": "s", "read-only": True}]}),
             ("blockdev-reopen", {"options": [{"driver": "qcow2", "node-name": "f", "file": "s", "read-only": False}]}),
@@ -192,12 +170,12 @@ def test_qemu_reopening_its_images_keeps_our_lock(tmp_path: Path) -> None:
             reply = q.cmd(name, **args)
             assert "error" not in reply, (name, reply)
             ops += 1
-            assert byte0(proc.pid, disk) == ["WRITE"], f"lost after {name}"
-            assert byte0(proc.pid, iso1) == ["READ"], f"lost after {name}"
+            assert byte0_modes(proc.pid, disk) == ["exclusive"], f"lost after {name}"
+            assert byte0_modes(proc.pid, iso1) == ["shared"], f"lost after {name}"
         deadline = time.monotonic() + 60
         while q.cmd("query-block-jobs")["return"] and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert byte0(proc.pid, disk) == ["WRITE"]
+        assert byte0_modes(proc.pid, disk) == ["exclusive"]
         # still refused by us, not by QEMU
         r = run([QEMU_LOCKED, "-drive", f"file={disk}"], env=base_env(QEMU_LOCKED_EMULATOR=qemu))
         assert r.returncode == 3 and "guest 'reopen'" in r.stderr

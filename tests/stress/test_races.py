@@ -2,23 +2,12 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import QEMU_LOCKED, base_env, make_image
+from conftest import QEMU_LOCKED, base_env, lock_free, make_image
 from stress.support import scale
-
-from qemu_locked import ofd
-
-
-def lock_free(path: str) -> bool:
-    fd = os.open(path, os.O_RDWR)
-    try:
-        return ofd.try_lock(fd, True)
-    finally:
-        os.close(fd)
 
 
 @pytest.mark.parametrize("backend", ["direct", "lockspace"])
