@@ -53,14 +53,13 @@ def domain_lease_wanted(plan: Plan, config: Config) -> str | None:
     """
     if not config.domain_lease or config.backend == "sanlock":
         return None  # sanlock keeps the domain lease among its own leases
-    from qemu_locked.keys import domain_key
-
-    key = domain_key(plan.uuid, plan.guest)
-    if key is None:
+    if not (plan.uuid or plan.guest):
         return None
     if config.backend == "direct" and not os.path.isdir(config.lockspace_dir):
         return None
-    return key
+    from qemu_locked.keys import domain_key
+
+    return domain_key(plan.uuid, plan.guest)
 
 
 def acquire_all(plan: Plan, config: Config) -> Held | None:

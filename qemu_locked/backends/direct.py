@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import time
 
-from qemu_locked import holders, images, ofd
+from qemu_locked import images, ofd
 from qemu_locked._value import frozen
 from qemu_locked.errors import BackendError, LockedError
 from qemu_locked.held import Held, Pending
@@ -50,6 +50,8 @@ def targets(plan: Plan) -> list[Target]:
 
 
 def _conflict(fd: int, target: Target) -> tuple[str, str, str]:
+    from qemu_locked import holders  # only on the refusal path
+
     st = os.fstat(fd)
     found = ofd.conflicting(fd, target.mode == EXCLUSIVE)
     mode_hint, pid = found if found else (EXCLUSIVE, -1)
