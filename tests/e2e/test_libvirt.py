@@ -314,6 +314,23 @@ def test_save_and_restore(lab: Lab) -> None:
     assert lock_free(disk)
 
 
+def test_managedsave_round_trip_keeps_the_disk_protected(lab: Lab) -> None:
+    disk = lab.image("managed.qcow2")
+    name = lab.define(domain_xml(f"{PREFIX}msave", [disk_xml(disk)]))
+    other = lab.define(domain_xml(f"{PREFIX}msave2", [disk_xml(disk)]))
+    lab.start(name)
+    lab.virsh("managedsave", name, timeout=180)
+    assert lab.state(name) == "shut off"
+    assert lock_free(disk)
+    lab.start(name)  # restores from the managed save image (-incoming defer)
+    pid = lab.qemu_pid(name)
+    assert b"-incoming" in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[1:]
+    assert byte0_holders(disk) == {pid: "exclusive"}
+    assert_refused_by_us(lab.start(other, check=False), name)
+    lab.destroy(name)
+    assert lock_free(disk)
+
+
 ROUND_TRIP_EXTRA = """
   <qemu:commandline xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'>
     <qemu:arg value='-no-reboot'/>
