@@ -35,8 +35,11 @@ def start(name: str, image: str, emulator: str, real: bool) -> subprocess.Popen[
     if real:
         args += ["-accel", "tcg", "-S"]
     args += ["-drive", f"file={image},if=virtio"]
-    say(f"$ QEMU_LOCKED_EMULATOR={emulator} {shlex.join(args[0:1] + args[1:])}")
-    env = dict(os.environ, QEMU_LOCKED_EMULATOR=emulator)
+    # The demo's own config (a lockspace in its temporary directory), so it
+    # neither depends on nor leaves anything in this host's qemu-locked set-up.
+    config = os.path.join(os.path.dirname(image), "qemu-locked.toml")
+    env = dict(os.environ, QEMU_LOCKED_EMULATOR=emulator, QEMU_LOCKED_CONFIG=config)
+    say(f"$ QEMU_LOCKED_CONFIG={config} QEMU_LOCKED_EMULATOR={emulator} {shlex.join(args)}")
     return subprocess.Popen(
         args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
     )
@@ -66,6 +69,9 @@ def main() -> int:
     say(f"emulator: {emulator} ({what})")
     with tempfile.TemporaryDirectory(prefix="qemu-locked-demo-") as tmp:
         image = os.path.join(tmp, "shared-disk.qcow2")
+        os.mkdir(os.path.join(tmp, "lockspace"))
+        with open(os.path.join(tmp, "qemu-locked.toml"), "w") as f:
+            f.write(f'lockspace_dir = "{tmp}/lockspace"\n')
         if shutil.which("qemu-img"):
             subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", image, "64M"], check=True)
         else:

@@ -28,9 +28,11 @@ QEMU_LOCKCTL = str(BIN / "qemu-lockctl")
 FAKE_QEMU = str(BIN / "qemu-locked-fake-qemu")
 
 
-# An empty config file, so no /etc/qemu-locked config of this host leaks into tests.
+# A config file of the tests' own, so no /etc/qemu-locked config of this host leaks in.
 _EMPTY_CONFIG = Path(tempfile.mkdtemp(prefix="qemu-locked-test-")) / "empty.toml"
-_EMPTY_CONFIG.write_text("")
+# A host's real lockspace (/var/lib/qemu-locked/lockspace) must neither get the
+# tests' domain leases nor change what they see: point at one that does not exist.
+_EMPTY_CONFIG.write_text(f'lockspace_dir = "{_EMPTY_CONFIG.parent / "no-lockspace"}"\n')
 _EMPTY_CONFIG.parent.chmod(0o755)  # readable by the unprivileged users some tests run as
 _EMPTY_CONFIG.chmod(0o644)
 

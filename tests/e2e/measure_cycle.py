@@ -68,6 +68,7 @@ def main(n: int) -> dict[str, object]:
         lab.cleanup()
         L.remove_leftover_domains()
         daemons.stop_all()
+        L.teardown()
         import shutil
 
         shutil.rmtree(images, ignore_errors=True)
