@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -128,6 +129,27 @@ def byte0_modes(pid: int, path: str) -> list[str]:
     """Modes of the byte-0 OFD locks a process holds on path ("exclusive"/"shared")."""
     locks = holders.fd_locks(pid).get(path, [])
     return [mode for kind, mode, start in locks if start == 0 and kind == "OFDLCK"]
+
+
+@pytest.fixture
+def loop_device(tmp_path: Path) -> Iterator[str]:
+    """A loop device over an 8 MiB file (root); detached afterwards."""
+    why = None
+    if os.geteuid() != 0 or not shutil.which("losetup"):
+        why = "needs root and losetup"
+    else:
+        backing = make_image(tmp_path / "loop-backing.img", 8 << 20)
+        r = subprocess.run(["losetup", "--find", "--show", backing], capture_output=True, text=True)
+        why = None if r.returncode == 0 else f"no loop device here: {r.stderr.strip()}"
+    if why is not None:
+        if os.environ.get("CI") == "true":
+            raise RuntimeError(f"CI runs as root with loop devices: {why}")
+        pytest.skip(why)
+    dev = r.stdout.strip()
+    try:
+        yield dev
+    finally:
+        subprocess.run(["losetup", "-d", dev], check=False)
 
 
 def make_image(path: Path, size: int = 1 << 20) -> str:

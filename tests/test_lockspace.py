@@ -197,21 +197,6 @@ def test_missing_lockspace_dir_is_one_line(tmp_path) -> None:
     )
 
 
-@pytest.fixture
-def loop_device(tmp_path: Path):  # type: ignore[no-untyped-def]
-    if os.geteuid() != 0 or not shutil.which("losetup"):
-        if os.environ.get("CI") == "true":
-            raise RuntimeError("CI runs as root with losetup")
-        pytest.skip("needs root and losetup")
-    backing = make_image(tmp_path / "loop-backing.img", 8 << 20)
-    r = subprocess.run(["losetup", "--find", "--show", backing], capture_output=True, text=True)
-    if r.returncode != 0:
-        pytest.skip(f"no loop devices here: {r.stderr.strip()}")
-    dev = r.stdout.strip()
-    yield dev
-    subprocess.run(["losetup", "-d", dev], check=False)
-
-
 def test_block_device_same_lease_through_two_paths(start, tmp_path, lockspace, loop_device) -> None:
     st = os.stat(loop_device)
     other = tmp_path / "same-device-node"

@@ -406,21 +406,6 @@ def test_check_names_the_cross_host_holder(cluster: Cluster, start) -> None:
     assert ok.returncode == 0, ok.stdout + ok.stderr
 
 
-@pytest.fixture
-def loop_device(tmp_path: Path) -> Iterator[str]:
-    if os.geteuid() != 0:
-        pytest.skip("needs root for losetup")
-    backing = make_image(tmp_path / "lun.img", 4 << 20)
-    r = subprocess.run(["losetup", "-f", "--show", backing], capture_output=True, text=True)
-    if r.returncode != 0:
-        pytest.skip(f"no loop device here: {r.stderr.strip()}")
-    dev = r.stdout.strip()
-    try:
-        yield dev
-    finally:
-        subprocess.run(["losetup", "-d", dev], capture_output=True)
-
-
 def test_block_devices_are_keyed_by_stable_id(cluster: Cluster, start, loop_device: str) -> None:
     """A block device's key is an identity every host shares (here, read from
     sysfs: the loop device's backing file), never its host-local /dev name."""

@@ -530,12 +530,7 @@ class Lab:
         ``env``: more QEMU_LOCKED_* settings for its emulator (<qemu:env>)."""
         name = xml.split("<name>", 1)[1].split("</name>", 1)[0]
         assert name.startswith(PREFIX), name
-        with tempfile.NamedTemporaryFile("w", suffix=".xml", delete=False) as f:
-            f.write(xml)
-        try:
-            self.virsh("define", f.name)
-        finally:
-            os.unlink(f.name)
+        self._define_xml(xml)
         self.defined.append(name)
         if locked:
             self.lockctl("libvirt", "enable", name)
@@ -545,13 +540,16 @@ class Lab:
             )
             xml = self.dumpxml(name).replace("</qemu:commandline>", extra + "</qemu:commandline>")
             assert extra in xml, "env needs a domain under qemu-locked"
-            with tempfile.NamedTemporaryFile("w", suffix=".xml", delete=False) as f:
-                f.write(xml)
-            try:
-                self.virsh("define", f.name)
-            finally:
-                os.unlink(f.name)
+            self._define_xml(xml)
         return name
+
+    def _define_xml(self, xml: str) -> None:
+        with tempfile.NamedTemporaryFile("w", suffix=".xml", delete=False) as f:
+            f.write(xml)
+        try:
+            self.virsh("define", f.name)
+        finally:
+            os.unlink(f.name)
 
     def start(self, name: str, *, check: bool = True) -> subprocess.CompletedProcess[str]:
         return self.virsh("start", name, check=check)
