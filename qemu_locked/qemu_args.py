@@ -167,6 +167,7 @@ _PASSTHROUGH_DRIVERS = frozenset(
 _NO_STORAGE_DRIVERS = frozenset({"null-co", "null-aio"})
 # Child links of format and filter drivers; "backing" is handled apart (read-only).
 _CHILD_KEYS = ("file", "data-file", "image", "test", "raw", "target", "log", "children")
+_REF_KEYS = (*_CHILD_KEYS, "backing")
 _IMPLICIT_BACKING = frozenset({"qcow2", "qed", "vmdk", "qcow"})
 _CD_DEVICES = frozenset({"ide-cd", "scsi-cd", "usb-cd"})
 _PROTOCOL_PREFIXES = {
@@ -633,12 +634,18 @@ def _ro(node: dict[str, Any], origin: str) -> bool:
 
 
 def _collect_refs(node: object, out: set[str]) -> None:
+    """Every node-name a block node refers to, inline children included."""
     if not isinstance(node, dict):
         return
-    for key in _CHILD_KEYS + ("backing",):
+    for key in _REF_KEYS:
         child = node.get(key)
+        if child is None:
+            continue
+        if isinstance(child, str):
+            out.add(child)
+            continue
         items = child.values() if isinstance(child, dict) and key == "children" else (
-            child if isinstance(child, list) else [child])  # fmt: skip
+            child if isinstance(child, list) else (child,))  # fmt: skip
         for c in items:
             if isinstance(c, str):
                 out.add(c)
