@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import stat
 import subprocess
 import sys
 import tempfile
@@ -245,52 +244,23 @@ def default_wrapper() -> str:
 
 
 def check_wrapper(path: str) -> str:
+    """The qemu-locked to put in <emulator>: absolute, executable, and (a warning
+    only) usable by the unprivileged user libvirt runs QEMU as."""
+    from qemu_locked import doctor, emulator
+    from qemu_locked.errors import EmulatorNotExecutable, EmulatorNotFound
+
     if not path.startswith("/"):
         raise UsageError(f"--emulator {path}: must be an absolute path")
     try:
-        st = os.stat(path)
-    except OSError as exc:
-        raise UsageError(f"--emulator {path}: {exc.strerror}") from None
-    if not stat.S_ISREG(st.st_mode) or not os.access(path, os.X_OK):
-        raise UsageError(f"--emulator {path}: not an executable file")
-    blocked = _not_world_executable(path)
-    if blocked:
-        # QEMU runs as an unprivileged user (libvirt-qemu): warn, do not refuse.
-        sys.stderr.write(
-            f"qemu-lockctl: warning: {blocked} is not readable/executable by other users; "
-            f"an unprivileged QEMU user cannot run {path}\n"
-        )
+        emulator.check_executable(path)
+    except (EmulatorNotFound, EmulatorNotExecutable) as exc:
+        raise UsageError(f"--{exc.message}") from None
+    user = doctor.User.lookup(doctor.QEMU_USER)
+    if user is not None:
+        why = doctor.launcher_denied(path, user)
+        if why:  # a warning, not a refusal: libvirt may be set to run QEMU as another user
+            sys.stderr.write(f"qemu-lockctl: warning: {why}: libvirt runs QEMU as {user.name}\n")
     return path
-
-
-def _not_world_executable(path: str) -> str | None:
-    """The first path (the launcher, its interpreter, their parents) 'other' cannot use."""
-    paths = [path]
-    try:
-        with open(path, "rb") as f:
-            first = f.readline(512)
-        if first.startswith(b"#!"):
-            interp = first[2:].split()
-            if interp:
-                paths.append(os.path.realpath(interp[0].decode(errors="replace")))
-    except OSError:
-        pass
-    for p in paths:
-        parts = os.path.abspath(p).split("/")
-        for i in range(2, len(parts)):
-            parent = "/".join(parts[:i])
-            try:
-                if not os.stat(parent).st_mode & stat.S_IXOTH:
-                    return parent
-            except OSError:
-                return parent
-        try:
-            mode = os.stat(p).st_mode
-        except OSError:
-            return p
-        if mode & (stat.S_IROTH | stat.S_IXOTH) != (stat.S_IROTH | stat.S_IXOTH):
-            return p
-    return None
 
 
 def _targets(uri: str, domains: list[str] | None, all_: bool) -> list[str]:

@@ -252,20 +252,14 @@ def check_emulator(cfg: _config.Config) -> Finding:
     return Finding(OK, "emulator", f"qemu-locked will exec {path}")
 
 
-def check_launcher(user: User | None) -> Iterator[Finding]:
-    """The emulator wrapper, its interpreter and package must be usable by the QEMU user."""
-    path = _launcher()
-    if not os.path.exists(path):
-        yield Finding(WARN, "launcher", f"{path}: not installed", "run `make venv` or pip install")
-        return
-    if user is None:
-        return
+def launcher_denied(path: str, user: User) -> str | None:
+    """Why ``user`` cannot run the launcher at ``path`` (the script, its interpreter
+    and this package, each with their parent directories), or None."""
     try:
         with open(path, "rb") as f:
             first = f.readline(4096).decode(errors="replace")
     except OSError as exc:
-        yield Finding(FAIL, "launcher", f"{path}: {exc.strerror}", "")
-        return
+        return f"{path}: {exc.strerror}"
     interp = first[2:].split()[0] if first.startswith("#!") and first[2:].split() else ""
     package = str(Path(__file__).resolve().parent)
     need = [(path, 5), (package, 5), (os.path.join(package, "wrapper.py"), 4)]
@@ -274,13 +268,27 @@ def check_launcher(user: User | None) -> Iterator[Finding]:
     for target, bits in need:
         why = user.denied(target, bits)
         if why:
-            yield Finding(
-                FAIL,
-                "launcher",
-                f"{why}: libvirt runs the emulator as {user.name}",
-                "install into a world-readable place made from /usr/bin/python3 (DESIGN.md §7)",
-            )
-            return
+            return why
+    return None
+
+
+def check_launcher(user: User | None) -> Iterator[Finding]:
+    """The emulator wrapper, its interpreter and package must be usable by the QEMU user."""
+    path = _launcher()
+    if not os.path.exists(path):
+        yield Finding(WARN, "launcher", f"{path}: not installed", "run `make venv` or pip install")
+        return
+    if user is None:
+        return
+    why = launcher_denied(path, user)
+    if why:
+        yield Finding(
+            FAIL,
+            "launcher",
+            f"{why}: libvirt runs the emulator as {user.name}",
+            "install into a world-readable place made from /usr/bin/python3 (DESIGN.md §7)",
+        )
+        return
     yield Finding(OK, "launcher", f"{path} and its interpreter are usable by {user.name}")
 
 

@@ -22,7 +22,6 @@ class Pending:
         self.exclusive = exclusive
         self.label = label
         self.record_key = record_key
-        self.lease = record_key is not None
 
     def try_take(self) -> bool:
         """One attempt, in the keeper: an OFD lock on the shared open file description."""
@@ -30,10 +29,13 @@ class Pending:
 
         return ofd.try_lock(self.fd, self.exclusive)
 
+    @property
+    def lease(self) -> bool:
+        """A lease file (its holder record is written once taken), not an image."""
+        return self.record_key is not None
+
     def holders(self) -> str:
         """Who still holds it, for the keeper's timeout line."""
-        import os
-
         if self.lease:
             from qemu_locked.leases import describe_holders
 

@@ -156,8 +156,9 @@ def _lease_key(path: str) -> str:
         os.close(fd)
     if len(keys) != 1:
         return path
-    key = keys.pop()
-    return key[len("file:") :] if key.startswith("file:") else key
+    from qemu_locked.keys import display
+
+    return display(keys.pop())
 
 
 def pending_rows(host: str, lockspace_prefix: str) -> list[dict[str, object]]:

@@ -12,7 +12,18 @@ from __future__ import annotations
 import os
 import stat
 
+try:  # hashlib costs ~4 ms on the start path (it loads OpenSSL); the builtin does not
+    from _sha256 import sha256 as _sha256  # type: ignore[import-not-found,unused-ignore]
+except ImportError:  # pragma: no cover - other CPython builds
+    from hashlib import sha256 as _sha256
+
 HOST_LOCAL_PREFIX = "block:"
+
+
+def digest(key: str) -> str:
+    """The sha256 of a resource key, in hex: what lease names are made of."""
+    out: str = _sha256(key.encode("utf-8", "surrogateescape")).hexdigest()
+    return out
 
 
 def _sys_read(path: str) -> str:
@@ -49,6 +60,16 @@ def disk_key(path: str, st: os.stat_result) -> str:
         major, minor = os.major(st.st_rdev), os.minor(st.st_rdev)
         return _block_key(os.path.realpath(f"/sys/dev/block/{major}:{minor}"))
     return "file:" + os.path.realpath(path)
+
+
+def display(key: str) -> str:
+    """A key as people read it: a file's path, anything else as it is."""
+    return key[len("file:") :] if key.startswith("file:") else key
+
+
+def domain_label(uuid: str | None, guest: str | None) -> str:
+    """The domain lease as messages name it."""
+    return f"domain {uuid}" if uuid else f"domain '{guest}'"
 
 
 def domain_key(uuid: str | None, guest: str | None) -> str | None:

@@ -28,11 +28,12 @@ from qemu_locked import ofd
 from qemu_locked._value import frozen
 from qemu_locked.errors import BackendError
 from qemu_locked.held import Held, Pending
+from qemu_locked.keys import digest
 
-try:  # hashlib costs ~4 ms on the start path (it loads OpenSSL); the builtin does not
-    from _sha256 import sha256 as _sha256  # type: ignore[import-not-found,unused-ignore]
-except ImportError:  # pragma: no cover - other CPython builds
-    from hashlib import sha256 as _sha256
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from qemu_locked.config import Config
+    from qemu_locked.model import Plan
 
 SLOTS = 64
 RECORD_SIZE = 512
@@ -64,8 +65,7 @@ class Record:
 
 
 def lease_name(key: str) -> str:
-    digest: str = _sha256(key.encode("utf-8", "surrogateescape")).hexdigest()
-    return digest + ".lease"
+    return digest(key) + ".lease"
 
 
 _BOOT_ID: list[str] = []
@@ -117,6 +117,10 @@ def decode_record(slot: int, raw: bytes, live: bool = True) -> Record | None:
                   values.get("mode", "?"), since, values.get("key", ""), live)  # fmt: skip
 
 
+class LeaseMissing(BackendError):
+    """No lease file yet: nobody ever held that resource."""
+
+
 class Lockspace:
     """A lockspace directory, held open so lease names resolve inside it only."""
 
@@ -140,6 +144,10 @@ class Lockspace:
         flags = access | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY
         try:
             fd = os.open(name, flags | (os.O_CREAT if create else 0), _FILE_MODE, dir_fd=self.dirfd)
+        except FileNotFoundError as exc:
+            if create:  # the directory itself went away under us
+                raise BackendError(f"{self.path}/{name}: {exc.strerror}") from None
+            raise LeaseMissing(f"{self.path}/{name}: no such lease") from None
         except OSError as exc:
             if exc.errno == 40:
                 raise BackendError(
@@ -306,11 +314,36 @@ def conflicts(space: Lockspace, wants: list[Want]) -> list[tuple[str, str, str]]
     for w in merge_wants(wants):
         try:
             fd = space.open_lease(lease_name(w.key), create=False, readonly=True)
-        except BackendError:
-            continue  # no lease file: nobody ever held it
+        except LeaseMissing:
+            continue  # nobody ever held it; any other trouble is reported
         try:
             if ofd.conflicting(fd, w.mode == "exclusive"):
                 out.append((w.label, w.mode, describe_holders(fd, "exclusive")))
         finally:
             os.close(fd)
     return out
+
+
+def holder_for(plan: Plan, config: Config) -> Holder:
+    """This start, as its lease records name it (QEMU keeps our pid after exec)."""
+    return Holder(config.effective_host(), plan.guest, plan.uuid, os.getpid())
+
+
+def acquire_in(
+    directory: str, wants: list[Want], me: Holder, wait: float, defer: bool = False
+) -> Held:
+    """:func:`acquire` in the lockspace directory ``directory``."""
+    space = Lockspace(directory)
+    try:
+        return acquire(space, wants, me, wait, defer)
+    finally:
+        space.close()
+
+
+def conflicts_in(directory: str, wants: list[Want]) -> list[tuple[str, str, str]]:
+    """:func:`conflicts` in the lockspace directory ``directory``."""
+    space = Lockspace(directory)
+    try:
+        return conflicts(space, wants)
+    finally:
+        space.close()

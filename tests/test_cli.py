@@ -570,3 +570,28 @@ def test_ofd_portalocker_face(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError):
         OFDLock(str(tmp_path / "absent")).acquire()
     assert not (tmp_path / "absent").exists()
+
+
+def test_libvirt_enable_checks_the_wrapper_the_qemu_user_must_run(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    """--emulator must be an executable; one the QEMU user cannot reach gets a warning."""
+    from qemu_locked.cli_libvirt import check_wrapper
+    from qemu_locked.errors import UsageError
+
+    with pytest.raises(UsageError, match="--emulator relative: must be an absolute path"):
+        check_wrapper("relative")
+    with pytest.raises(UsageError, match="No such file"):
+        check_wrapper(str(tmp_path / "absent"))
+    if doctor.User.lookup(doctor.QEMU_USER) is None or os.getuid() != 0:
+        pytest.skip("needs the libvirt-qemu user (libvirt-daemon-system) and root")
+    top = Path(tempfile.mkdtemp(prefix="qemu-lockctl-wrapper-", dir="/tmp"))
+    top.chmod(0o755)  # reachable, so the private directory below is what blocks
+    hidden = top / "private"
+    hidden.mkdir(mode=0o700)
+    launcher = hidden / "qemu-locked"
+    launcher.write_text("#!/usr/bin/python3 -IS\n")
+    launcher.chmod(0o755)
+    assert check_wrapper(str(launcher)) == str(launcher)
+    err = capsys.readouterr().err
+    assert (
+        err.startswith("qemu-lockctl: warning: ") and "libvirt-qemu" in err and str(hidden) in err
+    )

@@ -4,6 +4,7 @@ namespace), block devices by identity, the domain lease, waiting, and config."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import stat
@@ -12,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import QEMU_LOCKED, base_env, make_image, run
+from conftest import QEMU_LOCKCTL, QEMU_LOCKED, base_env, make_image, run
 
 from qemu_locked import leases
 
@@ -183,6 +184,30 @@ def test_planted_symlink_is_refused_and_its_target_untouched(start, tmp_path, lo
         and len(r.stderr.splitlines()) == 1
     )
     assert victim.read_text() == "precious\n"
+    # status shows the planted file as unusable instead of failing or skipping it
+    st = run([QEMU_LOCKCTL, "status", "--json"], env=env_for("lockspace", lockspace))
+    (row,) = json.loads(st.stdout)["locks"]
+    assert (
+        st.returncode == 0 and row["state"].startswith("unusable: ") and "symlink" in row["state"]
+    )
+
+
+def test_status_shows_held_then_stale_records(start, tmp_path, lockspace) -> None:
+    """The lock, not the record, is the truth: a dead holder's record turns stale."""
+    img = make_image(tmp_path / "st.img")
+    env = env_for("lockspace", lockspace, "hostA")
+    vm = start("-name", "guest=rec", "-drive", f"file={img}", env=env)
+    assert vm.started()
+
+    def states() -> list[tuple[str, str, str]]:
+        r = run([QEMU_LOCKCTL, "status", "--json", img], env=env)
+        assert r.returncode == 0, r.stderr
+        return [(row["path"], row["guest"], row["state"]) for row in json.loads(r.stdout)["locks"]
+                if row.get("source") == "lockspace"]  # fmt: skip
+
+    assert states() == [(img, "rec", "held")]
+    vm.kill()
+    assert states() == [(img, "rec", "stale")]
 
 
 def test_missing_lockspace_dir_is_one_line(tmp_path) -> None:
@@ -339,4 +364,17 @@ def test_direct_backend_block_device_without_lockspace_fails_closed(tmp_path, lo
         r.returncode == 5
         and "qemu-lockctl lockspace init" in r.stderr
         and len(r.stderr.splitlines()) == 1
+    )
+
+
+def test_domain_lease_by_name_when_there_is_no_uuid(start, lockspace) -> None:
+    a = start("-name", "guest=nameonly", "-m", "64", env=env_for("direct", lockspace))
+    assert a.started()
+    b = start(
+        "-name", "nameonly", "-m", "64", env=env_for("direct", lockspace)
+    )  # the implied guest= form
+    assert not b.started() and b.proc.returncode == 3
+    assert (
+        f"domain 'nameonly' is locked (exclusive) by pid {a.report['pid']}, guest 'nameonly'"
+        in b.stderr()
     )

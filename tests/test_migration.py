@@ -205,3 +205,32 @@ def test_incoming_timeout_kills_the_vm_and_says_why(tmp_path: Path) -> None:
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_incoming_timeout_warn_keeps_the_vm_and_says_why(tmp_path: Path) -> None:
+    """incoming_timeout_action = warn: one line naming the holder, the VM runs on."""
+    from conftest import VM, make_image
+
+    img = make_image(tmp_path / "w.img")
+    holder = VM(["-name", "guest=holder", "-drive", f"file={img}"])
+    assert holder.started()
+    log = tmp_path / "dst.stderr"
+    env = base_env(QEMU_LOCKED_INCOMING_WAIT="1", QEMU_LOCKED_INCOMING_TIMEOUT_ACTION="warn")
+    with open(log, "w") as err:
+        dst = subprocess.Popen([QEMU_LOCKED, "-name", "guest=dst", "-drive", f"file={img}", "-incoming", "defer"],
+                               env=env, stdout=subprocess.DEVNULL, stderr=err)  # fmt: skip
+    try:
+        wait_until(
+            lambda: "incoming_timeout_action = warn" in log.read_text(), "the keeper's warning", 30
+        )
+        wait_until(lambda: not keepers_of(dst.pid), "the keeper to exit")
+        assert dst.poll() is None  # warned, not killed
+        (line,) = log.read_text().splitlines()
+        assert line.startswith(
+            f"qemu-locked: {img} is still locked (exclusive) by pid {holder.report['pid']}"
+        )
+        assert byte0_modes(dst.pid, img) == []  # it runs without that lock, as the line says
+    finally:
+        dst.kill()
+        dst.wait()
+        holder.kill()

@@ -24,6 +24,7 @@ from sanlock_helpers import Host, hosts, install_sanlock, sanlock_installed
 
 from qemu_locked import holders
 from qemu_locked.backends import sanlock as backend
+from qemu_locked.keys import disk_key
 
 IO_TIMEOUT = 1
 LOCKSPACE = "qltest"
@@ -111,7 +112,7 @@ class Cluster:
 
 
 def file_key(path: str) -> str:
-    return backend.resource_key(path, os.stat(path))
+    return disk_key(path, os.stat(path))
 
 
 @pytest.fixture(scope="module")

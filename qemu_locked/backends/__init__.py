@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 
     from qemu_locked.config import Config
     from qemu_locked.held import Held
+    from qemu_locked.leases import Want
     from qemu_locked.model import Plan
 
 
@@ -45,11 +46,11 @@ def load(name: str) -> ModuleType:
     raise ConfigError("backend", None, f"unknown backend {name!r}")
 
 
-def domain_lease_wanted(plan: Plan, config: Config) -> str | None:
-    """The domain lease key, when this start should take one.
+def domain_lease_wanted(plan: Plan, config: Config) -> Want | None:
+    """The domain lease this start takes in lockspace_dir, if any.
 
     With the direct backend and no lockspace directory set up, there is no
-    place for the lease: doctor and plan say so, the start goes on.
+    place for the lease: doctor says so, and the start goes on without it.
     """
     if not config.domain_lease or config.backend == "sanlock":
         return None  # sanlock keeps the domain lease among its own leases
@@ -57,9 +58,11 @@ def domain_lease_wanted(plan: Plan, config: Config) -> str | None:
         return None
     if config.backend == "direct" and not os.path.isdir(config.lockspace_dir):
         return None
-    from qemu_locked.keys import domain_key
+    from qemu_locked.keys import domain_key, domain_label
+    from qemu_locked.leases import Want
 
-    return domain_key(plan.uuid, plan.guest)
+    key = domain_key(plan.uuid, plan.guest)
+    return None if key is None else Want(key, "exclusive", domain_label(plan.uuid, plan.guest))
 
 
 def acquire_all(plan: Plan, config: Config) -> Held | None:
@@ -74,24 +77,14 @@ def acquire_all(plan: Plan, config: Config) -> Held | None:
     defer = plan.incoming is not None
     held = Held()
     try:
-        key = domain_lease_wanted(plan, config)
-        if key is not None:
+        domain = domain_lease_wanted(plan, config)
+        if domain is not None:
             from qemu_locked import leases
 
-            space = leases.Lockspace(config.lockspace_dir)
-            try:
-                label = f"domain {plan.uuid or plan.guest}"
-                me = leases.Holder(config.effective_host(), plan.guest, plan.uuid, os.getpid())
-                want = [leases.Want(key, "exclusive", label)]
-                held.extend(leases.acquire(space, want, me, config.wait, defer))
-            finally:
-                space.close()
+            me = leases.holder_for(plan, config)
+            held.extend(leases.acquire_in(config.lockspace_dir, [domain], me, config.wait, defer))
         if plan.disks or _backend_keeps_domain_lease(plan, config):
-            backend = load(config.backend)
-            if defer:
-                held.extend(backend.acquire(plan, config, config.wait, defer=True))
-            else:
-                held.extend(backend.acquire(plan, config, config.wait))
+            held.extend(load(config.backend).acquire(plan, config, config.wait, defer=defer))
     except BaseException:
         held.release()
         raise
@@ -100,16 +93,11 @@ def acquire_all(plan: Plan, config: Config) -> Held | None:
 
 def conflicts_all(plan: Plan, config: Config) -> list[tuple[str, str, str]]:
     out: list[tuple[str, str, str]] = []
-    key = domain_lease_wanted(plan, config)
-    if key is not None:
+    domain = domain_lease_wanted(plan, config)
+    if domain is not None:
         from qemu_locked import leases
 
-        space = leases.Lockspace(config.lockspace_dir)
-        try:
-            label = f"domain {plan.uuid or plan.guest}"
-            out += leases.conflicts(space, [leases.Want(key, "exclusive", label)])
-        finally:
-            space.close()
+        out += leases.conflicts_in(config.lockspace_dir, [domain])
     if plan.disks or _backend_keeps_domain_lease(plan, config):
         out += load(config.backend).conflicts(plan, config)
     return out

@@ -93,12 +93,8 @@ def acquire(
         if wants and config is not None:
             from qemu_locked import leases
 
-            space = leases.Lockspace(config.lockspace_dir)
-            try:
-                me = leases.Holder(config.effective_host(), plan.guest, plan.uuid, os.getpid())
-                held.extend(leases.acquire(space, wants, me, wait, defer))
-            finally:
-                space.close()
+            me = leases.holder_for(plan, config)
+            held.extend(leases.acquire_in(config.lockspace_dir, wants, me, wait, defer))
         for target in tgts:
             exclusive = target.mode == EXCLUSIVE
             fd = images.open_checked(target.path, exclusive, target.key)
@@ -124,11 +120,7 @@ def conflicts(plan: Plan, config: Config | None = None) -> list[tuple[str, str, 
     if wants and config is not None:
         from qemu_locked import leases
 
-        space = leases.Lockspace(config.lockspace_dir)
-        try:
-            out += leases.conflicts(space, wants)
-        finally:
-            space.close()
+        out += leases.conflicts_in(config.lockspace_dir, wants)
     for target in tgts:
         fd = images.open_checked(target.path, False, target.key)
         try:

@@ -27,30 +27,13 @@ def wants(plan: Plan) -> list[leases.Want]:
     return out
 
 
-def me(plan: Plan, config: Config) -> leases.Holder:
-    return leases.Holder(config.effective_host(), plan.guest, plan.uuid, os.getpid())
-
-
 def acquire(plan: Plan, config: Config, wait: float = 0.0, defer: bool = False) -> Held:
-    want = wants(plan)
-    space = leases.Lockspace(config.lockspace_dir)
-    try:
-        return leases.acquire(space, want, me(plan, config), wait, defer)
-    finally:
-        space.close()
+    me = leases.holder_for(plan, config)
+    return leases.acquire_in(config.lockspace_dir, wants(plan), me, wait, defer)
 
 
 def conflicts(plan: Plan, config: Config) -> list[tuple[str, str, str]]:
-    want = wants(plan)
-    space = leases.Lockspace(config.lockspace_dir)
-    try:
-        return leases.conflicts(space, want)
-    finally:
-        space.close()
-
-
-def _display(key: str) -> str:
-    return key[len("file:") :] if key.startswith("file:") else key
+    return leases.conflicts_in(config.lockspace_dir, wants(plan))
 
 
 def status_rows(config: Config, paths: list[str] | None = None) -> list[dict[str, object]]:
@@ -74,7 +57,13 @@ def status_rows(config: Config, paths: list[str] | None = None) -> list[dict[str
                 continue
             try:
                 fd = space.open_lease(name, create=False, readonly=True)
-            except BackendError:
+            except leases.LeaseMissing:
+                continue  # removed since we listed the directory
+            except BackendError as exc:  # e.g. a symlink planted there: show it, go on
+                rows.append({"path": name, "mode": None, "pid": None, "host": None,
+                             "guest": None, "uuid": None, "since": None,
+                             "state": f"unusable: {exc.message}", "lease": name,
+                             "source": "lockspace"})  # fmt: skip
                 continue
             try:
                 held = ofd.conflicting(fd, True)
@@ -85,7 +74,7 @@ def status_rows(config: Config, paths: list[str] | None = None) -> list[dict[str
             for rec in records:
                 state = "held" if rec in live else "stale"
                 rows.append({
-                    "path": _display(rec.key), "mode": rec.mode, "pid": rec.pid,
+                    "path": keys.display(rec.key), "mode": rec.mode, "pid": rec.pid,
                     "host": rec.host, "guest": rec.guest or None, "uuid": rec.uuid or None,
                     "since": iso_time(rec.since), "state": state, "lease": name,
                     "source": "lockspace",

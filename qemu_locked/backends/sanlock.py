@@ -42,6 +42,7 @@ import time
 from qemu_locked import held as _held
 from qemu_locked import images
 from qemu_locked.errors import BackendError, ConfigError, LockedError, QemuLockedError
+from qemu_locked.keys import digest, disk_key, domain_key, domain_label
 from qemu_locked.model import EXCLUSIVE, SHARED, Plan, stronger
 
 TYPE_CHECKING = False
@@ -230,40 +231,15 @@ def _text(value: object) -> str:
     return str(value)
 
 
-# -- resource keys ---------------------------------------------------------------
-
-
-def resource_key(path: str, st: os.stat_result) -> str:
-    """What names this disk on every host (shared with the other backends):
-    ``file:`` + canonical path; for a block device its LVM/dm UUID, WWID or a
-    loop device's backing file, read from sysfs (no udev needed), and only
-    last its kernel name (host-local: ``qemu-lockctl doctor`` warns)."""
-    from qemu_locked.keys import disk_key
-
-    return disk_key(path, st)
-
-
-def domain_key(uuid: str | None, guest: str | None) -> str | None:
-    """``domain:uuid:<uuid>``, else ``domain:name:<name>`` (as the other backends)."""
-    from qemu_locked.keys import domain_key as shared_domain_key
-
-    return shared_domain_key(uuid, guest)
-
-
-def _digest(key: str) -> str:
-    try:
-        from _sha256 import sha256  # type: ignore[import-not-found]  # hashlib costs ~4 ms
-    except ImportError:
-        from hashlib import sha256
-    return str(sha256(key.encode("utf-8", "surrogateescape")).hexdigest())
+# -- lease names (keys come from qemu_locked.keys, shared with the other backends) --
 
 
 def lease_name(key: str) -> str:
-    return NAME_PREFIX + _digest(key)[:40]
+    return NAME_PREFIX + digest(key)[:40]
 
 
 def home_slot(key: str, slots: int) -> int:
-    return 1 + int(_digest(key)[:16], 16) % (slots - 1)
+    return 1 + int(digest(key)[:16], 16) % (slots - 1)
 
 
 class Lease:
@@ -281,7 +257,7 @@ def leases(plan: Plan, config: Config) -> list[Lease]:
     """One lease per distinct resource key, strongest mode, in key order."""
     by_key: dict[str, Lease] = {}
     for disk in plan.disks:
-        key = resource_key(disk.path, images.check(disk.path))
+        key = disk_key(disk.path, images.check(disk.path))
         prev = by_key.get(key)
         if prev is None:
             by_key[key] = Lease(key, disk.path, disk.mode)
@@ -290,7 +266,7 @@ def leases(plan: Plan, config: Config) -> list[Lease]:
     if config.domain_lease:
         dkey = domain_key(plan.uuid, plan.guest)
         if dkey is not None:
-            label = f"domain {plan.uuid}" if plan.uuid else f"domain '{plan.guest}'"
+            label = domain_label(plan.uuid, plan.guest)
             by_key[dkey] = Lease(dkey, label, EXCLUSIVE)
     return [by_key[k] for k in sorted(by_key)]
 
@@ -659,7 +635,7 @@ def key_of(resource: str) -> str:
     """The resource key of a path (file or block device) or a ``domain:`` key."""
     if resource.startswith("domain:"):
         return resource
-    return resource_key(resource, images.check(resource))
+    return disk_key(resource, images.check(resource))
 
 
 def lease_table(config: Config, resources: list[str] | None = None) -> dict[str, Any]:
@@ -758,7 +734,7 @@ def status_rows(config: Config, paths: list[str] | None = None) -> list[dict[str
         wanted = set()
         for p in paths:
             try:
-                wanted.add(lease_name(resource_key(p, os.stat(p))))
+                wanted.add(lease_name(disk_key(p, os.stat(p))))
             except OSError:
                 continue
     rows: list[dict[str, object]] = []
