@@ -34,7 +34,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]' --config-settings editable_mode=compat
-	$(PY) -m qemu_locked.launcher
+	$(PY) -m qemu_locked.start.launcher
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -66,7 +66,7 @@ bench: $(STAMP)
 	test -x $(BENCH_VENV)/bin/python || $(PYTHON) -m venv $(BENCH_VENV)
 	$(BENCH_VENV)/bin/python -m pip install -q --upgrade --force-reinstall --no-deps .
 	$(BENCH_VENV)/bin/python -m pip install -q lxml portalocker typer matplotlib
-	$(BENCH_VENV)/bin/python -m qemu_locked.launcher
+	$(BENCH_VENV)/bin/python -m qemu_locked.start.launcher
 	$(BENCH_VENV)/bin/python tests/bench/bench.py BENCHMARKS.md
 
 # The full race/fault/hostile-input suite; rewrites README.md's reliability section.

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from stress.support import stress_sessionfinish, tally  # noqa: F401 - the stress suite's fixture
 
-from qemu_locked import holders, ofd
+from qemu_locked.lock import holders, ofd
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:

@@ -18,7 +18,7 @@ import pytest
 from conftest import QEMU_LOCKCTL, VM, base_env, make_image, run
 from typer.testing import CliRunner
 
-from qemu_locked import cli, doctor
+from qemu_locked.admin import cli, doctor
 
 DATA = Path(__file__).parent / "data"
 runner = CliRunner()
@@ -158,7 +158,7 @@ def test_runner_sees_errors_as_exceptions() -> None:
 def test_a_bug_is_one_line_exit_70(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from qemu_locked import status
+    from qemu_locked.admin import status
 
     def broken(*_a: object) -> list[dict[str, object]]:
         raise RuntimeError("boom")
@@ -519,7 +519,7 @@ def test_doctor_ofd_check_refuses_a_second_open(tmp_path: Path) -> None:
     import errno
     from unittest import mock
 
-    from qemu_locked import ofd
+    from qemu_locked.lock import ofd
 
     def no_locks(fd: int, exclusive: bool) -> bool:
         raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
@@ -548,7 +548,7 @@ def test_ofd_portalocker_face(tmp_path: Path) -> None:
     semantics), the timeout retries, shared locks coexist, and no path is ever created."""
     import portalocker
 
-    from qemu_locked.ofd_portalocker import NON_BLOCKING, SHARED, OFDLock
+    from qemu_locked.lock.ofd_portalocker import NON_BLOCKING, SHARED, OFDLock
 
     image = make_image(tmp_path / "img")
     first = OFDLock(image)
@@ -574,8 +574,8 @@ def test_ofd_portalocker_face(tmp_path: Path) -> None:
 
 def test_libvirt_enable_checks_the_wrapper_the_qemu_user_must_run(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
     """--emulator must be an executable; one the QEMU user cannot reach gets a warning."""
-    from qemu_locked.cli_libvirt import check_wrapper
-    from qemu_locked.errors import UsageError
+    from qemu_locked.admin.libvirt import check_wrapper
+    from qemu_locked.model.errors import UsageError
 
     with pytest.raises(UsageError, match="--emulator relative: must be an absolute path"):
         check_wrapper("relative")

@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from qemu_locked import config
-from qemu_locked.errors import ConfigError
+from qemu_locked.model import config
+from qemu_locked.model.errors import ConfigError
 
 key = st.from_regex(r"[a-z][a-z0-9_]{0,15}", fullmatch=True)
 scalar = st.one_of(
@@ -92,8 +92,8 @@ def test_missing_explicit_config_is_an_error(tmp_path) -> None:
 def test_shipped_example_config_is_the_defaults(tmp_path) -> None:
     from pathlib import Path
 
-    example = Path(config.__file__).parent / "examples" / "qemu-locked.toml"
+    example = Path(config.__file__).parents[1] / "examples" / "qemu-locked.toml"
     cfg = config.load({"QEMU_LOCKED_CONFIG": str(example)})
-    from qemu_locked._value import replace
+    from qemu_locked.model.value import replace
 
     assert replace(cfg, source="(defaults)") == config.Config()

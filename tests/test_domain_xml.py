@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from qemu_locked import domain_xml
-from qemu_locked.errors import UsageError
-from qemu_locked.model import Plan
-from qemu_locked.qemu_args import parse_argv
+from qemu_locked.model.errors import UsageError
+from qemu_locked.model.plan import Plan
+from qemu_locked.parse import domain_xml
+from qemu_locked.parse.argv import parse_argv
 
 DATA = Path(__file__).parent / "data"
 FIXTURES = Path(__file__).parent.parent / "fixtures" / "domains"

@@ -8,7 +8,7 @@ import math
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from qemu_locked import _json
+from qemu_locked.parse import jsonlite as _json
 
 values = st.recursive(
     st.none()

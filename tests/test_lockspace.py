@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from conftest import QEMU_LOCKCTL, QEMU_LOCKED, base_env, make_image, run
 
-from qemu_locked import leases
+from qemu_locked.backends.lockspace import leases
 
 BACKENDS = ["direct", "lockspace"]
 
@@ -101,8 +101,9 @@ class TestBackendContract:
         assert off.started()
 
     def test_check_reports_without_taking(self, start, tmp_path, lockspace, backend) -> None:
-        from qemu_locked import backends, config
-        from qemu_locked.qemu_args import parse_argv
+        from qemu_locked import backends
+        from qemu_locked.model import config
+        from qemu_locked.parse.argv import parse_argv
 
         img = make_image(tmp_path / "c.img")
         cfg = config.load(env_for(backend, lockspace))
@@ -231,7 +232,7 @@ def test_block_device_same_lease_through_two_paths(start, tmp_path, lockspace, l
     assert a.started()
     b = start("-drive", f"file={other},format=raw", env=env)
     assert not b.started() and "guest 'blk'" in b.stderr()
-    from qemu_locked.keys import disk_key
+    from qemu_locked.lock.keys import disk_key
 
     assert disk_key(loop_device, st) == disk_key(str(other), os.stat(other)) and disk_key(
         loop_device, st

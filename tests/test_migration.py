@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from conftest import QEMU_LOCKCTL, QEMU_LOCKED, base_env, byte0_modes
 
-from qemu_locked import leases
+from qemu_locked.backends.lockspace import leases
 
 QEMU = "/usr/bin/qemu-system-x86_64"
 if not os.path.exists(QEMU):

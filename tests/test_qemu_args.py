@@ -8,8 +8,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from qemu_locked.errors import ArgumentError, QemuLockedError
-from qemu_locked.qemu_args import parse_argv, split_opts
+from qemu_locked.model.errors import ArgumentError, QemuLockedError
+from qemu_locked.parse.argv import parse_argv
+from qemu_locked.parse.keyval import split_opts
 
 X, S = "exclusive", "shared"
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from conftest import QEMU_LOCKED, base_env, make_image
 
-from qemu_locked import holders
+from qemu_locked.lock import holders
 
 QEMU = shutil.which("qemu-system-x86_64")
 if QEMU is None:

@@ -22,9 +22,9 @@ import pytest
 from conftest import QEMU_LOCKCTL, QEMU_LOCKED, VM, base_env, make_image, run
 from sanlock_helpers import Host, hosts, install_sanlock, sanlock_installed
 
-from qemu_locked import holders
-from qemu_locked.backends import sanlock as backend
-from qemu_locked.keys import disk_key
+from qemu_locked.backends.sanlock import area as backend
+from qemu_locked.lock import holders
+from qemu_locked.lock.keys import disk_key
 
 IO_TIMEOUT = 1
 LOCKSPACE = "qltest"
@@ -346,7 +346,7 @@ def test_status_rows_feed_qemu_lockctl_status(cluster: Cluster, start) -> None:
             str(Path(QEMU_LOCKED).parent / "python"),
             "-c",
             "import json,sys\nfrom qemu_locked import config\n"
-            "from qemu_locked.backends import sanlock\n"
+            "from qemu_locked.backends.sanlock import start as sanlock\n"
             "print(json.dumps(sanlock.status_rows(config.load(), [sys.argv[1]])))",
             img,
         ],
@@ -444,9 +444,10 @@ def test_status_for_a_path_names_holder_host_pid_and_guest(cluster: Cluster, sta
 
 _HOLD_ALLOCATOR = """
 import os, sys, time
-from qemu_locked import config
-from qemu_locked.backends import sanlock as b
-sl = b.binding()
+from qemu_locked.model import config
+from qemu_locked.backends.sanlock import area as b
+from qemu_locked.backends.sanlock.binding import binding
+sl = binding()
 area = b.Area(config.load())
 fd = sl.register()
 sl.acquire(area.lockspace, f"{b.ALLOC_PREFIX}{area.slots(sl)}".encode(), area.disk(0), slkfd=fd)

@@ -17,16 +17,16 @@ from __future__ import annotations
 
 import os
 
-from qemu_locked.errors import ConfigError
+from qemu_locked.model.errors import ConfigError
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from types import ModuleType
 
-    from qemu_locked.config import Config
-    from qemu_locked.held import Held
-    from qemu_locked.leases import Want
-    from qemu_locked.model import Plan
+    from qemu_locked.backends.lockspace.leases import Want
+    from qemu_locked.lock.held import Held
+    from qemu_locked.model.config import Config
+    from qemu_locked.model.plan import Plan
 
 
 def load(name: str) -> ModuleType:
@@ -40,7 +40,7 @@ def load(name: str) -> ModuleType:
 
         return lockspace
     if name == "sanlock":
-        from qemu_locked.backends import sanlock  # type: ignore[attr-defined,unused-ignore]
+        from qemu_locked.backends.sanlock import start as sanlock
 
         return sanlock  # type: ignore[no-any-return,unused-ignore]
     raise ConfigError("backend", None, f"unknown backend {name!r}")
@@ -58,8 +58,8 @@ def domain_lease_wanted(plan: Plan, config: Config) -> Want | None:
         return None
     if config.backend == "direct" and not os.path.isdir(config.lockspace_dir):
         return None
-    from qemu_locked.keys import domain_key, domain_label
-    from qemu_locked.leases import Want
+    from qemu_locked.backends.lockspace.leases import Want
+    from qemu_locked.lock.keys import domain_key, domain_label
 
     key = domain_key(plan.uuid, plan.guest)
     return None if key is None else Want(key, "exclusive", domain_label(plan.uuid, plan.guest))
@@ -72,14 +72,14 @@ def acquire_all(plan: Plan, config: Config) -> Held | None:
     holds it until the migration ends.  Deferred locks come back in
     ``Held.pending`` for the keeper.
     """
-    from qemu_locked.held import Held
+    from qemu_locked.lock.held import Held
 
     defer = plan.incoming is not None
     held = Held()
     try:
         domain = domain_lease_wanted(plan, config)
         if domain is not None:
-            from qemu_locked import leases
+            from qemu_locked.backends.lockspace import leases
 
             me = leases.holder_for(plan, config)
             held.extend(leases.acquire_in(config.lockspace_dir, [domain], me, config.wait, defer))
@@ -95,7 +95,7 @@ def conflicts_all(plan: Plan, config: Config) -> list[tuple[str, str, str]]:
     out: list[tuple[str, str, str]] = []
     domain = domain_lease_wanted(plan, config)
     if domain is not None:
-        from qemu_locked import leases
+        from qemu_locked.backends.lockspace import leases
 
         out += leases.conflicts_in(config.lockspace_dir, [domain])
     if plan.disks or _backend_keeps_domain_lease(plan, config):

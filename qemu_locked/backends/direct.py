@@ -15,16 +15,17 @@ from __future__ import annotations
 import os
 import time
 
-from qemu_locked import images, ofd
-from qemu_locked._value import frozen
-from qemu_locked.errors import BackendError, LockedError
-from qemu_locked.held import Held, Pending
-from qemu_locked.model import EXCLUSIVE, SHARED, Plan, stronger
+from qemu_locked.lock import ofd
+from qemu_locked.lock import safeopen as images
+from qemu_locked.lock.held import Held, Pending
+from qemu_locked.model.errors import BackendError, LockedError
+from qemu_locked.model.plan import EXCLUSIVE, SHARED, Plan, stronger
+from qemu_locked.model.value import frozen
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from qemu_locked.config import Config
-    from qemu_locked.leases import Want
+    from qemu_locked.backends.lockspace.leases import Want
+    from qemu_locked.model.config import Config
 
 
 @frozen
@@ -50,7 +51,7 @@ def targets(plan: Plan) -> list[Target]:
 
 
 def _conflict(fd: int, target: Target) -> tuple[str, str, str]:
-    from qemu_locked import holders  # only on the refusal path
+    from qemu_locked.lock import holders  # only on the refusal path
 
     st = os.fstat(fd)
     found = ofd.conflicting(fd, target.mode == EXCLUSIVE)
@@ -63,7 +64,8 @@ def _block_leases(tgts: list[Target], config: Config | None) -> list[Want]:
     blocks = [t for t in tgts if t.key[0] == "b"]
     if not blocks:
         return []  # image files only: the lease modules are not even imported
-    from qemu_locked import keys, leases
+    from qemu_locked.backends.lockspace import leases
+    from qemu_locked.lock import keys
 
     directory = config.lockspace_dir if config is not None else "(no config)"
     if config is None or not os.path.isdir(directory):
@@ -91,7 +93,7 @@ def acquire(
         tgts = targets(plan)
         wants = _block_leases(tgts, config)
         if wants and config is not None:
-            from qemu_locked import leases
+            from qemu_locked.backends.lockspace import leases
 
             me = leases.holder_for(plan, config)
             held.extend(leases.acquire_in(config.lockspace_dir, wants, me, wait, defer))
@@ -118,7 +120,7 @@ def conflicts(plan: Plan, config: Config | None = None) -> list[tuple[str, str, 
     wants = _block_leases(tgts, config)
     out = []
     if wants and config is not None:
-        from qemu_locked import leases
+        from qemu_locked.backends.lockspace import leases
 
         out += leases.conflicts_in(config.lockspace_dir, wants)
     for target in tgts:

@@ -78,7 +78,7 @@ def start_overhead(tmp: str, backend_env: dict[str, str]) -> list[tuple[int, flo
 
 def fill_lockspace(space: str, n: int) -> None:
     """n leases with (stale) holder records, as a busy cluster leaves them."""
-    from qemu_locked import leases
+    from qemu_locked.backends.lockspace import leases
 
     ls = leases.Lockspace(space)
     try:

@@ -405,7 +405,7 @@ def install_qemu_locked() -> None:
         if not fresh:
             pip += ["--force-reinstall", "--no-deps"]
         run([*pip, str(src)], timeout=600)
-    run([str(VENV / "bin" / "python"), "-m", "qemu_locked.launcher"], timeout=60)
+    run([str(VENV / "bin" / "python"), "-m", "qemu_locked.start.launcher"], timeout=60)
     ARGV_DIR.mkdir(exist_ok=True)
     logger = ARGV_LOGGER.with_suffix(".tmp")
     logger.write_text(ARGV_LOGGER_SOURCE.format(real=REAL_QEMU, argv_dir=str(ARGV_DIR)))
@@ -609,7 +609,7 @@ class Lab:
 
 def lock_free(path: str, exclusive: bool = True) -> bool:
     """Can a brand-new open file description take the byte-0 lock now? (released at once)"""
-    from qemu_locked import ofd
+    from qemu_locked.lock import ofd
 
     fd = os.open(path, (os.O_RDWR if exclusive else os.O_RDONLY) | os.O_CLOEXEC)
     try:

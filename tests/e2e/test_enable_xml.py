@@ -6,14 +6,14 @@ from __future__ import annotations
 import pytest
 from lxml import etree
 
-from qemu_locked.cli_libvirt import (
+from qemu_locked.admin.libvirt import (
     ENV_NAME,
     QEMU_NS,
     disable_xml,
     enable_xml,
     recorded_emulator,
 )
-from qemu_locked.errors import UsageError
+from qemu_locked.model.errors import UsageError
 
 WRAPPER = "/opt/qemu-locked/bin/qemu-locked"
 PLAIN = """<domain type='kvm'>

@@ -27,7 +27,7 @@ from e2e.lab import (
     restore_conf,
     write_conf_block,
 )
-from qemu_locked import holders
+from qemu_locked.lock import holders
 
 pytestmark = pytest.mark.libvirt
 

@@ -17,7 +17,7 @@ import pytest
 from conftest import QEMU_LOCKED, VM, base_env, byte0_modes, lock_free, make_image, run
 from stress.support import record
 
-from qemu_locked import leases
+from qemu_locked.backends.lockspace import leases
 
 QEMU = shutil.which("qemu-system-x86_64")
 IN_CI = os.environ.get("CI") == "true"

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from stress.support import record
 
-from qemu_locked import leases
+from qemu_locked.backends.lockspace import leases
 
 
 def test_readconfig_fifo_does_not_block(tmp_path: Path) -> None:
@@ -93,8 +93,8 @@ def test_argv_fuzz_at_scale() -> None:
     from stress.support import scale
     from test_qemu_args import token
 
-    from qemu_locked.errors import QemuLockedError
-    from qemu_locked.qemu_args import parse_argv
+    from qemu_locked.model.errors import QemuLockedError
+    from qemu_locked.parse.argv import parse_argv
 
     seen = {"n": 0, "errors": 0}
 

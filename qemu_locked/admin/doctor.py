@@ -1,0 +1,459 @@
+"""``qemu-lockctl doctor``: is this host set up right?
+
+Each check yields findings (OK / WARN / FAIL, what was seen, how to fix
+it).  Checks never change anything except a short-lived test file they
+create (``O_EXCL``) and remove in a directory under test; they never touch
+a disk image.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import stat
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from qemu_locked.model import config as _config
+from qemu_locked.model.errors import QemuLockedError
+from qemu_locked.model.value import frozen
+
+OK, WARN, FAIL = "OK", "WARN", "FAIL"
+
+QEMU_USER = "libvirt-qemu"  # Debian's; qemu.conf `user =` overrides
+LIBVIRT_QEMU_CONF = "/etc/libvirt/qemu.conf"
+LIBVIRT_LOCKD_CONF = "/etc/libvirt/qemu-lockd.conf"
+LIBVIRT_DOMAINS = "/etc/libvirt/qemu"
+DEFAULT_IMAGE_DIRS = ("/var/lib/libvirt/images",)
+# Filesystems that forward OFD locks to a lock server shared by every client.
+_SHARED_FS = ("nfs", "nfs4", "ceph", "gpfs", "glusterfs", "fuse.glusterfs", "ocfs2", "gfs2")
+
+
+@frozen
+class Finding:
+    status: str  # OK | WARN | FAIL
+    check: str
+    message: str
+    fix: str = ""
+
+    def to_json_obj(self) -> dict[str, str]:
+        return {
+            "status": self.status,
+            "check": self.check,
+            "message": self.message,
+            "fix": self.fix,
+        }
+
+
+# -- helpers -----------------------------------------------------------------
+
+
+def _mounts() -> list[tuple[str, str]]:
+    """(mount point, fs type) from /proc/self/mountinfo."""
+    out: list[tuple[str, str]] = []
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                left, _, right = line.partition(" - ")
+                parts, rparts = left.split(), right.split()
+                if len(parts) >= 5 and rparts:
+                    point = parts[4].encode().decode("unicode_escape")
+                    out.append((point, rparts[0]))
+    except OSError:
+        pass
+    return out
+
+
+def fs_type(path: str) -> str:
+    real = os.path.realpath(path)
+    best, kind = "", "?"
+    for point, fstype in _mounts():
+        inside = real == point or real.startswith(point.rstrip("/") + "/")
+        if inside and len(point) >= len(best):
+            best, kind = point, fstype
+    return kind
+
+
+def _scope(fstype: str) -> str:
+    if fstype in _SHARED_FS or fstype.startswith("nfs"):
+        return f"{fstype}: locks are seen by every host of this filesystem"
+    return f"{fstype}: locks are host-local"
+
+
+class User:
+    """An account's uid and groups, for mode-bit access checks on its behalf."""
+
+    def __init__(self, name: str, uid: int, gids: set[int]) -> None:
+        self.name, self.uid, self.gids = name, uid, gids
+
+    @classmethod
+    def lookup(cls, name: str) -> User | None:
+        import grp
+        import pwd
+
+        try:
+            pw = pwd.getpwnam(name)
+        except KeyError:
+            return None
+        gids = {pw.pw_gid} | {g.gr_gid for g in grp.getgrall() if name in g.gr_mem}
+        return cls(name, pw.pw_uid, gids)
+
+    def _bits(self, st: os.stat_result) -> int:
+        if self.uid == st.st_uid:
+            return (st.st_mode >> 6) & 7
+        if st.st_gid in self.gids:
+            return (st.st_mode >> 3) & 7
+        return st.st_mode & 7
+
+    def denied(self, path: str, want: int) -> str | None:
+        """Why this user cannot reach ``path`` with ``want`` (4=r, 2=w, 1=x) bits, or None.
+
+        Mode bits only (ACLs and capabilities are not read)."""
+        real = os.path.realpath(path)
+        parts = Path(real).parts
+        for i in range(1, len(parts)):
+            parent = str(Path(*parts[:i]))
+            try:
+                st = os.stat(parent)
+            except OSError as exc:
+                return f"{parent}: {exc.strerror}"
+            if self.uid != 0 and not self._bits(st) & 1:
+                return f"{parent} is not searchable (x) by {self.name}"
+        try:
+            st = os.stat(real)
+        except OSError as exc:
+            return f"{real}: {exc.strerror}"
+        have = 7 if self.uid == 0 else self._bits(st)
+        if self.uid == 0 and want & 1 and not st.st_mode & 0o111 and not stat.S_ISDIR(st.st_mode):
+            have = 6
+        if want & ~have:
+            names = "".join(c for c, b in (("r", 4), ("w", 2), ("x", 1)) if want & b)
+            return f"{real} is not {names} for {self.name} (mode {stat.filemode(st.st_mode)})"
+        return None
+
+
+def read_libvirt_conf(path: str) -> dict[str, str] | None:
+    """``key = value`` settings of a libvirt .conf file (quotes removed); None if absent."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            text = f.read(1 << 20)
+    except FileNotFoundError:
+        return None
+    except OSError:
+        return {}
+    out: dict[str, str] = {}
+    for raw in text.splitlines():
+        line = raw.split("#", 1)[0].strip()
+        key, eq, value = line.partition("=")
+        if eq and key.strip().isidentifier():
+            out[key.strip()] = value.strip().strip('"')
+    return out
+
+
+# -- checks ------------------------------------------------------------------
+
+
+def check_ofd(directory: str, label: str, missing: str = FAIL) -> Finding:
+    """Create a test file in ``directory``, and prove OFD byte-0 locks work there:
+    a second open of the same file must be refused while the first holds it."""
+    from portalocker import exceptions as pl_exc
+
+    from qemu_locked.lock.ofd_portalocker import OFDLock
+
+    check = f"ofd-locks {label}"
+    try:
+        st = os.stat(directory)
+    except OSError as exc:
+        return Finding(missing, check, f"{directory}: {exc.strerror}", f"create {directory}")
+    if not stat.S_ISDIR(st.st_mode):
+        return Finding(
+            FAIL,
+            check,
+            f"{directory} is not a directory",
+            f"replace it with a directory: {directory}",
+        )
+    fstype = fs_type(directory)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".qemu-lockctl-doctor-", dir=directory)
+    except OSError as exc:
+        return Finding(
+            WARN if exc.errno == errno.EROFS else FAIL,
+            check,
+            f"{directory} ({fstype}): cannot create a test file: {exc.strerror}; "
+            "OFD locks not tested",
+            f"make {directory} writable, or run doctor where it can write",
+        )
+    os.close(fd)
+    try:
+        first = OFDLock(tmp)
+        try:
+            first.acquire()
+        except pl_exc.LockException as exc:
+            return Finding(
+                FAIL,
+                check,
+                f"{directory} ({fstype}): OFD lock refused: {exc}",
+                "put images and the lockspace on a filesystem with fcntl byte-range locks",
+            )
+        try:
+            OFDLock(tmp).acquire()
+        except pl_exc.AlreadyLocked:
+            pass  # the second open file description was refused: OFD semantics hold
+        else:
+            return Finding(
+                FAIL,
+                check,
+                f"{directory} ({fstype}): a second open was not refused; locks are not enforced",
+                "use a filesystem that enforces fcntl locks (not a FUSE fs without lock support)",
+            )
+        finally:
+            first.release()
+    finally:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+    return Finding(OK, check, f"{directory}: OFD byte-0 locks work ({_scope(fstype)})")
+
+
+def check_config() -> tuple[Finding, _config.Config]:
+    try:
+        cfg = _config.load()
+    except QemuLockedError as exc:
+        return (
+            Finding(FAIL, "config", exc.message, "fix that setting (see README, Configuration)"),
+            _config.Config(),
+        )
+    return Finding(OK, "config", f"{cfg.source}: valid (backend {cfg.backend})"), cfg
+
+
+def _launcher() -> str:
+    return shutil.which("qemu-locked") or str(Path(sys.executable).parent / "qemu-locked")
+
+
+def check_emulator(cfg: _config.Config) -> Finding:
+    from qemu_locked.start import emulator
+
+    try:
+        path = emulator.find(
+            cfg.emulator, "qemu-locked", _launcher(), os.environ.get("PATH", os.defpath)
+        )
+    except QemuLockedError as exc:
+        return Finding(
+            FAIL,
+            "emulator",
+            exc.message,
+            "install qemu-system-x86 (apt-get install qemu-system-x86) or set emulator = "
+            '"/path/to/qemu-system-ARCH" in the config',
+        )
+    return Finding(OK, "emulator", f"qemu-locked will exec {path}")
+
+
+def launcher_denied(path: str, user: User) -> str | None:
+    """Why ``user`` cannot run the launcher at ``path`` (the script, its interpreter
+    and this package, each with their parent directories), or None."""
+    try:
+        with open(path, "rb") as f:
+            first = f.readline(4096).decode(errors="replace")
+    except OSError as exc:
+        return f"{path}: {exc.strerror}"
+    interp = first[2:].split()[0] if first.startswith("#!") and first[2:].split() else ""
+    package = str(Path(__file__).resolve().parents[1])
+    need = [(path, 5), (package, 5), (os.path.join(package, "start", "wrapper.py"), 4)]
+    if interp:
+        need.append((interp, 5))
+    for target, bits in need:
+        why = user.denied(target, bits)
+        if why:
+            return why
+    return None
+
+
+def check_launcher(user: User | None) -> Iterator[Finding]:
+    """The emulator wrapper, its interpreter and package must be usable by the QEMU user."""
+    path = _launcher()
+    if not os.path.exists(path):
+        yield Finding(WARN, "launcher", f"{path}: not installed", "run `make venv` or pip install")
+        return
+    if user is None:
+        return
+    why = launcher_denied(path, user)
+    if why:
+        yield Finding(
+            FAIL,
+            "launcher",
+            f"{why}: libvirt runs the emulator as {user.name}",
+            "install into a world-readable place made from /usr/bin/python3 (DESIGN.md §7)",
+        )
+        return
+    yield Finding(OK, "launcher", f"{path} and its interpreter are usable by {user.name}")
+
+
+def check_lockspace(cfg: _config.Config, user: User | None) -> Iterator[Finding]:
+    directory = cfg.lockspace_dir
+    used = cfg.backend == "lockspace"
+    if not used and not os.path.lexists(directory):
+        if cfg.domain_lease and cfg.backend == "direct":
+            yield Finding(
+                WARN,
+                "domain lease",
+                f"{directory} is absent, so no domain lease is taken: the same VM could start "
+                "twice if it has no lockable disk",
+                "qemu-lockctl lockspace init (or domain_lease = false to silence this)",
+            )
+            return
+        yield Finding(OK, "lockspace", f"{directory}: absent, not used (backend {cfg.backend})")
+        return
+    severity = FAIL if used else WARN
+    ofd = check_ofd(directory, "lockspace", missing=severity)
+    if ofd.status != OK:
+        if not used:
+            ofd = Finding(
+                WARN, ofd.check, ofd.message + f" (not used: backend {cfg.backend})", ofd.fix
+            )
+        yield ofd
+        return
+    yield ofd
+    if user is not None:
+        why = user.denied(directory, 7)
+        if why:
+            yield Finding(
+                severity,
+                "lockspace",
+                f"{why}: the emulator runs as {user.name} and creates lease files there",
+                "qemu-lockctl lockspace init",
+            )
+            return
+        yield Finding(OK, "lockspace", f"{directory}: writable by {user.name}")
+
+
+def check_libvirt(cfg: _config.Config) -> tuple[list[Finding], User | None]:
+    out: list[Finding] = []
+    qemu_conf = read_libvirt_conf(LIBVIRT_QEMU_CONF)
+    virsh = shutil.which("virsh")
+    if qemu_conf is None:
+        out.append(Finding(OK, "libvirt", f"{LIBVIRT_QEMU_CONF}: absent (no libvirt here)"))
+        return out, User.lookup(QEMU_USER)
+    name = qemu_conf.get("user", QEMU_USER)
+    user = User.lookup(name)
+    if user is None and name.startswith("+") and name[1:].isdigit():
+        user = User(name, int(name[1:]), {int(name[1:])})
+    if user is None:
+        out.append(
+            Finding(
+                WARN,
+                "libvirt",
+                f"QEMU user '{name}' (qemu.conf user) does not exist",
+                "install libvirt-daemon-system, or fix `user` in qemu.conf",
+            )
+        )
+    manager = qemu_conf.get("lock_manager", "")
+    if manager == "lockd":
+        lockd = read_libvirt_conf(LIBVIRT_LOCKD_CONF) or {}
+        direct = lockd.get("auto_disk_leases", "1") != "0" and not lockd.get("file_lockspace_dir")
+        if direct:
+            out.append(
+                Finding(
+                    WARN,
+                    "libvirt",
+                    'lock_manager = "lockd" locks byte 0 of each disk itself: domains whose '
+                    "emulator is qemu-locked will be refused (virtlockd holds the byte first)",
+                    f"comment out lock_manager in {LIBVIRT_QEMU_CONF} (qemu-locked replaces "
+                    f"it), or set file_lockspace_dir in {LIBVIRT_LOCKD_CONF}",
+                )
+            )
+        else:
+            out.append(Finding(OK, "libvirt", 'lock_manager = "lockd" with indirect leases'))
+    elif manager:
+        out.append(Finding(OK, "libvirt", f'lock_manager = "{manager}" (independent of ours)'))
+    else:
+        out.append(Finding(OK, "libvirt", "no libvirt lock_manager: qemu-locked does the locking"))
+    if virsh:
+        out.append(Finding(OK, "virsh", f"{virsh}"))
+    else:
+        out.append(
+            Finding(WARN, "virsh", "virsh not found", "apt-get install libvirt-clients (optional)")
+        )
+    out.extend(_domain_emulators())
+    return out, user
+
+
+def _domain_emulators() -> Iterator[Finding]:
+    from qemu_locked.parse.domain_xml import emulator_of, read_limited
+
+    try:
+        files = sorted(p for p in os.listdir(LIBVIRT_DOMAINS) if p.endswith(".xml"))
+    except OSError:
+        return
+    using: list[str] = []
+    others: list[str] = []
+    for name in files:
+        path = os.path.join(LIBVIRT_DOMAINS, name)
+        try:
+            emu = emulator_of(read_limited(path), path) or ""
+        except QemuLockedError as exc:
+            yield Finding(WARN, "libvirt", exc.message, "")
+            continue
+        (using if os.path.basename(emu) == "qemu-locked" else others).append(name[:-4])
+        if os.path.basename(emu) == "qemu-locked" and not os.access(emu, os.X_OK):
+            yield Finding(FAIL, "libvirt", f"{name[:-4]}: <emulator>{emu}: not executable", "")
+    if files:
+        status = OK if not others else WARN
+        msg = f"{len(using)} of {len(files)} defined domains use qemu-locked"
+        if others:
+            msg += f" (not: {', '.join(others)})"
+        fix = "qemu-lockctl libvirt enable DOMAIN" if others else ""
+        yield Finding(status, "libvirt", msg, fix)
+
+
+def _is_block(path: str) -> bool:
+    import stat
+
+    try:
+        return stat.S_ISBLK(os.stat(path).st_mode)
+    except OSError:
+        return False
+
+
+def check_block_identity(path: str) -> Finding:
+    """A block device's lease key: stable across hosts, or host-local (warned)."""
+    from qemu_locked.lock.keys import HOST_LOCAL_PREFIX, disk_key
+
+    key = disk_key(path, os.stat(path))
+    if key.startswith(HOST_LOCAL_PREFIX):
+        return Finding(
+            WARN,
+            "block identity",
+            f"{path}: no stable identity (LVM UUID, WWID, loop backing file); its lease key "
+            f"{key!r} is the kernel name, which other hosts do not share",
+            "use LVM, multipath or devices with a WWID for disks shared between hosts",
+        )
+    return Finding(OK, "block identity", f"{path}: lease key {key!r} (same on every host)")
+
+
+def run(paths: list[str] | None = None) -> list[Finding]:
+    """Every finding, in a stable order."""
+    findings: list[Finding] = []
+    cfg_finding, cfg = check_config()
+    findings.append(cfg_finding)
+    libvirt, user = check_libvirt(cfg)
+    findings.append(check_emulator(cfg))
+    findings.extend(check_launcher(user))
+    if paths:
+        findings.extend(check_ofd(p, p) for p in paths if not _is_block(p))
+        findings.extend(check_block_identity(p) for p in paths if _is_block(p))
+    else:
+        findings.extend(check_ofd(d, d) for d in DEFAULT_IMAGE_DIRS if os.path.isdir(d))
+    findings.extend(check_lockspace(cfg, user))
+    if cfg.backend == "sanlock":
+        from qemu_locked.backends.sanlock.doctor import doctor_findings
+
+        findings.extend(Finding(*f) for f in doctor_findings(cfg))
+    findings.extend(libvirt)
+    return findings
+
+
+__all__ = ["FAIL", "OK", "WARN", "Finding", "User", "check_ofd", "fs_type", "run"]

@@ -1,0 +1,349 @@
+"""Lease files in a lockspace directory: the lockspace backend and the domain lease.
+
+One file per resource, named by the sha256 of a stable resource key, locked with
+the same OFD primitive as images.  A shared filesystem mounted there (NFSv4,
+CephFS, GPFS...) makes the protection span every host that mounts it.
+
+Layout of a lease file:
+
+* byte 0 is the lease: F_WRLCK exclusive, F_RDLCK shared;
+* bytes 1..SLOTS are holder slots: each holder write-locks one free slot byte
+  and writes its record (host, pid, boot id, guest, uuid, mode, since, key) at
+  ``slot * RECORD_SIZE``.  A record is live exactly while its slot byte is
+  locked, so the lock is the truth and a record is never trusted alone.
+
+Files are created without following symlinks (O_NOFOLLOW, relative to an fd of
+the directory), must be regular files with one link, and are never unlinked
+(unlinking would split waiters across two inodes).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import stat
+import time
+
+from qemu_locked.lock import ofd
+from qemu_locked.lock.held import Held, Pending
+from qemu_locked.lock.keys import digest
+from qemu_locked.model.errors import BackendError
+from qemu_locked.model.value import frozen
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from qemu_locked.model.config import Config
+    from qemu_locked.model.plan import Plan
+
+SLOTS = 64
+RECORD_SIZE = 512
+_MAGIC = b"qemu-locked-record 1\n"
+_FILE_MODE = 0o660  # the libvirt-qemu user locks them through the directory's group
+_FIELDS = ("host", "pid", "boot", "guest", "uuid", "mode", "since", "key")
+
+
+@frozen
+class Record:
+    """What a holder says about itself; trusted only while its slot is locked."""
+
+    slot: int
+    host: str
+    pid: int
+    boot: str
+    guest: str
+    uuid: str
+    mode: str
+    since: float
+    key: str
+    live: bool = True
+
+    def describe(self) -> str:
+        text = f"pid {self.pid}"
+        if self.guest:
+            text += f", guest '{self.guest}'"
+        return text + f" on host '{self.host}'"
+
+
+def lease_name(key: str) -> str:
+    return digest(key) + ".lease"
+
+
+_BOOT_ID: list[str] = []
+
+
+def boot_id() -> str:
+    if _BOOT_ID:
+        return _BOOT_ID[0]
+    _BOOT_ID.append(_read_boot_id())
+    return _BOOT_ID[0]
+
+
+def _read_boot_id() -> str:
+    try:
+        with open("/proc/sys/kernel/random/boot_id", "rb") as f:
+            return f.read(64).decode("ascii", "replace").strip()
+    except OSError:
+        return ""
+
+
+def _clean(value: str) -> str:
+    return value.replace("\n", " ").replace("\0", " ")[:200]
+
+
+def encode_record(fields: dict[str, str]) -> bytes:
+    body = _MAGIC + b"".join(
+        f"{k}={_clean(fields.get(k, ''))}\n".encode("utf-8", "surrogateescape") for k in _FIELDS
+    )
+    return body[:RECORD_SIZE].ljust(RECORD_SIZE, b"\0")
+
+
+def decode_record(slot: int, raw: bytes, live: bool = True) -> Record | None:
+    """Parse one record; anything malformed is ignored, never trusted."""
+    if not raw.startswith(_MAGIC):
+        return None
+    text = raw[len(_MAGIC) : RECORD_SIZE].split(b"\0", 1)[0].decode("utf-8", "replace")
+    values: dict[str, str] = {}
+    for line in text.split("\n"):
+        key, eq, value = line.partition("=")
+        if eq and key in _FIELDS:
+            values[key] = value
+    try:
+        pid = int(values.get("pid", ""))
+        since = float(values.get("since", ""))
+    except ValueError:
+        return None
+    return Record(slot, values.get("host", "?"), pid, values.get("boot", ""),
+                  values.get("guest", ""), values.get("uuid", ""),
+                  values.get("mode", "?"), since, values.get("key", ""), live)  # fmt: skip
+
+
+class LeaseMissing(BackendError):
+    """No lease file yet: nobody ever held that resource."""
+
+
+class Lockspace:
+    """A lockspace directory, held open so lease names resolve inside it only."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        try:
+            self.dirfd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise BackendError(
+                f"lockspace_dir {path} does not exist (create it: qemu-lockctl lockspace init)"
+            ) from None
+        except OSError as exc:
+            raise BackendError(f"lockspace_dir {path}: {exc.strerror}") from None
+
+    def close(self) -> None:
+        os.close(self.dirfd)
+
+    def open_lease(self, name: str, create: bool = True, readonly: bool = False) -> int:
+        """An fd of a lease file (read-write), created if missing; never a symlink."""
+        access = os.O_RDONLY if readonly else os.O_RDWR
+        flags = access | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY
+        try:
+            fd = os.open(name, flags | (os.O_CREAT if create else 0), _FILE_MODE, dir_fd=self.dirfd)
+        except FileNotFoundError as exc:
+            if create:  # the directory itself went away under us
+                raise BackendError(f"{self.path}/{name}: {exc.strerror}") from None
+            raise LeaseMissing(f"{self.path}/{name}: no such lease") from None
+        except OSError as exc:
+            if exc.errno == 40:
+                raise BackendError(
+                    f"{self.path}/{name}: is a symlink, refusing to use it"
+                ) from None
+            raise BackendError(f"{self.path}/{name}: {exc.strerror}") from None
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+                raise BackendError(f"{self.path}/{name}: not a plain lease file (type or links)")
+            if (
+                st.st_size == 0
+                and stat.S_IMODE(st.st_mode) != _FILE_MODE
+                and st.st_uid == os.geteuid()
+            ):
+                os.fchmod(fd, _FILE_MODE)  # the umask may have narrowed it
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def names(self) -> list[str]:
+        try:
+            return sorted(
+                n for n in os.listdir(self.dirfd) if n.endswith(".lease") and len(n) == 70
+            )
+        except OSError as exc:
+            raise BackendError(f"lockspace_dir {self.path}: {exc.strerror}") from None
+
+
+def take_slot(fd: int) -> int | None:
+    for slot in range(1, SLOTS + 1):
+        try:
+            fcntl.fcntl(fd, ofd.F_OFD_SETLK, ofd._flock(ofd.F_WRLCK, slot))
+        except OSError as exc:
+            if exc.errno in (11, 13):
+                continue
+            raise
+        return slot
+    return None
+
+
+def write_record(fd: int, slot: int, key: str, mode: str, host: str, guest: str | None,
+                 uuid: str | None, pid: int) -> None:  # fmt: skip
+    data = encode_record({
+        "host": host, "pid": str(pid), "boot": boot_id(), "guest": guest or "",
+        "uuid": uuid or "", "mode": mode, "since": f"{time.time():.3f}", "key": key,
+    })  # fmt: skip
+    try:
+        written = os.pwrite(fd, data, slot * RECORD_SIZE)
+    except OSError as exc:
+        raise BackendError(f"cannot write the lease record: {exc.strerror}") from None
+    if written != len(data):
+        raise BackendError("cannot write the lease record: short write (filesystem full?)")
+
+
+def read_records(fd: int, lease_held: bool = True) -> list[Record]:
+    """Every record in a lease file, with ``live`` from its slot lock.
+
+    ``lease_held=False`` (byte 0 is known free) marks them all stale without
+    probing each slot: a free lease has no live holder.
+    """
+    try:
+        data = os.pread(fd, (SLOTS + 1) * RECORD_SIZE, 0)
+    except OSError:
+        return []
+    out = []
+    for slot in range(1, min(SLOTS, len(data) // RECORD_SIZE - 1) + 1):
+        raw = data[slot * RECORD_SIZE : (slot + 1) * RECORD_SIZE]
+        if not raw.startswith(_MAGIC):
+            continue
+        held = False
+        if lease_held:
+            probe = fcntl.fcntl(fd, ofd.F_OFD_GETLK, ofd._flock(ofd.F_WRLCK, slot))
+            held = int.from_bytes(probe[0:2], ofd._ORDER, signed=True) != ofd.F_UNLCK
+        rec = decode_record(slot, raw, held)
+        if rec is not None:
+            out.append(rec)
+    return out
+
+
+def describe_holders(fd: int, mode_hint: str) -> str:
+    live = [r for r in read_records(fd) if r.live]
+    if not live:
+        return f"({mode_hint}) by a holder that left no record"
+    mode = "exclusive" if any(r.mode == "exclusive" for r in live) else "shared"
+    return f"({mode}) by " + " and ".join(r.describe() for r in live)
+
+
+@frozen
+class Want:
+    """One lease to take: its resource key, mode, and what to call it in messages."""
+
+    key: str
+    mode: str
+    label: str
+
+
+@frozen
+class Holder:
+    """Who we are, for the records we leave."""
+
+    host: str
+    guest: str | None
+    uuid: str | None
+    pid: int
+
+
+def merge_wants(wants: list[Want]) -> list[Want]:
+    """One per key in the strongest mode, in the global order (lease name)."""
+    by_name: dict[str, Want] = {}
+    for w in wants:
+        name = lease_name(w.key)
+        prev = by_name.get(name)
+        if prev is None or (prev.mode == "shared" and w.mode == "exclusive"):
+            by_name[name] = w if prev is None else Want(w.key, "exclusive", prev.label)
+    return [by_name[n] for n in sorted(by_name)]
+
+
+def acquire(
+    space: Lockspace, wants: list[Want], me: Holder, wait: float, defer: bool = False
+) -> Held:
+    """Take every lease, all or nothing; then leave one record in each.
+
+    Records are written only once every lease is held, so a refused start
+    leaves none behind.  With ``defer``, busy leases stay open and pending (for
+    the migration keeper, which writes their records once it holds them).
+    """
+    from qemu_locked.model.errors import LockedError
+
+    held = Held()
+    fds = held.fds
+    try:
+        deadline = time.monotonic() + wait
+        conflicts: list[tuple[str, str, str]] = []
+        merged = merge_wants(wants)
+        for w in merged:
+            fd = space.open_lease(lease_name(w.key))
+            fds.append(fd)
+            exclusive = w.mode == "exclusive"
+            if defer:
+                if not ofd.try_lock(fd, exclusive):
+                    held.pending.append(Pending(fd, exclusive, w.label, w.key))
+            elif not ofd.lock_until(fd, exclusive, 0.0 if conflicts else deadline):
+                conflicts.append((w.label, w.mode, describe_holders(fd, "exclusive")))
+        if conflicts:
+            raise LockedError(conflicts)
+        pending = {p.fd for p in held.pending}
+        for w, fd in zip(merged, fds, strict=True):
+            if fd in pending:
+                continue
+            slot = take_slot(fd)
+            if slot is not None:
+                write_record(fd, slot, w.key, w.mode, me.host, me.guest, me.uuid, me.pid)
+    except BaseException:
+        held.release()
+        raise
+    return held
+
+
+def conflicts(space: Lockspace, wants: list[Want]) -> list[tuple[str, str, str]]:
+    """What would refuse these leases now (F_OFD_GETLK: takes nothing)."""
+    out = []
+    for w in merge_wants(wants):
+        try:
+            fd = space.open_lease(lease_name(w.key), create=False, readonly=True)
+        except LeaseMissing:
+            continue  # nobody ever held it; any other trouble is reported
+        try:
+            if ofd.conflicting(fd, w.mode == "exclusive"):
+                out.append((w.label, w.mode, describe_holders(fd, "exclusive")))
+        finally:
+            os.close(fd)
+    return out
+
+
+def holder_for(plan: Plan, config: Config) -> Holder:
+    """This start, as its lease records name it (QEMU keeps our pid after exec)."""
+    return Holder(config.effective_host(), plan.guest, plan.uuid, os.getpid())
+
+
+def acquire_in(
+    directory: str, wants: list[Want], me: Holder, wait: float, defer: bool = False
+) -> Held:
+    """:func:`acquire` in the lockspace directory ``directory``."""
+    space = Lockspace(directory)
+    try:
+        return acquire(space, wants, me, wait, defer)
+    finally:
+        space.close()
+
+
+def conflicts_in(directory: str, wants: list[Want]) -> list[tuple[str, str, str]]:
+    """:func:`conflicts` in the lockspace directory ``directory``."""
+    space = Lockspace(directory)
+    try:
+        return conflicts(space, wants)
+    finally:
+        space.close()

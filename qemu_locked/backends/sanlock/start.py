@@ -1,0 +1,184 @@
+"""The sanlock backend's start path: register, take every lease, hand the
+registration fd to QEMU (see the package docstring for the lease layout)."""
+
+from __future__ import annotations
+
+import os
+import time
+
+from qemu_locked.backends.sanlock.area import (
+    Area,
+    Lease,
+    describe_owners,
+    host_names,
+    locate,
+    owners,
+    probe,
+    take,
+)  # fmt: skip
+from qemu_locked.backends.sanlock.binding import E_EXIST, binding, daemon_error
+from qemu_locked.lock import held as _held
+from qemu_locked.lock import safeopen as images
+from qemu_locked.lock.keys import disk_key, domain_key, domain_label
+from qemu_locked.model.errors import LockedError
+from qemu_locked.model.plan import EXCLUSIVE, SHARED, Plan, stronger
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from types import ModuleType
+
+    from qemu_locked.model.config import Config
+
+
+def leases(plan: Plan, config: Config) -> list[Lease]:
+    """One lease per distinct resource key, strongest mode, in key order."""
+    by_key: dict[str, Lease] = {}
+    for disk in plan.disks:
+        key = disk_key(disk.path, images.check(disk.path))
+        prev = by_key.get(key)
+        if prev is None:
+            by_key[key] = Lease(key, disk.path, disk.mode)
+        else:
+            prev.mode = stronger(prev.mode, disk.mode)
+    if config.domain_lease:
+        dkey = domain_key(plan.uuid, plan.guest)
+        if dkey is not None:
+            label = domain_label(plan.uuid, plan.guest)
+            by_key[dkey] = Lease(dkey, label, EXCLUSIVE)
+    return [by_key[k] for k in sorted(by_key)]
+
+
+class Held(_held.Held):
+    """The registration fd: the daemon holds our leases for as long as the
+    process that registered (QEMU, after exec) keeps it open or lives."""
+
+    def __init__(self, fd: int | None = None) -> None:
+        super().__init__([] if fd is None else [fd])
+        self.leases: list[Lease] = []
+
+
+class _KeeperRegistration:
+    """The migration keeper's own registration, made in the keeper process."""
+
+    fd = -1
+
+
+class SanlockPending(_held.Pending):
+    """A lease the migration source still holds, for the keeper.
+
+    sanlock leases belong to the registered process that acquired them; the
+    keeper cannot hand them to QEMU, so it registers itself, takes them, and
+    holds them until QEMU exits (``holds_for_life``).  Trade-off: if the keeper
+    alone is killed, or sanlock kills it when the lockspace is lost, those
+    leases go while the VM runs on; a VM started normally has no such gap.
+    """
+
+    holds_for_life = True
+
+    def __init__(self, area: Area, lease: Lease) -> None:
+        super().__init__(-1, lease.mode == EXCLUSIVE, lease.label)
+        self.area = area
+        self.lease_ = lease
+
+    def try_take(self) -> bool:
+        sl = binding()
+        if _KeeperRegistration.fd < 0:
+            _KeeperRegistration.fd = sl.register()
+        lease = self.lease_
+        code = take(sl, self.area, lease.name.encode(), self.area.disk(lease.slot),
+                     lease.mode == SHARED, _KeeperRegistration.fd, time.monotonic(),
+                     lease.label)  # fmt: skip
+        return code == 0
+
+    def holders(self) -> str:
+        found = owners(binding(), self.area, self.lease_)
+        return describe_owners(found, host_names(self.area) if found else {})
+
+
+def _release_all(sl: ModuleType, area: Area, held: Held) -> None:
+    """Release explicitly (synchronous in the daemon) before closing the fd,
+    so a refused start leaves nothing held even for a moment after it exits."""
+    for lease in held.leases:
+        try:
+            sl.release(
+                area.lockspace, lease.name.encode(), area.disk(lease.slot), slkfd=held.fds[0]
+            )
+        except (sl.SanlockException, IndexError):
+            pass
+    held.leases = []
+    held.release()
+
+
+def acquire(plan: Plan, config: Config, wait: float = 0.0, defer: bool = False) -> Held:
+    """Register with the daemon and take every lease, all or nothing.
+
+    After the first refusal the remaining leases are only tried (not waited
+    for), so the error names every holder at once.  With ``defer`` (a
+    migration destination) a lease a real holder has is left to the keeper.
+    """
+    todo = leases(plan, config)
+    if not todo:
+        return Held()
+    sl = binding()
+    area = Area(config)
+    try:
+        fd = sl.register()
+    except sl.SanlockException as exc:
+        raise daemon_error(exc, "register") from None
+    os.set_inheritable(fd, False)  # until the wrapper hands it to QEMU
+    held = Held(fd)
+    try:
+        deadline = time.monotonic() + wait
+        refused: list[tuple[Lease, int]] = []
+        for lease in todo:
+            lease.slot = locate(sl, area, lease, fd, wait)
+            code = take(
+                sl,
+                area,
+                lease.name.encode(),
+                area.disk(lease.slot),
+                lease.mode == SHARED,
+                fd,
+                time.monotonic() if refused or defer else deadline,
+                lease.label,
+            )
+            if code and defer:
+                held.pending.append(SanlockPending(area, lease))
+            elif code:
+                refused.append((lease, code))
+            else:
+                held.leases.append(lease)
+        if refused:
+            raise LockedError([_conflict(sl, area, lease, code) for lease, code in refused])
+    except BaseException:
+        _release_all(sl, area, held)
+        raise
+    return held
+
+
+def _conflict(sl: ModuleType, area: Area, lease: Lease, code: int) -> tuple[str, str, str]:
+    found = owners(sl, area, lease)
+    text = describe_owners(found, host_names(area) if found else {})
+    if code == E_EXIST and not found:
+        text = "(exclusive) by another process on this host"
+    return lease.label, lease.mode, text
+
+
+def conflicts(plan: Plan, config: Config) -> list[tuple[str, str, str]]:
+    """What would refuse this plan now, from the owners on storage.  Takes nothing."""
+    sl = binding()
+    area = Area(config)
+    names: dict[int, str] | None = None
+    out = []
+    for lease in leases(plan, config):
+        lease.slot = probe(sl, area, lease, creating=False)
+        if lease.slot < 0:
+            continue  # not created yet: nobody can hold it
+        found = owners(sl, area, lease)
+        if lease.mode == SHARED:
+            found = [o for o in found if o[2] == EXCLUSIVE]
+        if found:
+            if names is None:
+                names = host_names(area)
+            out.append((lease.label, lease.mode, describe_owners(found, names)))
+    return out

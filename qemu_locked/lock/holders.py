@@ -1,0 +1,187 @@
+"""Who holds a lock: /proc/PID/fdinfo ``lock:`` lines and /proc/PID/cmdline.
+
+/proc/locks shows pid -1 for OFD locks, so holders are found by walking the
+fds of every process we can see and matching device:inode.  Used only on the
+refusal path and by ``qemu-lockctl status``; never when a start succeeds.
+"""
+
+from __future__ import annotations
+
+import os
+
+from qemu_locked.model.value import frozen
+from qemu_locked.parse.keyval import split_opts
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+
+@frozen
+class Holder:
+    pid: int
+    mode: str  # "exclusive" | "shared"
+    guest: str | None = None
+    uuid: str | None = None
+    comm: str = ""
+    since: float | None = None  # process start, seconds since the epoch
+
+    def describe(self) -> str:
+        text = f"pid {self.pid}"
+        if self.guest:
+            text += f", guest '{self.guest}'"
+        elif self.comm:
+            text += f" ({self.comm})"
+        return text
+
+
+@frozen
+class FileLock:
+    """One byte-0 lock seen in some process's fdinfo."""
+
+    pid: int
+    fd: int
+    path: str
+    dev: int
+    ino: int
+    mode: str
+    kind: str  # OFDLCK | POSIX | FLOCK
+
+
+def _read(path: str, limit: int = 1 << 16) -> bytes:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return os.read(fd, limit)
+    finally:
+        os.close(fd)
+
+
+def guest_of(pid: int) -> tuple[str | None, str | None, str]:
+    """(guest name, uuid, comm) of a process, from its command line."""
+    try:
+        argv = _read(f"/proc/{pid}/cmdline", 1 << 20).decode(errors="replace").split("\0")
+    except OSError:
+        argv = []
+    try:
+        comm = _read(f"/proc/{pid}/comm").decode(errors="replace").strip()
+    except OSError:
+        comm = ""
+    guest = uuid = None
+    for i, arg in enumerate(argv[:-1]):
+        if arg in ("-name", "--name"):
+            guest = dict(split_opts(argv[i + 1], "guest")).get("guest") or guest
+        elif arg in ("-uuid", "--uuid"):
+            uuid = argv[i + 1]
+    return guest, uuid, comm
+
+
+def start_time(pid: int) -> float | None:
+    try:
+        stat = _read(f"/proc/{pid}/stat").decode()
+        ticks = int(stat.rsplit(")", 1)[1].split()[19])
+        with open("/proc/stat", "rb") as f:
+            btime = next(int(line.split()[1]) for line in f if line.startswith(b"btime"))
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+    return btime + ticks / os.sysconf("SC_CLK_TCK")
+
+
+def _lock_lines(pid: int, fd: str) -> Iterator[tuple[str, str, int, int, int]]:
+    """(kind, mode, dev, ino, start) of each lock in an fdinfo file."""
+    try:
+        text = _read(f"/proc/{pid}/fdinfo/{fd}").decode(errors="replace")
+    except OSError:
+        return
+    for line in text.splitlines():
+        if not line.startswith("lock:"):
+            continue
+        # lock:	1: OFDLCK  ADVISORY  WRITE -1 08:02:1234 0 0
+        parts = line.split()
+        try:
+            kind, access = parts[2], parts[4]
+            major, minor, ino = parts[6].split(":")
+            start = int(parts[7])
+        except (IndexError, ValueError):
+            continue
+        dev = os.makedev(int(major, 16), int(minor, 16))
+        yield kind, "exclusive" if access == "WRITE" else "shared", dev, int(ino), start
+
+
+def fd_locks(pid: int) -> dict[str, list[tuple[str, str, int]]]:
+    """path -> [(kind, mode, start byte)] of the locks held through a process's fds.
+
+    Every lock, not just byte 0: QEMU's own image locks (bytes 100-204) too.
+    """
+    out: dict[str, list[tuple[str, str, int]]] = {}
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return out
+    for fd in fds:
+        try:
+            path = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        for kind, mode, _dev, _ino, start in _lock_lines(pid, fd):
+            out.setdefault(path, []).append((kind, mode, start))
+    return out
+
+
+def _pids() -> list[int]:
+    try:
+        return sorted(int(p) for p in os.listdir("/proc") if p.isdigit())
+    except OSError:
+        return []
+
+
+def scan(match: set[tuple[int, int]] | None = None) -> Iterator[FileLock]:
+    """Every byte-0 lock held through an fd we can see (optionally only these files)."""
+    me = os.getpid()
+    for pid in _pids():
+        if pid == me:
+            continue
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            link = f"/proc/{pid}/fd/{fd}"
+            try:
+                st = os.stat(link)
+            except OSError:
+                continue
+            if match is not None and (st.st_dev, st.st_ino) not in match:
+                continue
+            for kind, mode, dev, ino, start in _lock_lines(pid, fd):
+                if start == 0 and (dev, ino) == (st.st_dev, st.st_ino):
+                    try:
+                        path = os.readlink(link)
+                    except OSError:
+                        path = "?"
+                    yield FileLock(pid, int(fd), path, dev, ino, mode, kind)
+
+
+def holders_of(dev: int, ino: int, pid_hint: int = -1) -> list[Holder]:
+    """The processes holding byte 0 of this file, best effort."""
+    pids: dict[int, str] = {}
+    for lock in scan({(dev, ino)}):
+        prev = pids.get(lock.pid)
+        pids[lock.pid] = "exclusive" if "exclusive" in (prev, lock.mode) else lock.mode
+    if not pids and pid_hint > 0:
+        pids[pid_hint] = "exclusive"
+    out = []
+    for pid, mode in sorted(pids.items()):
+        guest, uuid, comm = guest_of(pid)
+        out.append(Holder(pid, mode, guest, uuid, comm, start_time(pid)))
+    return out
+
+
+def describe(holders: list[Holder], mode_hint: str) -> str:
+    """``(exclusive) by pid 4242, guest 'web'`` for a refusal message."""
+    if not holders:
+        return (
+            f"({mode_hint}) by a process this host cannot see "
+            "(another host, another PID namespace, or no permission to read /proc)"
+        )
+    mode = "exclusive" if any(h.mode == "exclusive" for h in holders) else "shared"
+    return f"({mode}) by " + " and ".join(h.describe() for h in holders)

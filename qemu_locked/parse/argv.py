@@ -1,0 +1,129 @@
+"""QEMU argv -> Plan.  Pure: no file is touched (``-readconfig`` content comes
+through the ``read_config`` callback).
+
+The walk follows QEMU's own first pass: an option either takes the next
+argument as its value (parse.options) or stands alone; anything not starting
+with ``-`` is an image.  What it collects goes into the block graph
+(parse.blockgraph), which finds the files and their modes.
+"""
+
+from __future__ import annotations
+
+from qemu_locked.model.errors import ArgumentError
+from qemu_locked.model.plan import Plan, Skipped, merge_by_path
+from qemu_locked.parse import readconfig
+from qemu_locked.parse.blockgraph import Graph
+from qemu_locked.parse.keyval import dict_or_opts, nest, split_opts
+from qemu_locked.parse.options import ARG_OPTIONS, IMAGE_OPTIONS
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable, Sequence
+
+    ReadConfig = Callable[[str], str]
+
+_MAX_READCONFIG_DEPTH = 16
+
+
+class _Walk:
+    def __init__(self, read_config: ReadConfig | None) -> None:
+        self.read_config = read_config
+        self.graph = Graph()
+        self.daemonize = False
+        self.guest: str | None = None
+        self.uuid: str | None = None
+        self.incoming: str | None = None
+        self.readconfig_depth = 0
+
+    def parse(self, args: Sequence[str]) -> None:
+        i, n = 0, len(args)
+        while i < n:
+            arg = args[i]
+            if not arg.startswith("-") or arg in ("-", "--"):
+                if arg.startswith("-"):
+                    i += 1
+                    continue
+                # A bare argument is an image for the first IDE disk.
+                self._image(f"image argument #{i + 1}", arg, "ide", "disk")
+                i += 1
+                continue
+            name = arg[2:] if arg.startswith("--") else arg[1:]
+            if name not in ARG_OPTIONS:
+                if name == "snapshot":
+                    self.graph.snapshot = True
+                elif name == "daemonize":
+                    self.daemonize = True
+                i += 1
+                continue
+            if i + 1 >= n:
+                raise ArgumentError(arg, "missing its value (last argument)")
+            self._option(arg, name, args[i + 1])
+            i += 2
+
+    def _option(self, arg: str, name: str, value: str) -> None:
+        g = self.graph
+        if name == "drive":
+            g.drives.append((f"{arg} {value}", nest(split_opts(value), arg), "ide"))
+        elif name == "blockdev":
+            g.blockdevs.append((f"{arg} {value}", dict_or_opts(value, arg, None)))
+        elif name == "device":
+            g.devices.append(dict_or_opts(value, arg, "driver"))
+        elif name in IMAGE_OPTIONS:
+            if_, media = IMAGE_OPTIONS[name]
+            self._image(f"{arg} {value}", value, if_, media)
+        elif name == "add-fd":
+            opts = dict(split_opts(value))
+            if "fd" not in opts or "set" not in opts:
+                raise ArgumentError(arg, "needs fd= and set=")
+            g.fdsets.setdefault(opts["set"], []).append(opts["fd"])
+        elif name == "name":
+            self.guest = dict(split_opts(value, "guest")).get("guest") or self.guest
+        elif name == "uuid":
+            self.uuid = value
+        elif name == "incoming":
+            self.incoming = value
+        elif name == "set":
+            self._set(arg, value)
+        elif name == "readconfig":
+            self._readconfig(arg, value)
+
+    def _image(self, origin: str, filename: str, if_: str, media: str) -> None:
+        if not filename:
+            self.graph.skipped.append(Skipped(origin, "no medium"))
+            return
+        self.graph.drives.append((origin, {"file": filename, "media": media}, if_))
+
+    def _set(self, arg: str, value: str) -> None:
+        target, eq, val = value.partition("=")
+        parts = target.split(".", 2)
+        if not eq or len(parts) != 3:
+            raise ArgumentError(arg, f"'{value}' is not group.id.key=value")
+        self.graph.sets.append((parts[0], parts[1], parts[2] + "=" + val))
+
+    def _readconfig(self, arg: str, path: str) -> None:
+        if self.read_config is None:
+            self.graph.skipped.append(Skipped(f"{arg} {path}", "config file not read here"))
+            return
+        self.readconfig_depth += 1
+        if self.readconfig_depth > _MAX_READCONFIG_DEPTH:
+            raise ArgumentError(arg, f"more than {_MAX_READCONFIG_DEPTH} -readconfig files")
+        for group, opts in readconfig.groups(self.read_config(path), arg, path):
+            if group == "drive":
+                self.graph.drives.append((f"{arg} {path} [drive]", nest(opts, arg), "ide"))
+            elif group == "device":
+                self.graph.devices.append(nest(opts, arg))
+
+
+def parse_argv(args: Sequence[str], read_config: ReadConfig | None = None) -> Plan:
+    """The lock plan for a QEMU command line (without the program name)."""
+    walk = _Walk(read_config)
+    walk.parse(args)
+    walk.graph.build()
+    return Plan(
+        disks=merge_by_path(walk.graph.disks),
+        skipped=tuple(walk.graph.skipped),
+        guest=walk.guest,
+        uuid=walk.uuid,
+        incoming=walk.incoming,
+        daemonize=walk.daemonize,
+    )

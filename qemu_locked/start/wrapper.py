@@ -1,0 +1,110 @@
+"""qemu-locked: the drop-in emulator.  argv -> plan -> locks -> exec QEMU.
+
+Every argument belongs to QEMU and is passed on unchanged, in order.  Our
+own settings come from the config file and QEMU_LOCKED_* variables.  This
+module runs before every VM start: it imports only what the start uses, and
+nothing it does not (no typer, portalocker, lxml, json, re, dataclasses).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from qemu_locked.model import config as _config
+from qemu_locked.model.errors import ArgumentError, QemuLockedError
+from qemu_locked.parse.argv import parse_argv
+from qemu_locked.start import emulator as _emulator
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import NoReturn
+
+    from qemu_locked.model.config import Config
+    from qemu_locked.model.plan import Plan
+
+PREFIX = b"qemu-locked: "
+_MAX_READCONFIG = 1 << 20
+
+
+def fail(exc: QemuLockedError) -> NoReturn:
+    out = b"".join(PREFIX + line.encode("utf-8", "surrogateescape") + b"\n" for line in exc.lines())
+    try:
+        os.write(2, out)
+    except OSError:
+        pass
+    os._exit(exc.exit_code)
+
+
+def read_config_file(path: str) -> str:
+    """-readconfig content; a regular file only (a FIFO must not block us)."""
+    import stat
+
+    try:
+        st = os.stat(path)
+        if not stat.S_ISREG(st.st_mode):
+            raise ArgumentError("-readconfig", f"{path}: not a regular file")
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
+        try:
+            data = os.read(fd, _MAX_READCONFIG + 1)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        raise ArgumentError("-readconfig", f"{path}: {exc.strerror}") from None
+    if len(data) > _MAX_READCONFIG:
+        raise ArgumentError("-readconfig", f"{path}: larger than 1 MiB")
+    return data.decode("utf-8", "surrogateescape")
+
+
+def prepare(args: list[str], cfg: Config) -> Plan:
+    """The plan the wrapper locks: parsed, backing chains read, roles applied."""
+    plan = parse_argv(args, read_config=read_config_file)
+    if any(d.probe_backing for d in plan.disks):
+        from qemu_locked.start import chains as backing
+
+        plan = backing.resolve(plan)
+    none_roles = tuple(r for r in ("readonly", "backing", "shareable") if getattr(cfg, r) == "none")
+    return plan.apply_roles(none_roles)
+
+
+def exec_emulator(path: str, argv0: str, args: list[str]) -> NoReturn:
+    import _signal  # type: ignore[import-not-found]  # signal.py imports enum (~5 ms)
+
+    # CPython ignores SIGPIPE and SIGXFSZ, and ignored signals survive exec.
+    for sig in (_signal.SIGPIPE, _signal.SIGXFSZ):
+        _signal.signal(sig, _signal.SIG_DFL)
+    try:
+        os.execv(path, [argv0] + args)
+    except OSError as exc:
+        from qemu_locked.model.errors import EmulatorNotExecutable, EmulatorNotFound
+
+        if exc.errno == 2:
+            fail(EmulatorNotFound(f"emulator {path}: {exc.strerror}"))
+        fail(EmulatorNotExecutable(f"emulator {path}: {exc.strerror}"))
+
+
+def main() -> NoReturn:
+    argv0 = sys.argv[0]
+    args = sys.argv[1:]
+    try:
+        cfg = _config.load()
+        path = _emulator.find(cfg.emulator, argv0, argv0, os.environ.get("PATH", os.defpath))
+        plan = prepare(args, cfg)
+        if plan.disks or plan.uuid or plan.guest:
+            from qemu_locked import backends
+
+            held = backends.acquire_all(plan, cfg)
+            if held is not None:
+                held.inherit()
+                if held.pending:
+                    from qemu_locked.beside import keeper
+
+                    keeper.spawn(held.pending, cfg, plan)
+    except QemuLockedError as exc:
+        fail(exc)
+    except Exception as exc:  # a bug of ours: still one line, and QEMU does not start unlocked
+        from qemu_locked.model.errors import InternalError
+
+        fail(InternalError(f"internal error: {type(exc).__name__}: {exc}"))
+    name = os.path.basename(argv0)
+    exec_emulator(path, path if name in _emulator.OWN_NAMES else argv0, args)
