@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from stress.support import stress_sessionfinish, tally  # noqa: F401 - the stress suite's fixture
 
-from qemu_locked.lock import holders, ofd
+from qemu_locked.lock import ofd, procfs
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
@@ -127,7 +127,7 @@ def lock_free(path: str, exclusive: bool = True) -> bool:
 
 def byte0_modes(pid: int, path: str) -> list[str]:
     """Modes of the byte-0 OFD locks a process holds on path ("exclusive"/"shared")."""
-    locks = holders.fd_locks(pid).get(path, [])
+    locks = procfs.fd_locks(pid).get(path, [])
     return [mode for kind, mode, start in locks if start == 0 and kind == "OFDLCK"]
 
 

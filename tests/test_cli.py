@@ -19,6 +19,7 @@ from conftest import QEMU_LOCKCTL, VM, base_env, make_image, run
 from typer.testing import CliRunner
 
 from qemu_locked.admin import cli, doctor
+from qemu_locked.admin import run as run_cmd
 
 DATA = Path(__file__).parent / "data"
 runner = CliRunner()
@@ -171,11 +172,11 @@ def test_a_bug_is_one_line_exit_70(
 
 
 def test_disk_specs() -> None:
-    p = cli.disk_plan(["/a:shared", "/b", "/c:exclusive", "/d:weird", "/a"])
+    p = run_cmd.disk_plan(["/a:shared", "/b", "/c:exclusive", "/d:weird", "/a"])
     assert [(d.path, d.mode) for d in p.disks] == [
         ("/a", "exclusive"), ("/b", "exclusive"), ("/c", "exclusive"), ("/d:weird", "exclusive")
     ]  # fmt: skip
-    assert cli.disk_plan(["/a:shared"]).disks[0].mode == "shared"
+    assert run_cmd.disk_plan(["/a:shared"]).disks[0].mode == "shared"
 
 
 def test_help_documents_exit_codes() -> None:

@@ -1,5 +1,5 @@
-"""Backends through the real binary: one contract every backend passes, then the
-lockspace across two "hosts" (different host_name, one in its own mount
+"""The lockspace backend through the real binary (the contract every backend
+passes is in test_backend_contract.py): the lockspace across two "hosts" (different host_name, one in its own mount
 namespace), block devices by identity, the domain lease, waiting, and config."""
 
 from __future__ import annotations
@@ -34,85 +34,6 @@ def env_for(backend: str, lockspace: str, host: str = "hostA", **extra: str) -> 
         QEMU_LOCKED_HOST_NAME=host,
         **extra,
     )
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-class TestBackendContract:
-    """What every backend must do, checked with real processes and real locks."""
-
-    def test_exclusive_refuses_a_second_writer_naming_the_holder(
-        self, start, tmp_path, lockspace, backend
-    ) -> None:
-        img = make_image(tmp_path / "a.img")
-        a = start("-name", "guest=first", "-drive", f"file={img}", env=env_for(backend, lockspace))
-        assert a.started()
-        b = start("-name", "guest=second", "-drive", f"file={img}", env=env_for(backend, lockspace))
-        assert not b.started() and b.proc.returncode == 3
-        err = b.stderr()
-        assert err.startswith(
-            f"qemu-locked: {img} is locked (exclusive) by pid {a.report['pid']}, guest 'first'"
-        )
-        assert len(err.splitlines()) == 1
-
-    def test_shared_with_shared_and_not_with_exclusive(
-        self, start, tmp_path, lockspace, backend
-    ) -> None:
-        img = make_image(tmp_path / "s.img")
-        env = env_for(backend, lockspace)
-        assert start("-drive", f"file={img},readonly=on", env=env).started()
-        assert start("-drive", f"file={img},readonly=on", env=env).started()
-        w = start("-drive", f"file={img}", env=env)
-        assert not w.started() and w.proc.returncode == 3
-
-    def test_holder_death_frees_at_once(self, start, tmp_path, lockspace, backend) -> None:
-        img = make_image(tmp_path / "k.img")
-        env = env_for(backend, lockspace)
-        a = start("-drive", f"file={img}", env=env)
-        assert a.started()
-        a.kill()
-        assert start("-drive", f"file={img}", env=env).started()
-
-    def test_all_or_nothing(self, start, tmp_path, lockspace, backend) -> None:
-        a, b = make_image(tmp_path / "a.img"), make_image(tmp_path / "b.img")
-        env = env_for(backend, lockspace)
-        assert start("-drive", f"file={b}", env=env).started()
-        vm = start("-drive", f"file={a}", "-drive", f"file={b}", env=env)
-        assert not vm.started()
-        assert start("-drive", f"file={a}", env=env).started()  # a was not left held
-
-    def test_domain_lease_refuses_a_second_diskless_start(self, start, lockspace, backend) -> None:
-        uuid = "0e4b8f4a-6f43-4d36-9d3a-2b1e5f1c9a77"
-        env = env_for(backend, lockspace)
-        a = start("-name", "guest=solo", "-uuid", uuid, "-m", "64", env=env)
-        assert a.started()
-        b = start("-name", "guest=solo", "-uuid", uuid.upper(), "-m", "64", env=env)
-        assert not b.started() and b.proc.returncode == 3
-        assert (
-            f"domain {uuid.upper()} is locked (exclusive) by pid {a.report['pid']}, guest 'solo'"
-            in b.stderr()
-        )
-        off = start(
-            "-name",
-            "guest=solo",
-            "-uuid",
-            uuid,
-            env=env_for(backend, lockspace, QEMU_LOCKED_DOMAIN_LEASE="false"),
-        )
-        assert off.started()
-
-    def test_check_reports_without_taking(self, start, tmp_path, lockspace, backend) -> None:
-        from qemu_locked import backends
-        from qemu_locked.model import config
-        from qemu_locked.parse.argv import parse_argv
-
-        img = make_image(tmp_path / "c.img")
-        cfg = config.load(env_for(backend, lockspace))
-        plan = parse_argv(["-drive", f"file={img}"])
-        assert backends.conflicts_all(plan, cfg) == []
-        a = start("-name", "guest=h", "-drive", f"file={img}", env=env_for(backend, lockspace))
-        assert a.started()
-        (conflict,) = backends.conflicts_all(plan, cfg)
-        assert conflict[0] == img and "guest 'h'" in conflict[2]
 
 
 def test_two_hosts_one_in_its_own_mount_namespace(start, tmp_path, lockspace) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from conftest import QEMU_LOCKED, base_env, make_image
 
-from qemu_locked.lock import holders
+from qemu_locked.lock import procfs
 
 QEMU = shutil.which("qemu-system-x86_64")
 if QEMU is None:
@@ -28,7 +28,7 @@ pytestmark = pytest.mark.qemu
 
 def fd_locks(pid: int) -> dict[str, list[tuple[str, int]]]:
     """path -> [(mode, start byte)] of every lock the process holds (ours and QEMU's)."""
-    return {path: [(m, st) for _k, m, st in locks] for path, locks in holders.fd_locks(pid).items()}
+    return {path: [(m, st) for _k, m, st in locks] for path, locks in procfs.fd_locks(pid).items()}
 
 
 def start_qemu(*disk_args: str) -> subprocess.Popen[str]:

@@ -23,7 +23,7 @@ from conftest import QEMU_LOCKCTL, QEMU_LOCKED, VM, base_env, make_image, run
 from sanlock_helpers import Host, hosts, install_sanlock, sanlock_installed
 
 from qemu_locked.backends.sanlock import area as backend
-from qemu_locked.lock import holders
+from qemu_locked.lock import procfs
 from qemu_locked.lock.keys import disk_key
 
 IO_TIMEOUT = 1
@@ -345,9 +345,10 @@ def test_status_rows_feed_qemu_lockctl_status(cluster: Cluster, start) -> None:
         [
             str(Path(QEMU_LOCKED).parent / "python"),
             "-c",
-            "import json,sys\nfrom qemu_locked import config\n"
-            "from qemu_locked.backends.sanlock import start as sanlock\n"
-            "print(json.dumps(sanlock.status_rows(config.load(), [sys.argv[1]])))",
+            "import json,sys\nfrom qemu_locked.model import config\n"
+            "from qemu_locked.backends.sanlock import admin\n"
+            "rows = admin.status_rows(config.load(), [sys.argv[1]])\n"
+            "print(json.dumps([r.to_json() for r in rows]))",
             img,
         ],
         env=cluster.env(1),
@@ -533,7 +534,7 @@ def test_real_qemu_keeps_the_leases_until_it_dies(cluster: Cluster, start) -> No
 
 def _qemu_image_locked(pid: int, path: str) -> bool:
     """QEMU's own image locks (bytes 100-204) are there: it has opened the image."""
-    return any(start >= 100 for _k, _m, start in holders.fd_locks(pid).get(path, []))
+    return any(start >= 100 for _k, _m, start in procfs.fd_locks(pid).get(path, []))
 
 
 def test_a_vm_without_disks_still_gets_its_domain_lease(cluster: Cluster, start) -> None:

@@ -3,26 +3,27 @@ typer, lxml and portalocker freely."""
 
 from __future__ import annotations
 
-import errno
-import json
 import os
-import shutil
-import signal
 import sys
-import time
-from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import Annotated, NoReturn
 
 import typer
 
+from qemu_locked.admin.common import (
+    PREFIX,
+    ArgsArg,
+    DomainOpt,
+    JsonOpt,
+    emit_json,
+    load_plan,
+    table,
+    with_config,
+)  # fmt: skip
 from qemu_locked.model import config as _config
 from qemu_locked.model.errors import (
     EXIT_CONFLICT,
     EXIT_USAGE,
-    EmulatorNotExecutable,
-    EmulatorNotFound,
     InternalError,
-    LockedError,
     QemuLockedError,
     UsageError,
 )
@@ -30,9 +31,7 @@ from qemu_locked.model.plan import Plan
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from qemu_locked.lock.held import Held
-
-PREFIX = "qemu-lockctl: "
+    pass
 
 app = typer.Typer(
     name="qemu-lockctl",
@@ -47,70 +46,6 @@ app = typer.Typer(
 @app.callback()
 def _root() -> None:
     """Admin side of qemu-locked: plan, check, status, run, doctor."""
-
-
-JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
-DomainOpt = Annotated[
-    Path | None,
-    typer.Option("--domain", "-d", metavar="FILE", help="A libvirt domain XML file (- for stdin)."),
-]
-ArgsArg = Annotated[
-    list[str] | None, typer.Argument(metavar="-- QEMU-ARGS", help="QEMU arguments, after --.")
-]
-
-
-def emit_json(obj: Any) -> None:
-    # Indented output uses json's pure-Python encoder: 0.9 s for 10,000 status
-    # rows here.  Large answers (scripts read them) are written compactly.
-    big = isinstance(obj, dict) and any(isinstance(v, list) and len(v) > 200 for v in obj.values())
-    sys.stdout.write(json.dumps(obj, indent=None if big else 2, ensure_ascii=False) + "\n")
-
-
-def table(rows: list[list[str]], header: list[str]) -> str:
-    """Aligned columns; the last column is not padded."""
-    if not rows:
-        return ""
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header) - 1)]
-    lines = []
-    for r in [header, *rows]:
-        cells = [c.ljust(w) for c, w in zip(r, widths, strict=False)] + [r[-1]]
-        lines.append("  ".join(cells).rstrip())
-    return "\n".join(lines) + "\n"
-
-
-def read_domain(domain: Path) -> Plan:
-    """A domain XML file, or ``-`` for stdin (``virsh dumpxml vm | qemu-lockctl check -d -``)."""
-    from qemu_locked.parse import domain_xml
-
-    if str(domain) == "-":
-        data = sys.stdin.buffer.read(domain_xml.MAX_XML + 1)
-        return domain_xml.plan_from_bytes(data, "(stdin)")
-    return domain_xml.plan_from_file(domain)
-
-
-def load_plan(domain: Path | None, args: list[str] | None) -> Plan:
-    """The plan for --domain XML or the QEMU arguments after --."""
-    if domain is not None and args:
-        raise UsageError("give either --domain or QEMU arguments after --, not both")
-    if domain is not None:
-        return read_domain(domain)
-    if not args:
-        raise UsageError("nothing to plan: give --domain FILE or -- QEMU-ARGS")
-    from qemu_locked.parse.argv import parse_argv
-    from qemu_locked.start.wrapper import read_config_file
-
-    return parse_argv(args, read_config=read_config_file)
-
-
-def with_config(plan: Plan, cfg: _config.Config, probe: bool) -> Plan:
-    """What the wrapper would lock: config roles applied and, with ``probe``,
-    the backing files named in image headers added (read-only, never created)."""
-    if probe and any(d.probe_backing for d in plan.disks):
-        from qemu_locked.start import chains as backing
-
-        plan = backing.resolve(plan)
-    none_roles = tuple(r for r in ("readonly", "backing", "shareable") if getattr(cfg, r) == "none")
-    return plan.apply_roles(none_roles)
 
 
 def plan_json(p: Plan) -> dict[str, object]:
@@ -161,15 +96,15 @@ def plan(args: ArgsArg = None, domain: DomainOpt = None, as_json: JsonOpt = Fals
 
 def backend_conflicts(plan: Plan, cfg: _config.Config) -> list[tuple[str, str, str]]:
     """What refuses this plan now: the domain lease (where one is kept), then the disks."""
-    from qemu_locked import backends
+    from qemu_locked.backends import combined
 
-    return backends.conflicts_all(plan, cfg)
+    return combined.conflicts_all(plan, cfg)
 
 
 def holder_objs(resource: str) -> list[dict[str, object]]:
     """Structured holders of a local path (best effort; [] for other resources)."""
-    from qemu_locked.admin.status import iso_time
-    from qemu_locked.lock import holders
+    from qemu_locked.lock import procfs
+    from qemu_locked.model.row import iso_time
 
     try:
         st = os.stat(resource)
@@ -178,7 +113,7 @@ def holder_objs(resource: str) -> list[dict[str, object]]:
     return [
         {"pid": h.pid, "mode": h.mode, "guest": h.guest, "uuid": h.uuid, "comm": h.comm,
          "since": iso_time(h.since)}
-        for h in holders.holders_of(st.st_dev, st.st_ino)
+        for h in procfs.holders_of(st.st_dev, st.st_ino)
     ]  # fmt: skip
 
 
@@ -243,7 +178,7 @@ def status(
     """
     from qemu_locked.admin.status import status_rows
 
-    rows = status_rows(_config.load(), paths or None)
+    rows = [r.to_json() for r in status_rows(_config.load(), paths or None)]
     if as_json:
         emit_json({"locks": rows})
         return
@@ -262,159 +197,6 @@ def status(
         for r in rows:
             r.setdefault("state", "held")
     sys.stdout.write(table([[cell(r.get(k)) for k in keys] for r in rows], header))
-
-
-# -- run -------------------------------------------------------------------------
-
-
-def disk_plan(specs: list[str]) -> Plan:
-    """``--disk PATH[:shared|:exclusive]`` -> a plan (no config role applies)."""
-    from qemu_locked.model.plan import (
-        EXCLUSIVE,
-        SHAREABLE,
-        SHARED,
-        WRITABLE,
-        DiskRef,
-        merge_by_path,
-    )
-
-    disks = []
-    for spec in specs:
-        path, colon, mode = spec.rpartition(":")
-        if not colon or mode not in ("shared", "exclusive"):
-            path, mode = spec, "exclusive"
-        if not path:
-            raise UsageError(f"--disk {spec!r}: no path")
-        role = SHAREABLE if mode == "shared" else WRITABLE
-        disks.append(
-            DiskRef(path, SHARED if mode == "shared" else EXCLUSIVE, f"--disk {spec}", role)
-        )
-    return Plan(disks=merge_by_path(disks))
-
-
-class Interrupted(QemuLockedError):
-    exit_code = 130
-
-
-def resolve_command(cmd: str) -> str:
-    """The program ``execvp`` would run; exit 127 (not found) / 126 (not executable)."""
-    if "/" in cmd:
-        if not os.path.exists(cmd):
-            raise EmulatorNotFound(f"{cmd}: No such file or directory")
-        if os.path.isdir(cmd) or not os.access(cmd, os.X_OK):
-            raise EmulatorNotExecutable(f"{cmd}: Permission denied")
-        return cmd
-    found = shutil.which(cmd)
-    if found is None:
-        raise EmulatorNotFound(f"{cmd}: command not found")
-    return found
-
-
-def _progress(elapsed: float, wait: float, exc: LockedError, tty: bool) -> str:
-    first = exc.lines()[0]
-    more = f" (+{len(exc.conflicts) - 1} more)" if len(exc.conflicts) > 1 else ""
-    line = f"{PREFIX}waiting {elapsed:.0f}/{wait:g}s: {first}{more}"
-    return f"\r\033[K{line}" if tty else line + "\n"
-
-
-def acquire_waiting(plan: Plan, cfg: _config.Config, wait: float) -> Held | None:
-    """Take every lock, retrying for up to ``wait`` seconds with a progress
-    line on stderr naming who still holds what.  All or nothing each round,
-    so an interrupt (Ctrl-C) leaves nothing held."""
-    from qemu_locked import backends
-    from qemu_locked.model.value import replace
-
-    def attempt(slice_: float) -> Held | None:
-        return backends.acquire_all(plan, replace(cfg, wait=slice_))
-
-    start = time.monotonic()
-    deadline = start + wait
-    tty = sys.stderr.isatty()
-    last = ""
-    slice_ = 0.0
-    while True:
-        try:
-            held = attempt(slice_)
-        except LockedError as exc:
-            now = time.monotonic()
-            if now >= deadline:
-                if tty and last:
-                    sys.stderr.write("\n")
-                raise
-            line = _progress(now - start, wait, exc, tty)
-            if tty or line.split(": ", 2)[-1] != last.split(": ", 2)[-1]:
-                sys.stderr.write(line)
-                sys.stderr.flush()
-            last = line
-            slice_ = min(1.0, max(0.0, deadline - time.monotonic()))
-            continue
-        if tty and last:
-            sys.stderr.write("\n")
-        return held
-
-
-@app.command(context_settings={"allow_interspersed_args": False})
-def run(
-    cmd: Annotated[
-        list[str] | None, typer.Argument(metavar="-- CMD", help="The command to exec, after --.")
-    ] = None,
-    domain: DomainOpt = None,
-    disk: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--disk",
-            metavar="PATH[:shared]",
-            help="A disk to lock (repeatable; exclusive unless :shared).",
-        ),
-    ] = None,
-    wait: Annotated[
-        float,
-        typer.Option(
-            "--wait", min=0.0, metavar="SECONDS", help="Wait up to SECONDS for holders to go."
-        ),
-    ] = 0.0,
-) -> None:
-    """Take the locks, then exec CMD holding them (qemu-img, backup scripts...).
-
-    \b
-    The locks pass to CMD across exec and last until CMD and every process
-    it hands the fds to have exited.
-    Exit codes: CMD's own once it runs; before that 2 bad arguments/XML,
-    3 a disk is locked by someone else (after --wait), 4 a disk is missing
-    or unusable, 5 lock machinery failed, 126 CMD not executable,
-    127 CMD not found, 130 interrupted.
-    """
-    if not cmd:
-        raise UsageError("nothing to run: give the command after --")
-    if domain is not None and disk:
-        raise UsageError("give either --domain or --disk, not both")
-    if domain is None and not disk:
-        raise UsageError("nothing to lock: give --domain FILE or --disk PATH")
-    program = resolve_command(cmd[0])
-    cfg = _config.load()
-    p = with_config(read_domain(domain), cfg, probe=True) if domain else disk_plan(disk or [])
-    try:
-        held = acquire_waiting(p, cfg, wait)
-    except KeyboardInterrupt:
-        # typer turns a KeyboardInterrupt into a silent exit 130: say what happened.
-        raise Interrupted("interrupted; no lock is held") from None
-    try:
-        if held is not None:
-            held.inherit()
-        for sig in (signal.SIGPIPE, signal.SIGXFSZ):
-            signal.signal(sig, signal.SIG_DFL)
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os.execv(program, cmd)
-    except OSError as exc:
-        if held is not None:
-            held.release()
-        err = EmulatorNotFound if exc.errno == errno.ENOENT else EmulatorNotExecutable
-        raise err(f"{cmd[0]}: {exc.strerror}") from None
-    except BaseException:
-        if held is not None:
-            held.release()
-        raise
 
 
 # -- doctor ----------------------------------------------------------------------
@@ -459,6 +241,9 @@ def doctor(
 
 # Sub-command groups live in their own modules.
 from qemu_locked.admin.libvirt import libvirt_app  # noqa: E402
+from qemu_locked.admin.run import run  # noqa: E402
+
+app.command(context_settings={"allow_interspersed_args": False})(run)
 from qemu_locked.admin.lockspace import lockspace_app  # noqa: E402
 from qemu_locked.admin.sanlock import sanlock_app  # noqa: E402
 

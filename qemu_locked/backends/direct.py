@@ -13,124 +13,104 @@ a lockspace directory such a start is refused rather than left unprotected.
 from __future__ import annotations
 
 import os
-import time
 
-from qemu_locked.lock import ofd
-from qemu_locked.lock import safeopen as images
+from qemu_locked.lock import ofd, safeopen
+from qemu_locked.lock.acquire import take_all
 from qemu_locked.lock.held import Held, Pending
-from qemu_locked.model.errors import BackendError, LockedError
-from qemu_locked.model.plan import EXCLUSIVE, SHARED, Plan, stronger
-from qemu_locked.model.value import frozen
+from qemu_locked.model.claim import Claim, merged
+from qemu_locked.model.errors import BackendError
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from qemu_locked.backends.lockspace.leases import Want
     from qemu_locked.model.config import Config
+    from qemu_locked.model.errors import Conflict
+    from qemu_locked.model.plan import Plan
+
+NAME = "direct"
 
 
-@frozen
-class Target:
-    key: tuple[str, int, int]
-    path: str
-    mode: str
-    origin: str
+def claims(plan: Plan) -> list[Claim]:
+    """One claim per distinct file (inode) or block device, keyed by that
+    identity, in the strongest mode any use needs, in the global lock order."""
+    return merged(
+        Claim(safeopen.identity_key(safeopen.check(d.path)), d.mode, d.path) for d in plan.disks
+    )
 
 
-def targets(plan: Plan) -> list[Target]:
-    """One target per distinct file (inode) or block device, in the strongest
-    mode any use needs, sorted into the global lock order."""
-    by_key: dict[tuple[str, int, int], Target] = {}
-    for disk in plan.disks:
-        key = images.identity(images.check(disk.path))
-        prev = by_key.get(key)
-        if prev is None:
-            by_key[key] = Target(key, disk.path, disk.mode, disk.origin)
-        else:
-            by_key[key] = Target(key, prev.path, stronger(prev.mode, disk.mode), prev.origin)
-    return [by_key[k] for k in sorted(by_key)]
-
-
-def _conflict(fd: int, target: Target) -> tuple[str, str, str]:
-    from qemu_locked.lock import holders  # only on the refusal path
+def _conflict(fd: int, claim: Claim) -> Conflict:
+    from qemu_locked.lock import procfs  # only on the refusal path
 
     st = os.fstat(fd)
-    found = ofd.conflicting(fd, target.mode == EXCLUSIVE)
-    mode_hint, pid = found if found else (EXCLUSIVE, -1)
-    who = holders.holders_of(st.st_dev, st.st_ino, pid)
-    return target.path, target.mode, holders.describe(who, mode_hint)
+    found = ofd.conflicting(fd, claim.exclusive)
+    mode_hint, pid = found if found else ("exclusive", -1)
+    who = procfs.holders_of(st.st_dev, st.st_ino, pid)
+    return claim.label, claim.mode, procfs.describe(who, mode_hint)
 
 
-def _block_leases(tgts: list[Target], config: Config | None) -> list[Want]:
-    blocks = [t for t in tgts if t.key[0] == "b"]
+def _block_leases(cls: list[Claim], config: Config | None) -> list[Claim]:
+    blocks = [c for c in cls if c.key.startswith("b:")]
     if not blocks:
         return []  # image files only: the lease modules are not even imported
-    from qemu_locked.backends.lockspace import leases
     from qemu_locked.lock import keys
 
     directory = config.lockspace_dir if config is not None else "(no config)"
     if config is None or not os.path.isdir(directory):
         raise BackendError(
-            f"{blocks[0].path}: a block device also needs a lease in lockspace_dir {directory}, "
+            f"{blocks[0].label}: a block device also needs a lease in lockspace_dir {directory}, "
             "which does not exist (run: qemu-lockctl lockspace init); a lock on its /dev node "
             "alone does not reach VMs with a private /dev (libvirt)"
         )
-    return [leases.Want(keys.disk_key(t.path, os.stat(t.path)), t.mode, t.path) for t in blocks]
+    return [Claim(keys.disk_key(c.label, os.stat(c.label)), c.mode, c.label) for c in blocks]
 
 
-def acquire(
-    plan: Plan, config: Config | None = None, wait: float = 0.0, defer: bool = False
-) -> Held:
-    """Lock every target in global order, all or nothing.
+def acquire(plan: Plan, config: Config | None, deadline: float, defer: bool = False) -> Held:
+    """Lock every claim in global order, all or nothing.
 
-    After the first conflict the rest are only tried (not waited for), so the
-    refusal names every holder at once.  With ``defer`` (a migration
-    destination) a busy image is not a conflict: it stays open and pending.
+    With ``defer`` (a migration destination) a busy image is not a conflict:
+    it stays open and pending, for the keeper.
     """
     held = Held()
+    fds: dict[str, int] = {}
+
+    def take(claim: Claim, until: float) -> bool:
+        fd = safeopen.open_checked(claim.label, claim.exclusive, claim.key)
+        held.fds.append(fd)
+        fds[claim.key] = fd
+        if defer:
+            if not ofd.try_lock(fd, claim.exclusive):
+                held.pending.append(Pending(fd, claim.exclusive, claim.label))
+            return True
+        return ofd.lock_until(fd, claim.exclusive, until)
+
     try:
-        deadline = time.monotonic() + wait
-        conflicts: list[tuple[str, str, str]] = []
-        tgts = targets(plan)
-        wants = _block_leases(tgts, config)
+        cls = claims(plan)
+        wants = _block_leases(cls, config)
         if wants and config is not None:
             from qemu_locked.backends.lockspace import leases
 
-            me = leases.holder_for(plan, config)
-            held.extend(leases.acquire_in(config.lockspace_dir, wants, me, wait, defer))
-        for target in tgts:
-            exclusive = target.mode == EXCLUSIVE
-            fd = images.open_checked(target.path, exclusive, target.key)
-            held.fds.append(fd)
-            if defer:
-                if not ofd.try_lock(fd, exclusive):
-                    held.pending.append(Pending(fd, exclusive, target.path))
-            elif not ofd.lock_until(fd, exclusive, 0.0 if conflicts else deadline):
-                conflicts.append(_conflict(fd, target))
-        if conflicts:
-            raise LockedError(conflicts)
+            me = leases.identity_for(plan, config)
+            held.extend(leases.acquire_in(config.lockspace_dir, wants, me, deadline, defer))
+        take_all(cls, take, lambda c: _conflict(fds[c.key], c), deadline)
     except BaseException:
         held.release()
         raise
     return held
 
 
-def conflicts(plan: Plan, config: Config | None = None) -> list[tuple[str, str, str]]:
+def conflicts(plan: Plan, config: Config | None = None) -> list[Conflict]:
     """What would refuse this plan now.  Takes no lock (F_OFD_GETLK)."""
-    tgts = targets(plan)
-    wants = _block_leases(tgts, config)
+    cls = claims(plan)
+    wants = _block_leases(cls, config)
     out = []
     if wants and config is not None:
         from qemu_locked.backends.lockspace import leases
 
         out += leases.conflicts_in(config.lockspace_dir, wants)
-    for target in tgts:
-        fd = images.open_checked(target.path, False, target.key)
+    for claim in cls:
+        fd = safeopen.open_checked(claim.label, False, claim.key)
         try:
-            if ofd.conflicting(fd, target.mode == EXCLUSIVE):
-                out.append(_conflict(fd, target))
+            if ofd.conflicting(fd, claim.exclusive):
+                out.append(_conflict(fd, claim))
         finally:
             os.close(fd)
     return out
-
-
-__all__ = ["EXCLUSIVE", "SHARED", "Held", "Target", "acquire", "conflicts", "targets"]

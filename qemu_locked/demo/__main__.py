@@ -14,7 +14,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from qemu_locked.lock import holders
+from qemu_locked.lock import procfs
 
 BIN = Path(sys.executable).parent
 QEMU_LOCKED = str(BIN / "qemu-locked")
@@ -27,7 +27,7 @@ def say(text: str) -> None:
 
 def holds_lock(pid: int, path: str) -> bool:
     """Whether the process holds a byte-0 lock on path (read from its fdinfo)."""
-    return any(start == 0 for _k, _m, start in holders.fd_locks(pid).get(path, []))
+    return any(start == 0 for _k, _m, start in procfs.fd_locks(pid).get(path, []))
 
 
 def start(name: str, image: str, emulator: str, real: bool) -> subprocess.Popen[str]:

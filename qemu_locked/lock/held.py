@@ -1,27 +1,35 @@
-"""Locks being held: the fds whose open file descriptions carry them."""
+"""The locks this start holds: the fds whose open file descriptions carry them.
+
+(Who *else* holds a lock is :mod:`qemu_locked.lock.procfs`'s job.)
+"""
 
 from __future__ import annotations
 
 import os
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from qemu_locked.model.config import Config
+    from qemu_locked.model.plan import Plan
+
 
 class Pending:
-    """A lock that is busy now, left for the migration keeper (see keeper.py).
+    """A lock that is busy now, left for the migration keeper (beside/keeper.py).
 
     ``fd`` is already open (and goes to QEMU); the keeper locks it later on the
-    same open file description.  ``record_key`` is set for lease files, whose
-    holder record the keeper writes once the lease is taken.
+    same open file description.  Subclasses change how it is taken (sanlock),
+    who is named as its holder, and what is done once it is taken (a lease
+    file's holder record).
     """
 
     # Kept by the keeper for QEMU's whole life instead of handed over (sanlock:
     # a lease belongs to the registration that took it, here the keeper's).
     holds_for_life = False
 
-    def __init__(self, fd: int, exclusive: bool, label: str, record_key: str | None = None) -> None:
+    def __init__(self, fd: int, exclusive: bool, label: str) -> None:
         self.fd = fd
         self.exclusive = exclusive
         self.label = label
-        self.record_key = record_key
 
     def try_take(self) -> bool:
         """One attempt, in the keeper: an OFD lock on the shared open file description."""
@@ -29,21 +37,15 @@ class Pending:
 
         return ofd.try_lock(self.fd, self.exclusive)
 
-    @property
-    def lease(self) -> bool:
-        """A lease file (its holder record is written once taken), not an image."""
-        return self.record_key is not None
+    def taken(self, config: Config, plan: Plan, vm_pid: int) -> None:
+        """Called in the keeper once :meth:`try_take` succeeded."""
 
     def holders(self) -> str:
         """Who still holds it, for the keeper's timeout line."""
-        if self.lease:
-            from qemu_locked.backends.lockspace.leases import describe_holders
-
-            return describe_holders(self.fd, "exclusive")
-        from qemu_locked.lock import holders
+        from qemu_locked.lock import procfs
 
         st = os.fstat(self.fd)
-        return holders.describe(holders.holders_of(st.st_dev, st.st_ino), "exclusive")
+        return procfs.describe(procfs.holders_of(st.st_dev, st.st_ino), "exclusive")
 
 
 class Held:

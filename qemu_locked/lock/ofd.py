@@ -52,10 +52,11 @@ def _build_flock(l_type: int, start: int, length: int) -> bytes:
     )
 
 
-def try_lock(fd: int, exclusive: bool) -> bool:
-    """Take the byte-0 lock without waiting.  False if someone else holds it."""
+def try_lock(fd: int, exclusive: bool, byte: int = _BYTE) -> bool:
+    """Take the lock on ``byte`` (the lease byte 0 unless told) without waiting.
+    False if someone else holds it."""
     try:
-        fcntl.fcntl(fd, F_OFD_SETLK, _flock(F_WRLCK if exclusive else F_RDLCK))
+        fcntl.fcntl(fd, F_OFD_SETLK, _flock(F_WRLCK if exclusive else F_RDLCK, byte))
     except OSError as exc:
         if exc.errno in (11, 13):  # EAGAIN, EACCES: a conflicting lock
             return False
@@ -80,12 +81,11 @@ def unlock(fd: int) -> None:
     fcntl.fcntl(fd, F_OFD_SETLK, _flock(F_UNLCK))
 
 
-def conflicting(fd: int, exclusive: bool) -> tuple[str, int] | None:
-    """Who would block us: ("exclusive"|"shared", pid); pid is -1 for OFD locks.
-
-    None when nothing conflicts (or our own open file description holds it).
-    """
-    raw = fcntl.fcntl(fd, F_OFD_GETLK, _flock(F_WRLCK if exclusive else F_RDLCK))
+def conflicting(fd: int, exclusive: bool, byte: int = _BYTE) -> tuple[str, int] | None:
+    """Who would block a lock on ``byte``: ("exclusive"|"shared", pid); pid is
+    -1 for OFD locks.  None when nothing conflicts (or our own open file
+    description holds it)."""
+    raw = fcntl.fcntl(fd, F_OFD_GETLK, _flock(F_WRLCK if exclusive else F_RDLCK, byte))
     l_type = int.from_bytes(raw[0:2], _ORDER, signed=True)
     if l_type == F_UNLCK:
         return None

@@ -23,12 +23,12 @@ _KIND_NAMES = (
 )
 
 
-def identity(st: os.stat_result) -> tuple[str, int, int]:
-    """What makes two paths the same disk: the inode of a file, the device
-    number of a block device (whichever /dev node reaches it)."""
+def identity_key(st: os.stat_result) -> str:
+    """What makes two paths the same disk on this host: the inode of a file,
+    the device number of a block device (whichever /dev node reaches it)."""
     if stat.S_ISBLK(st.st_mode):
-        return ("b", st.st_rdev, 0)
-    return ("f", st.st_dev, st.st_ino)
+        return f"b:{st.st_rdev}"
+    return f"f:{st.st_dev}:{st.st_ino}"
 
 
 def _why(exc: OSError) -> str:
@@ -53,7 +53,7 @@ def check(path: str) -> os.stat_result:
     raise DiskError(path, "is not a regular file or block device")
 
 
-def open_checked(path: str, writable: bool, expect: tuple[str, int, int]) -> int:
+def open_checked(path: str, writable: bool, expect: str) -> int:
     """Open for a lock: read-write for an exclusive lock, read-only for shared."""
     flags = (os.O_RDWR if writable else os.O_RDONLY) | _OPEN_FLAGS
     try:
@@ -63,7 +63,7 @@ def open_checked(path: str, writable: bool, expect: tuple[str, int, int]) -> int
         raise DiskError(path, f"cannot open {need}: {_why(exc)}") from None
     try:
         st = os.fstat(fd)
-        if identity(st) != expect or not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
+        if identity_key(st) != expect or not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
             raise DiskError(path, "changed while being opened")
     except BaseException:
         os.close(fd)

@@ -52,6 +52,10 @@ class Config:
     def effective_host(self) -> str:
         return self.host_name or os.uname().nodename
 
+    def none_roles(self) -> tuple[str, ...]:
+        """The disk roles this config does not lock (``readonly = "none"``...)."""
+        return tuple(r for r in ("readonly", "backing", "shareable") if getattr(self, r) == "none")
+
 
 _TYPES: dict[str, type] = {
     "backend": str, "emulator": str, "lockspace_dir": str, "host_name": str,

@@ -56,13 +56,16 @@ class DiskError(QemuLockedError):
         self.path = path
 
 
+# (resource, mode this VM wants, "(mode) by <holders>")
+Conflict = tuple[str, str, str]
+
+
 class LockedError(QemuLockedError):
     """Held by another process (or host).  One line per conflicting resource."""
 
     exit_code = EXIT_LOCKED
 
-    def __init__(self, conflicts: list[tuple[str, str, str]]) -> None:
-        # (resource, mode this VM wants, "(mode) by <holders>")
+    def __init__(self, conflicts: list[Conflict]) -> None:
         self.conflicts = conflicts
         super().__init__(self._line(*conflicts[0]))
 

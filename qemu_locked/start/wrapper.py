@@ -56,25 +56,34 @@ def read_config_file(path: str) -> str:
     return data.decode("utf-8", "surrogateescape")
 
 
+def resolve(plan: Plan, cfg: Config, probe: bool = True) -> Plan:
+    """What gets locked: with ``probe``, the backing files named in image
+    headers added (read, never created); then the config's roles applied."""
+    if probe and any(d.probe_backing for d in plan.disks):
+        from qemu_locked.start import chains
+
+        plan = chains.resolve(plan)
+    return plan.apply_roles(cfg.none_roles())
+
+
 def prepare(args: list[str], cfg: Config) -> Plan:
     """The plan the wrapper locks: parsed, backing chains read, roles applied."""
-    plan = parse_argv(args, read_config=read_config_file)
-    if any(d.probe_backing for d in plan.disks):
-        from qemu_locked.start import chains as backing
-
-        plan = backing.resolve(plan)
-    none_roles = tuple(r for r in ("readonly", "backing", "shareable") if getattr(cfg, r) == "none")
-    return plan.apply_roles(none_roles)
+    return resolve(parse_argv(args, read_config=read_config_file), cfg)
 
 
-def exec_emulator(path: str, argv0: str, args: list[str]) -> NoReturn:
+def exec_program(path: str, argv: list[str]) -> NoReturn:
+    """exec with the signal dispositions a program expects; raises OSError."""
     import _signal  # type: ignore[import-not-found]  # signal.py imports enum (~5 ms)
 
     # CPython ignores SIGPIPE and SIGXFSZ, and ignored signals survive exec.
     for sig in (_signal.SIGPIPE, _signal.SIGXFSZ):
         _signal.signal(sig, _signal.SIG_DFL)
+    os.execv(path, argv)
+
+
+def exec_emulator(path: str, argv0: str, args: list[str]) -> NoReturn:
     try:
-        os.execv(path, [argv0] + args)
+        exec_program(path, [argv0] + args)
     except OSError as exc:
         from qemu_locked.model.errors import EmulatorNotExecutable, EmulatorNotFound
 
@@ -91,15 +100,17 @@ def main() -> NoReturn:
         path = _emulator.find(cfg.emulator, argv0, argv0, os.environ.get("PATH", os.defpath))
         plan = prepare(args, cfg)
         if plan.disks or plan.uuid or plan.guest:
-            from qemu_locked import backends
+            import time
 
-            held = backends.acquire_all(plan, cfg)
+            from qemu_locked.backends import combined
+
+            held = combined.acquire_all(plan, cfg, time.monotonic() + cfg.wait)
             if held is not None:
                 held.inherit()
                 if held.pending:
                     from qemu_locked.beside import keeper
 
-                    keeper.spawn(held.pending, cfg, plan)
+                    keeper.start(held.pending, cfg, plan)
     except QemuLockedError as exc:
         fail(exc)
     except Exception as exc:  # a bug of ours: still one line, and QEMU does not start unlocked

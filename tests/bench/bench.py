@@ -86,9 +86,8 @@ def fill_lockspace(space: str, n: int) -> None:
             key = f"file:/srv/cluster/vm{i}.qcow2"
             fd = ls.open_lease(leases.lease_name(key))
             try:
-                leases.write_record(
-                    fd, 1, key, "exclusive", f"host{i % 7}", f"vm{i}", None, 100000 + i
-                )
+                me = leases.Identity(f"host{i % 7}", f"vm{i}", None, 100000 + i)
+                leases.write_record(fd, 1, key, "exclusive", me)
             finally:
                 os.close(fd)
     finally:

@@ -27,7 +27,7 @@ from e2e.lab import (
     restore_conf,
     write_conf_block,
 )
-from qemu_locked.lock import holders
+from qemu_locked.lock import procfs
 
 pytestmark = pytest.mark.libvirt
 
@@ -35,7 +35,7 @@ pytestmark = pytest.mark.libvirt
 def byte0_holders(path: str) -> dict[int, str]:
     """pid -> mode of every process holding an OFD byte-0 lock on ``path``."""
     st = os.stat(path)
-    return {lk.pid: lk.mode for lk in holders.scan({(st.st_dev, st.st_ino)}) if lk.kind == "OFDLCK"}
+    return {lk.pid: lk.mode for lk in procfs.scan({(st.st_dev, st.st_ino)}) if lk.kind == "OFDLCK"}
 
 
 def assert_refused_by_us(proc: object, holder: str) -> None:
@@ -137,7 +137,7 @@ def test_block_device_disk_on_a_loop_device_is_locked(lab: Lab) -> None:
     # QEMU (in the domain's private /dev) holds the lock on its own node of the device.
     pid = lab.qemu_pid(name)
     fdinfo_locks = [
-        lk for lk in holders.scan() if lk.pid == pid and lk.kind == "OFDLCK" and lk.path == dev
+        lk for lk in procfs.scan() if lk.pid == pid and lk.kind == "OFDLCK" and lk.path == dev
     ]
     assert [lk.mode for lk in fdinfo_locks] == ["exclusive"]
     lab.destroy(name)

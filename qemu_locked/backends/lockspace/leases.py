@@ -19,20 +19,22 @@ the directory), must be regular files with one link, and are never unlinked
 
 from __future__ import annotations
 
-import fcntl
 import os
 import stat
 import time
 
 from qemu_locked.lock import ofd
+from qemu_locked.lock.acquire import take_all
 from qemu_locked.lock.held import Held, Pending
 from qemu_locked.lock.keys import digest
+from qemu_locked.model.claim import Claim, merged
 from qemu_locked.model.errors import BackendError
 from qemu_locked.model.value import frozen
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from qemu_locked.model.config import Config
+    from qemu_locked.model.errors import Conflict
     from qemu_locked.model.plan import Plan
 
 SLOTS = 64
@@ -180,21 +182,15 @@ class Lockspace:
 
 def take_slot(fd: int) -> int | None:
     for slot in range(1, SLOTS + 1):
-        try:
-            fcntl.fcntl(fd, ofd.F_OFD_SETLK, ofd._flock(ofd.F_WRLCK, slot))
-        except OSError as exc:
-            if exc.errno in (11, 13):
-                continue
-            raise
-        return slot
+        if ofd.try_lock(fd, True, byte=slot):
+            return slot
     return None
 
 
-def write_record(fd: int, slot: int, key: str, mode: str, host: str, guest: str | None,
-                 uuid: str | None, pid: int) -> None:  # fmt: skip
+def write_record(fd: int, slot: int, key: str, mode: str, me: Identity) -> None:
     data = encode_record({
-        "host": host, "pid": str(pid), "boot": boot_id(), "guest": guest or "",
-        "uuid": uuid or "", "mode": mode, "since": f"{time.time():.3f}", "key": key,
+        "host": me.host, "pid": str(me.pid), "boot": boot_id(), "guest": me.guest or "",
+        "uuid": me.uuid or "", "mode": mode, "since": f"{time.time():.3f}", "key": key,
     })  # fmt: skip
     try:
         written = os.pwrite(fd, data, slot * RECORD_SIZE)
@@ -221,8 +217,7 @@ def read_records(fd: int, lease_held: bool = True) -> list[Record]:
             continue
         held = False
         if lease_held:
-            probe = fcntl.fcntl(fd, ofd.F_OFD_GETLK, ofd._flock(ofd.F_WRLCK, slot))
-            held = int.from_bytes(probe[0:2], ofd._ORDER, signed=True) != ofd.F_UNLCK
+            held = ofd.conflicting(fd, True, byte=slot) is not None
         rec = decode_record(slot, raw, held)
         if rec is not None:
             out.append(rec)
@@ -238,17 +233,8 @@ def describe_holders(fd: int, mode_hint: str) -> str:
 
 
 @frozen
-class Want:
-    """One lease to take: its resource key, mode, and what to call it in messages."""
-
-    key: str
-    mode: str
-    label: str
-
-
-@frozen
-class Holder:
-    """Who we are, for the records we leave."""
+class Identity:
+    """Who we are, for the records we leave (the holder others will see)."""
 
     host: str
     guest: str | None
@@ -256,19 +242,26 @@ class Holder:
     pid: int
 
 
-def merge_wants(wants: list[Want]) -> list[Want]:
-    """One per key in the strongest mode, in the global order (lease name)."""
-    by_name: dict[str, Want] = {}
-    for w in wants:
-        name = lease_name(w.key)
-        prev = by_name.get(name)
-        if prev is None or (prev.mode == "shared" and w.mode == "exclusive"):
-            by_name[name] = w if prev is None else Want(w.key, "exclusive", prev.label)
-    return [by_name[n] for n in sorted(by_name)]
+class LeasePending(Pending):
+    """A busy lease for the migration keeper: once taken, its record is written."""
+
+    def __init__(self, fd: int, claim: Claim) -> None:
+        super().__init__(fd, claim.exclusive, claim.label)
+        self.key = claim.key
+
+    def taken(self, config: Config, plan: Plan, vm_pid: int) -> None:
+        slot = take_slot(self.fd)
+        if slot is not None:
+            mode = "exclusive" if self.exclusive else "shared"
+            me = Identity(config.effective_host(), plan.guest, plan.uuid, vm_pid)
+            write_record(self.fd, slot, self.key, mode, me)
+
+    def holders(self) -> str:
+        return describe_holders(self.fd, "exclusive")
 
 
 def acquire(
-    space: Lockspace, wants: list[Want], me: Holder, wait: float, defer: bool = False
+    space: Lockspace, wants: list[Claim], me: Identity, deadline: float, defer: bool = False
 ) -> Held:
     """Take every lease, all or nothing; then leave one record in each.
 
@@ -276,71 +269,72 @@ def acquire(
     leaves none behind.  With ``defer``, busy leases stay open and pending (for
     the migration keeper, which writes their records once it holds them).
     """
-    from qemu_locked.model.errors import LockedError
-
     held = Held()
-    fds = held.fds
+    fds: dict[str, int] = {}
+
+    def take(claim: Claim, until: float) -> bool:
+        fd = space.open_lease(lease_name(claim.key))
+        held.fds.append(fd)
+        fds[claim.key] = fd
+        if defer:
+            if not ofd.try_lock(fd, claim.exclusive):
+                held.pending.append(LeasePending(fd, claim))
+            return True
+        return ofd.lock_until(fd, claim.exclusive, until)
+
+    def refusal(claim: Claim) -> Conflict:
+        return claim.label, claim.mode, describe_holders(fds[claim.key], "exclusive")
+
     try:
-        deadline = time.monotonic() + wait
-        conflicts: list[tuple[str, str, str]] = []
-        merged = merge_wants(wants)
-        for w in merged:
-            fd = space.open_lease(lease_name(w.key))
-            fds.append(fd)
-            exclusive = w.mode == "exclusive"
-            if defer:
-                if not ofd.try_lock(fd, exclusive):
-                    held.pending.append(Pending(fd, exclusive, w.label, w.key))
-            elif not ofd.lock_until(fd, exclusive, 0.0 if conflicts else deadline):
-                conflicts.append((w.label, w.mode, describe_holders(fd, "exclusive")))
-        if conflicts:
-            raise LockedError(conflicts)
+        todo = merged(wants, lambda c: lease_name(c.key))
+        take_all(todo, take, refusal, deadline)
         pending = {p.fd for p in held.pending}
-        for w, fd in zip(merged, fds, strict=True):
+        for claim in todo:
+            fd = fds[claim.key]
             if fd in pending:
                 continue
             slot = take_slot(fd)
             if slot is not None:
-                write_record(fd, slot, w.key, w.mode, me.host, me.guest, me.uuid, me.pid)
+                write_record(fd, slot, claim.key, claim.mode, me)
     except BaseException:
         held.release()
         raise
     return held
 
 
-def conflicts(space: Lockspace, wants: list[Want]) -> list[tuple[str, str, str]]:
+def conflicts(space: Lockspace, wants: list[Claim]) -> list[Conflict]:
     """What would refuse these leases now (F_OFD_GETLK: takes nothing)."""
     out = []
-    for w in merge_wants(wants):
+    for w in merged(wants, lambda c: lease_name(c.key)):
         try:
             fd = space.open_lease(lease_name(w.key), create=False, readonly=True)
         except LeaseMissing:
             continue  # nobody ever held it; any other trouble is reported
         try:
-            if ofd.conflicting(fd, w.mode == "exclusive"):
+            if ofd.conflicting(fd, w.exclusive):
                 out.append((w.label, w.mode, describe_holders(fd, "exclusive")))
         finally:
             os.close(fd)
     return out
 
 
-def holder_for(plan: Plan, config: Config) -> Holder:
+def identity_for(plan: Plan, config: Config) -> Identity:
     """This start, as its lease records name it (QEMU keeps our pid after exec)."""
-    return Holder(config.effective_host(), plan.guest, plan.uuid, os.getpid())
+    return Identity(config.effective_host(), plan.guest, plan.uuid, os.getpid())
 
 
 def acquire_in(
-    directory: str, wants: list[Want], me: Holder, wait: float, defer: bool = False
+    directory: str, wants: list[Claim], me: Identity, deadline: float, defer: bool = False
 ) -> Held:
     """:func:`acquire` in the lockspace directory ``directory``."""
     space = Lockspace(directory)
     try:
-        return acquire(space, wants, me, wait, defer)
+        return acquire(space, wants, me, deadline, defer)
     finally:
         space.close()
 
 
-def conflicts_in(directory: str, wants: list[Want]) -> list[tuple[str, str, str]]:
+def conflicts_in(directory: str, wants: list[Claim]) -> list[Conflict]:
     """:func:`conflicts` in the lockspace directory ``directory``."""
     space = Lockspace(directory)
     try:

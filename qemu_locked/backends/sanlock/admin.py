@@ -32,6 +32,7 @@ from qemu_locked.lock import safeopen as images
 from qemu_locked.lock.keys import disk_key
 from qemu_locked.model.errors import BackendError, ConfigError, QemuLockedError
 from qemu_locked.model.plan import EXCLUSIVE, SHARED
+from qemu_locked.model.row import StatusRow
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -75,7 +76,7 @@ def key_of(resource: str) -> str:
 def lease_table(config: Config, resources: list[str] | None = None) -> dict[str, Any]:
     """Everything ``sanlock status`` shows: the lockspace, its hosts, every lease
     (only those of ``resources``, paths or ``domain:`` keys, when given)."""
-    from qemu_locked.lock import holders
+    from qemu_locked.lock import procfs
 
     sl = binding()
     area = Area(config)
@@ -136,7 +137,7 @@ def lease_table(config: Config, resources: list[str] | None = None) -> dict[str,
                 "offset": offset,
                 "owners": owner_rows,
                 "local": [
-                    {"pid": p, "mode": m, "guest": holders.guest_of(p)[0]}
+                    {"pid": p, "mode": m, "guest": procfs.guest_of(p)[0]}
                     for p, m in local.get(got[1], [])
                 ],
             }
@@ -155,9 +156,9 @@ def lease_table(config: Config, resources: list[str] | None = None) -> dict[str,
     }
 
 
-def status_rows(config: Config, paths: list[str] | None = None) -> list[dict[str, object]]:
+def status_rows(config: Config, paths: list[str] | None = None) -> list[StatusRow]:
     """Rows for ``qemu-lockctl status``: one per lease owner seen on storage."""
-    from qemu_locked.lock import holders
+    from qemu_locked.lock import procfs
 
     try:
         table = lease_table(config)
@@ -171,7 +172,7 @@ def status_rows(config: Config, paths: list[str] | None = None) -> list[dict[str
                 wanted.add(lease_name(disk_key(p, os.stat(p))))
             except OSError:
                 continue
-    rows: list[dict[str, object]] = []
+    rows: list[StatusRow] = []
     me = config.sanlock_host_id
     for lease in table["leases"]:
         if wanted is not None and lease["lease"] not in wanted:
@@ -181,20 +182,12 @@ def status_rows(config: Config, paths: list[str] | None = None) -> list[dict[str
             guest = uuid = None
             if owner["host_id"] == me and lease["local"]:
                 pid = lease["local"][0]["pid"]
-                guest, uuid, _comm = holders.guest_of(pid)
-            rows.append(
-                {
-                    "path": f"sanlock:{lease['lease']}",
-                    "mode": owner["mode"],
-                    "pid": pid,
-                    "host": owner["host"] or f"host id {owner['host_id']}",
-                    "guest": guest,
-                    "uuid": uuid,
-                    "since": None,
-                    "host_id": owner["host_id"],
-                    "slot": lease["slot"],
-                }
-            )
+                guest, uuid, _comm = procfs.guest_of(pid)
+            rows.append(StatusRow(
+                f"sanlock:{lease['lease']}", owner["mode"], pid,
+                owner["host"] or f"host id {owner['host_id']}", guest, uuid, None,
+                source="sanlock", host_id=owner["host_id"], slot=lease["slot"],
+            ))  # fmt: skip
     return rows
 
 

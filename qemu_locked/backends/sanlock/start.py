@@ -18,10 +18,14 @@ from qemu_locked.backends.sanlock.area import (
 )  # fmt: skip
 from qemu_locked.backends.sanlock.binding import E_EXIST, binding, daemon_error
 from qemu_locked.lock import held as _held
-from qemu_locked.lock import safeopen as images
+from qemu_locked.lock import safeopen
+from qemu_locked.lock.acquire import NO_WAIT, take_all
 from qemu_locked.lock.keys import disk_key, domain_key, domain_label
-from qemu_locked.model.errors import LockedError
-from qemu_locked.model.plan import EXCLUSIVE, SHARED, Plan, stronger
+from qemu_locked.model.claim import Claim, merged
+from qemu_locked.model.errors import Conflict
+from qemu_locked.model.plan import EXCLUSIVE, SHARED, Plan
+
+NAME = "sanlock"
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -30,22 +34,18 @@ if TYPE_CHECKING:
     from qemu_locked.model.config import Config
 
 
-def leases(plan: Plan, config: Config) -> list[Lease]:
-    """One lease per distinct resource key, strongest mode, in key order."""
-    by_key: dict[str, Lease] = {}
-    for disk in plan.disks:
-        key = disk_key(disk.path, images.check(disk.path))
-        prev = by_key.get(key)
-        if prev is None:
-            by_key[key] = Lease(key, disk.path, disk.mode)
-        else:
-            prev.mode = stronger(prev.mode, disk.mode)
+def claims(plan: Plan, config: Config) -> list[Claim]:
+    """One claim per distinct resource key (the domain lease too), in key order."""
+    out = [Claim(disk_key(d.path, safeopen.check(d.path)), d.mode, d.path) for d in plan.disks]
     if config.domain_lease:
         dkey = domain_key(plan.uuid, plan.guest)
         if dkey is not None:
-            label = domain_label(plan.uuid, plan.guest)
-            by_key[dkey] = Lease(dkey, label, EXCLUSIVE)
-    return [by_key[k] for k in sorted(by_key)]
+            out.append(Claim(dkey, EXCLUSIVE, domain_label(plan.uuid, plan.guest)))
+    return merged(out)
+
+
+def leases(plan: Plan, config: Config) -> list[Lease]:
+    return [Lease(c.key, c.label, c.mode) for c in claims(plan, config)]
 
 
 class Held(_held.Held):
@@ -109,12 +109,11 @@ def _release_all(sl: ModuleType, area: Area, held: Held) -> None:
     held.release()
 
 
-def acquire(plan: Plan, config: Config, wait: float = 0.0, defer: bool = False) -> Held:
+def acquire(plan: Plan, config: Config, deadline: float, defer: bool = False) -> Held:
     """Register with the daemon and take every lease, all or nothing.
 
-    After the first refusal the remaining leases are only tried (not waited
-    for), so the error names every holder at once.  With ``defer`` (a
-    migration destination) a lease a real holder has is left to the keeper.
+    With ``defer`` (a migration destination) a lease a real holder has is
+    left to the keeper.
     """
     todo = leases(plan, config)
     if not todo:
@@ -127,36 +126,31 @@ def acquire(plan: Plan, config: Config, wait: float = 0.0, defer: bool = False) 
         raise daemon_error(exc, "register") from None
     os.set_inheritable(fd, False)  # until the wrapper hands it to QEMU
     held = Held(fd)
+    codes: dict[str, int] = {}
+
+    def take_one(lease: Lease, until: float) -> bool:
+        lease.slot = locate(sl, area, lease, fd, max(0.0, deadline - time.monotonic()))
+        code = take(sl, area, lease.name.encode(), area.disk(lease.slot), lease.mode == SHARED,
+                    fd, NO_WAIT if defer else until, lease.label)  # fmt: skip
+        if code and defer:
+            held.pending.append(SanlockPending(area, lease))
+            return True
+        if code:
+            codes[lease.key] = code
+            return False
+        held.leases.append(lease)
+        return True
+
     try:
-        deadline = time.monotonic() + wait
-        refused: list[tuple[Lease, int]] = []
-        for lease in todo:
-            lease.slot = locate(sl, area, lease, fd, wait)
-            code = take(
-                sl,
-                area,
-                lease.name.encode(),
-                area.disk(lease.slot),
-                lease.mode == SHARED,
-                fd,
-                time.monotonic() if refused or defer else deadline,
-                lease.label,
-            )
-            if code and defer:
-                held.pending.append(SanlockPending(area, lease))
-            elif code:
-                refused.append((lease, code))
-            else:
-                held.leases.append(lease)
-        if refused:
-            raise LockedError([_conflict(sl, area, lease, code) for lease, code in refused])
+        take_all(todo, take_one, lambda lease: _conflict(sl, area, lease, codes[lease.key]),
+                 deadline)  # fmt: skip
     except BaseException:
         _release_all(sl, area, held)
         raise
     return held
 
 
-def _conflict(sl: ModuleType, area: Area, lease: Lease, code: int) -> tuple[str, str, str]:
+def _conflict(sl: ModuleType, area: Area, lease: Lease, code: int) -> Conflict:
     found = owners(sl, area, lease)
     text = describe_owners(found, host_names(area) if found else {})
     if code == E_EXIST and not found:
@@ -164,7 +158,7 @@ def _conflict(sl: ModuleType, area: Area, lease: Lease, code: int) -> tuple[str,
     return lease.label, lease.mode, text
 
 
-def conflicts(plan: Plan, config: Config) -> list[tuple[str, str, str]]:
+def conflicts(plan: Plan, config: Config) -> list[Conflict]:
     """What would refuse this plan now, from the owners on storage.  Takes nothing."""
     sl = binding()
     area = Area(config)

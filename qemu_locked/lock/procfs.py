@@ -1,8 +1,10 @@
-"""Who holds a lock: /proc/PID/fdinfo ``lock:`` lines and /proc/PID/cmdline.
+"""What /proc tells about other processes: their fds, their locks, their VM.
 
 /proc/locks shows pid -1 for OFD locks, so holders are found by walking the
-fds of every process we can see and matching device:inode.  Used only on the
-refusal path and by ``qemu-lockctl status``; never when a start succeeds.
+fds of every process we can see (the one walk: :func:`fd_entries`) and
+matching device:inode in their fdinfo ``lock:`` lines; the VM's name comes
+from /proc/PID/cmdline.  Used on the refusal path, by ``qemu-lockctl status``
+and the migration keeper's rows; never when a start succeeds.
 """
 
 from __future__ import annotations
@@ -62,17 +64,13 @@ def guest_of(pid: int) -> tuple[str | None, str | None, str]:
         argv = _read(f"/proc/{pid}/cmdline", 1 << 20).decode(errors="replace").split("\0")
     except OSError:
         argv = []
-    try:
-        comm = _read(f"/proc/{pid}/comm").decode(errors="replace").strip()
-    except OSError:
-        comm = ""
     guest = uuid = None
     for i, arg in enumerate(argv[:-1]):
         if arg in ("-name", "--name"):
             guest = dict(split_opts(argv[i + 1], "guest")).get("guest") or guest
         elif arg in ("-uuid", "--uuid"):
             uuid = argv[i + 1]
-    return guest, uuid, comm
+    return guest, uuid, comm(pid)
 
 
 def start_time(pid: int) -> float | None:
@@ -86,13 +84,31 @@ def start_time(pid: int) -> float | None:
     return btime + ticks / os.sysconf("SC_CLK_TCK")
 
 
-def _lock_lines(pid: int, fd: str) -> Iterator[tuple[str, str, int, int, int]]:
-    """(kind, mode, dev, ino, start) of each lock in an fdinfo file."""
+def comm(pid: int) -> str:
     try:
-        text = _read(f"/proc/{pid}/fdinfo/{fd}").decode(errors="replace")
+        return _read(f"/proc/{pid}/comm").decode(errors="replace").strip()
+    except OSError:
+        return ""
+
+
+def fd_entries(pid: int) -> Iterator[tuple[str, str, str]]:
+    """(fd, link target, fdinfo text) of each fd of a process we may read."""
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
     except OSError:
         return
-    for line in text.splitlines():
+    for fd in fds:
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            info = _read(f"/proc/{pid}/fdinfo/{fd}").decode(errors="replace")
+        except OSError:
+            continue
+        yield fd, target, info
+
+
+def lock_lines(info: str) -> Iterator[tuple[str, str, int, int, int]]:
+    """(kind, mode, dev, ino, start) of each lock in an fdinfo text."""
+    for line in info.splitlines():
         if not line.startswith("lock:"):
             continue
         # lock:	1: OFDLCK  ADVISORY  WRITE -1 08:02:1234 0 0
@@ -113,21 +129,13 @@ def fd_locks(pid: int) -> dict[str, list[tuple[str, str, int]]]:
     Every lock, not just byte 0: QEMU's own image locks (bytes 100-204) too.
     """
     out: dict[str, list[tuple[str, str, int]]] = {}
-    try:
-        fds = os.listdir(f"/proc/{pid}/fd")
-    except OSError:
-        return out
-    for fd in fds:
-        try:
-            path = os.readlink(f"/proc/{pid}/fd/{fd}")
-        except OSError:
-            continue
-        for kind, mode, _dev, _ino, start in _lock_lines(pid, fd):
+    for _fd, path, info in fd_entries(pid):
+        for kind, mode, _dev, _ino, start in lock_lines(info):
             out.setdefault(path, []).append((kind, mode, start))
     return out
 
 
-def _pids() -> list[int]:
+def pids() -> list[int]:
     try:
         return sorted(int(p) for p in os.listdir("/proc") if p.isdigit())
     except OSError:
@@ -137,27 +145,12 @@ def _pids() -> list[int]:
 def scan(match: set[tuple[int, int]] | None = None) -> Iterator[FileLock]:
     """Every byte-0 lock held through an fd we can see (optionally only these files)."""
     me = os.getpid()
-    for pid in _pids():
+    for pid in pids():
         if pid == me:
             continue
-        try:
-            fds = os.listdir(f"/proc/{pid}/fd")
-        except OSError:
-            continue
-        for fd in fds:
-            link = f"/proc/{pid}/fd/{fd}"
-            try:
-                st = os.stat(link)
-            except OSError:
-                continue
-            if match is not None and (st.st_dev, st.st_ino) not in match:
-                continue
-            for kind, mode, dev, ino, start in _lock_lines(pid, fd):
-                if start == 0 and (dev, ino) == (st.st_dev, st.st_ino):
-                    try:
-                        path = os.readlink(link)
-                    except OSError:
-                        path = "?"
+        for fd, path, info in fd_entries(pid):
+            for kind, mode, dev, ino, start in lock_lines(info):
+                if start == 0 and (match is None or (dev, ino) in match):
                     yield FileLock(pid, int(fd), path, dev, ino, mode, kind)
 
 
