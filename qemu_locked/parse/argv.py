@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from qemu_locked.model.errors import ArgumentError
 from qemu_locked.model.plan import Plan, Skipped, merge_by_path
-from qemu_locked.parse import readconfig
 from qemu_locked.parse.blockgraph import Graph
 from qemu_locked.parse.keyval import dict_or_opts, nest, split_opts
 from qemu_locked.parse.options import ARG_OPTIONS, IMAGE_OPTIONS
@@ -107,6 +106,8 @@ class _Walk:
         self.readconfig_depth += 1
         if self.readconfig_depth > _MAX_READCONFIG_DEPTH:
             raise ArgumentError(arg, f"more than {_MAX_READCONFIG_DEPTH} -readconfig files")
+        from qemu_locked.parse import readconfig  # rare: libvirt never passes it
+
         for group, opts in readconfig.groups(self.read_config(path), arg, path):
             if group == "drive":
                 self.graph.drives.append((f"{arg} {path} [drive]", nest(opts, arg), "ide"))

@@ -6,7 +6,6 @@ Pure: strings in, dicts and lists out; errors name the option.
 from __future__ import annotations
 
 from qemu_locked.model.errors import ArgumentError
-from qemu_locked.parse import jsonlite
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -83,6 +82,8 @@ def as_bool(value: object, option: str, key: str) -> bool:
 
 def load_json(text: str, option: str) -> dict[str, Any]:
     try:
+        from qemu_locked.parse import jsonlite  # only for JSON values
+
         value = jsonlite.loads(text)
     except ValueError as exc:
         raise ArgumentError(option, f"bad JSON: {exc}") from None
