@@ -91,15 +91,27 @@ def comm(pid: int) -> str:
         return ""
 
 
-def fd_entries(pid: int) -> Iterator[tuple[str, str, str]]:
-    """(fd, link target, fdinfo text) of each fd of a process we may read."""
+def fd_entries(
+    pid: int, match: set[tuple[int, int]] | None = None
+) -> Iterator[tuple[str, str, str]]:
+    """(fd, link target, fdinfo text) of each fd of a process we may read.
+
+    With ``match``, only fds on those (dev, inode) files: a stat() of the fd
+    is much cheaper than reading its fdinfo, and a host running VMs has
+    thousands of fds (sockets, eventfds) that can be skipped that way.
+    """
     try:
         fds = os.listdir(f"/proc/{pid}/fd")
     except OSError:
         return
     for fd in fds:
+        link = f"/proc/{pid}/fd/{fd}"
         try:
-            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            if match is not None:
+                st = os.stat(link)
+                if (st.st_dev, st.st_ino) not in match:
+                    continue
+            target = os.readlink(link)
             info = _read(f"/proc/{pid}/fdinfo/{fd}").decode(errors="replace")
         except OSError:
             continue
@@ -148,7 +160,7 @@ def scan(match: set[tuple[int, int]] | None = None) -> Iterator[FileLock]:
     for pid in pids():
         if pid == me:
             continue
-        for fd, path, info in fd_entries(pid):
+        for fd, path, info in fd_entries(pid, match):
             for kind, mode, dev, ino, start in lock_lines(info):
                 if start == 0 and (match is None or (dev, ino) in match):
                     yield FileLock(pid, int(fd), path, dev, ino, mode, kind)
