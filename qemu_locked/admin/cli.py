@@ -5,15 +5,16 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Annotated, NoReturn
+from pathlib import Path
+from typing import NoReturn, Optional
 
 import typer
 
 from qemu_locked.admin.common import (
+    ARGS_ARG,
+    DOMAIN_OPT,
+    JSON_OPT,
     PREFIX,
-    ArgsArg,
-    DomainOpt,
-    JsonOpt,
     emit_json,
     load_plan,
     table,
@@ -43,8 +44,20 @@ app = typer.Typer(
 )
 
 
+def _show_version(value: bool) -> None:
+    if value:
+        from qemu_locked import __version__
+
+        sys.stdout.write(f"qemu-lockctl {__version__}\n")
+        raise typer.Exit()
+
+
 @app.callback()
-def _root() -> None:
+def _root(
+    version: bool = typer.Option(
+        False, "--version", callback=_show_version, is_eager=True, help="Print the version."
+    ),
+) -> None:
     """Admin side of qemu-locked: plan, check, status, run, doctor."""
 
 
@@ -75,7 +88,11 @@ def print_plan(plan: Plan) -> None:
 
 
 @app.command()
-def plan(args: ArgsArg = None, domain: DomainOpt = None, as_json: JsonOpt = False) -> None:
+def plan(
+    args: Optional[list[str]] = ARGS_ARG,
+    domain: Optional[Path] = DOMAIN_OPT,
+    as_json: bool = JSON_OPT,
+) -> None:
     """Show what would be locked, touching no disk (paths need not exist).
 
     \b
@@ -124,7 +141,11 @@ def held_text(who: str) -> str:
 
 
 @app.command()
-def check(args: ArgsArg = None, domain: DomainOpt = None, as_json: JsonOpt = False) -> None:
+def check(
+    args: Optional[list[str]] = ARGS_ARG,
+    domain: Optional[Path] = DOMAIN_OPT,
+    as_json: bool = JSON_OPT,
+) -> None:
     """Would this VM start now?  Takes no lock.
 
     \b
@@ -164,10 +185,10 @@ def check(args: ArgsArg = None, domain: DomainOpt = None, as_json: JsonOpt = Fal
 
 @app.command()
 def status(
-    paths: Annotated[
-        list[str] | None, typer.Argument(metavar="PATH", help="Only locks on these files.")
-    ] = None,
-    as_json: JsonOpt = False,
+    paths: Optional[list[str]] = typer.Argument(
+        None, metavar="PATH", help="Only locks on these files."
+    ),
+    as_json: bool = JSON_OPT,
 ) -> None:
     """Every byte-0 lock held on this host (and, with a lockspace backend, on
     every host sharing it): disk, mode, pid, guest, uuid, since, host.
@@ -204,13 +225,10 @@ def status(
 
 @app.command()
 def doctor(
-    path: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--path", metavar="DIR", help="Check OFD locks in this directory (repeatable)."
-        ),
-    ] = None,
-    as_json: JsonOpt = False,
+    path: Optional[list[str]] = typer.Option(
+        None, "--path", metavar="DIR", help="Check OFD locks in this directory (repeatable)."
+    ),
+    as_json: bool = JSON_OPT,
 ) -> None:
     """Is this host set up right?  Each finding is OK, WARN or FAIL, with a fix.
 

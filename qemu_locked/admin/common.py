@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
 import typer
 
@@ -15,14 +15,13 @@ from qemu_locked.model.plan import Plan
 
 PREFIX = "qemu-lockctl: "
 
-JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
-DomainOpt = Annotated[
-    Path | None,
-    typer.Option("--domain", "-d", metavar="FILE", help="A libvirt domain XML file (- for stdin)."),
-]
-ArgsArg = Annotated[
-    list[str] | None, typer.Argument(metavar="-- QEMU-ARGS", help="QEMU arguments, after --.")
-]
+# Parameters are declared with defaults (``x: Optional[T] = typer.Option(None, ...)``),
+# not ``Annotated[T | None, ...]``: Debian 12's python3-typer 0.7 knows only this form.
+JSON_OPT: Any = typer.Option(False, "--json", help="Machine-readable output.")
+DOMAIN_OPT: Any = typer.Option(
+    None, "--domain", "-d", metavar="FILE", help="A libvirt domain XML file (- for stdin)."
+)
+ARGS_ARG: Any = typer.Argument(None, metavar="-- QEMU-ARGS", help="QEMU arguments, after --.")
 
 
 def emit_json(obj: Any) -> None:

@@ -34,7 +34,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Callable
-from typing import Annotated
+from typing import Any, Optional
 
 import typer
 from lxml import etree
@@ -51,19 +51,17 @@ libvirt_app = typer.Typer(
     no_args_is_help=True,
 )
 
-DomainsArg = Annotated[list[str] | None, typer.Argument(help="Domain names (or UUIDs).")]
-AllOpt = Annotated[bool, typer.Option("--all", help="Every persistent domain.")]
-ConnectOpt = Annotated[
-    str,
-    typer.Option("--connect", "-c", envvar="LIBVIRT_DEFAULT_URI", help="libvirt URI (virsh -c)."),
-]
-EmulatorOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--emulator",
-        help="The qemu-locked to use (default: the qemu-locked next to this qemu-lockctl).",
-    ),
-]
+# Defaults-style typer parameters: see JSON_OPT in qemu_locked.admin.cli.
+DOMAINS_ARG: Any = typer.Argument(None, help="Domain names (or UUIDs).")
+ALL_OPT: Any = typer.Option(False, "--all", help="Every persistent domain.")
+CONNECT_OPT: Any = typer.Option(
+    DEFAULT_URI, "--connect", "-c", envvar="LIBVIRT_DEFAULT_URI", help="libvirt URI (virsh -c)."
+)
+EMULATOR_OPT: Any = typer.Option(
+    None,
+    "--emulator",
+    help="The qemu-locked to use (default: the qemu-locked next to this qemu-lockctl).",
+)
 
 
 class VirshError(BackendError):
@@ -303,10 +301,10 @@ def _each(names: list[str], action: str, step: Callable[[str], None]) -> None:
 
 @libvirt_app.command()
 def enable(
-    domains: DomainsArg = None,
-    all_: AllOpt = False,
-    emulator: EmulatorOpt = None,
-    connect: ConnectOpt = DEFAULT_URI,
+    domains: Optional[list[str]] = DOMAINS_ARG,
+    all_: bool = ALL_OPT,
+    emulator: Optional[str] = EMULATOR_OPT,
+    connect: str = CONNECT_OPT,
 ) -> None:
     """Make domains start through qemu-locked (from their next start on)."""
     wrapper = check_wrapper(emulator if emulator is not None else default_wrapper())
@@ -329,9 +327,9 @@ def enable(
 
 @libvirt_app.command()
 def disable(
-    domains: DomainsArg = None,
-    all_: AllOpt = False,
-    connect: ConnectOpt = DEFAULT_URI,
+    domains: Optional[list[str]] = DOMAINS_ARG,
+    all_: bool = ALL_OPT,
+    connect: str = CONNECT_OPT,
 ) -> None:
     """Restore domains' original emulator (their XML as it was before enable)."""
     names = _targets(connect, domains, all_)

@@ -6,7 +6,7 @@ import grp
 import os
 import stat
 import sys
-from typing import Annotated
+from typing import Optional
 
 import typer
 
@@ -49,12 +49,10 @@ def init_dir(path: str, group: str) -> str:
 
 @lockspace_app.command("init")
 def init(
-    path: Annotated[
-        str | None, typer.Argument(help="Directory (default: config lockspace_dir).")
-    ] = None,
-    group: Annotated[
-        str | None, typer.Option(help="Group of the VM user (default libvirt-qemu).")
-    ] = None,
+    path: Optional[str] = typer.Argument(None, help="Directory (default: config lockspace_dir)."),
+    group: Optional[str] = typer.Option(
+        None, "--group", help="Group of the VM user (default libvirt-qemu)."
+    ),
 ) -> None:
     """Create the lockspace directory with the narrowest permissions that work for the VM user."""
     target = path or _config.load().lockspace_dir

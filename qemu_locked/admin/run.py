@@ -12,11 +12,12 @@ import os
 import shutil
 import sys
 import time
-from typing import Annotated
+from pathlib import Path
+from typing import Optional
 
 import typer
 
-from qemu_locked.admin.common import PREFIX, DomainOpt, read_domain, with_config
+from qemu_locked.admin.common import DOMAIN_OPT, PREFIX, read_domain, with_config
 from qemu_locked.model import config as _config
 from qemu_locked.model.errors import (
     EmulatorNotExecutable,
@@ -119,24 +120,19 @@ def acquire_waiting(plan: Plan, cfg: _config.Config, wait: float) -> Held | None
 
 
 def run(
-    cmd: Annotated[
-        list[str] | None, typer.Argument(metavar="-- CMD", help="The command to exec, after --.")
-    ] = None,
-    domain: DomainOpt = None,
-    disk: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--disk",
-            metavar="PATH[:shared]",
-            help="A disk to lock (repeatable; exclusive unless :shared).",
-        ),
-    ] = None,
-    wait: Annotated[
-        float,
-        typer.Option(
-            "--wait", min=0.0, metavar="SECONDS", help="Wait up to SECONDS for holders to go."
-        ),
-    ] = 0.0,
+    cmd: Optional[list[str]] = typer.Argument(
+        None, metavar="-- CMD", help="The command to exec, after --."
+    ),
+    domain: Optional[Path] = DOMAIN_OPT,
+    disk: Optional[list[str]] = typer.Option(
+        None,
+        "--disk",
+        metavar="PATH[:shared]",
+        help="A disk to lock (repeatable; exclusive unless :shared).",
+    ),
+    wait: float = typer.Option(
+        0.0, "--wait", min=0.0, metavar="SECONDS", help="Wait up to SECONDS for holders to go."
+    ),
 ) -> None:
     """Take the locks, then exec CMD holding them (qemu-img, backup scripts...).
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Annotated, Any
+from typing import Any, Optional
 
 import typer
 
@@ -19,7 +19,8 @@ from qemu_locked.model import config as _config
 
 sanlock_app = typer.Typer(help="sanlock backend: init, join, status, doctor.", no_args_is_help=True)
 
-JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
+# Defaults-style typer parameters: see JSON_OPT in qemu_locked.admin.cli.
+JSON_OPT: Any = typer.Option(False, "--json", help="Machine-readable output.")
 
 
 def _emit(obj: Any) -> None:
@@ -28,13 +29,13 @@ def _emit(obj: Any) -> None:
 
 @sanlock_app.command()
 def init(
-    slots: Annotated[
-        int, typer.Option("--slots", help="Lease slots in the resource area (1 MiB each).")
-    ] = 256,
-    force: Annotated[
-        bool, typer.Option("--force", help="Re-initialise: forgets every lease on every host.")
-    ] = False,
-    as_json: JsonOpt = False,
+    slots: int = typer.Option(
+        256, "--slots", help="Lease slots in the resource area (1 MiB each)."
+    ),
+    force: bool = typer.Option(
+        False, "--force", help="Re-initialise: forgets every lease on every host."
+    ),
+    as_json: bool = JSON_OPT,
 ) -> None:
     """Write the lockspace (with sanlock_io_timeout) and the resource lease area.
 
@@ -54,7 +55,7 @@ def init(
 
 
 @sanlock_app.command()
-def join(as_json: JsonOpt = False) -> None:
+def join(as_json: bool = JSON_OPT) -> None:
     """Join the lockspace as sanlock_host_id (add_lockspace: ~2*io_timeout+1 s)."""
     done = _backend.join(_config.load())
     if as_json:
@@ -72,13 +73,11 @@ def leave() -> None:
 
 @sanlock_app.command()
 def status(
-    resources: Annotated[
-        list[str] | None,
-        typer.Argument(
-            help="Only the leases of these disk paths or domain:uuid:UUID / domain:name:NAME keys."
-        ),
-    ] = None,
-    as_json: JsonOpt = False,
+    resources: Optional[list[str]] = typer.Argument(
+        None,
+        help="Only the leases of these disk paths or domain:uuid:UUID / domain:name:NAME keys.",
+    ),
+    as_json: bool = JSON_OPT,
 ) -> None:
     """The lockspace, its hosts, and every lease with its holders."""
     table = _backend.lease_table(_config.load(), resources)
@@ -116,7 +115,7 @@ def status(
 
 
 @sanlock_app.command()
-def doctor(as_json: JsonOpt = False) -> None:
+def doctor(as_json: bool = JSON_OPT) -> None:
     """Check the binding, the daemon, the lockspace, the join, and fencing."""
     findings = doctor_findings(_config.load())
     if as_json:

@@ -19,10 +19,26 @@ import stat
 from typing import IO, Any
 
 import portalocker
+import portalocker.portalocker
 from portalocker import exceptions as pl_exceptions
-from portalocker.portalocker import BaseLocker
 
 from qemu_locked.lock import ofd
+
+# portalocker >= 2.8 has a plug-in base class for lockers and a generic Lock;
+# Debian 12's python3-portalocker 2.2.1 has neither.  Only the hooks both
+# versions call (_get_fh, _get_lock, acquire, release) are used below.
+# Old releases also retry (timeout, check_interval) only on LockException, of
+# which their AlreadyLocked is not a subclass.
+_RETRIES_ALREADY_LOCKED = issubclass(pl_exceptions.AlreadyLocked, pl_exceptions.LockException)
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from portalocker.portalocker import BaseLocker as _LockerBase
+
+    _LockBase = portalocker.Lock[IO[bytes]]
+else:
+    _LockerBase = getattr(portalocker.portalocker, "BaseLocker", object)
+    _LockBase = portalocker.Lock
 
 EXCLUSIVE = portalocker.LockFlags.EXCLUSIVE
 SHARED = portalocker.LockFlags.SHARED
@@ -33,7 +49,7 @@ def _fd(file_obj: Any) -> int:
     return file_obj if isinstance(file_obj, int) else int(file_obj.fileno())
 
 
-class OFDLocker(BaseLocker):
+class OFDLocker(_LockerBase):
     """OFD lock on byte 0, length 1: F_WRLCK for EXCLUSIVE, F_RDLCK for SHARED."""
 
     def lock(self, file_obj: Any, flags: portalocker.LockFlags) -> None:
@@ -63,7 +79,7 @@ class OFDLocker(BaseLocker):
 _LOCKER = OFDLocker()
 
 
-class OFDLock(portalocker.Lock[IO[bytes]]):
+class OFDLock(_LockBase):
     """``portalocker.Lock`` on an existing regular file, through :class:`OFDLocker`.
 
     ``flags`` default to ``EXCLUSIVE | NON_BLOCKING``; ``timeout`` and
@@ -98,10 +114,39 @@ class OFDLock(portalocker.Lock[IO[bytes]]):
             raise
 
     def _get_lock(self, fh: IO[bytes]) -> IO[bytes]:
-        _LOCKER.lock(fh, self.flags)
+        try:
+            _LOCKER.lock(fh, self.flags)
+        except pl_exceptions.AlreadyLocked as exc:
+            if _RETRIES_ALREADY_LOCKED:
+                raise
+            raise pl_exceptions.LockException(exc, fh=fh) from exc
         return fh
 
-    def _release_claimed_fh(self, fh: IO[str] | IO[bytes]) -> None:
+    def acquire(
+        self,
+        timeout: float | None = None,
+        check_interval: float | None = None,
+        fail_when_locked: bool | None = None,
+    ) -> IO[bytes]:
+        try:
+            return super().acquire(timeout, check_interval, fail_when_locked)
+        except pl_exceptions.AlreadyLocked:
+            raise
+        except pl_exceptions.LockException as exc:
+            # Old portalocker wraps the last attempt's error: unwrap contention.
+            cause: object = exc
+            while isinstance(cause, pl_exceptions.LockException) and cause.args:
+                cause = cause.args[0]
+            if isinstance(cause, pl_exceptions.AlreadyLocked):
+                raise cause from None
+            raise
+
+    def release(self) -> None:
+        # Our own, not portalocker's: older releases unlock with flock(), which
+        # would leave the OFD byte to the close alone.
+        fh, self.fh = self.fh, None
+        if fh is None:
+            return
         try:
             _LOCKER.unlock(fh)
         finally:
