@@ -9,7 +9,7 @@ APT_DEMO_PKGS := python3-venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck unit clean apt-test apt-demo venv stress bench e2e
+.PHONY: demo test lint typecheck unit clean apt-test apt-demo apt-deb venv stress bench e2e deb
 
 # Install Debian packages that are missing (root only; others are told what to install).
 define apt_install
@@ -73,5 +73,21 @@ bench: $(STAMP)
 stress: apt-test $(STAMP)
 	STRESS=full $(VENV)/bin/pytest -q -p no:cacheprovider tests/stress
 
+# The Debian package, by Debian's own tooling (dh-python, pybuild's pyproject
+# plugin), from a copy of the tree as it is now (uncommitted changes included).
+# Debian's PATH only: pybuild must not find another python3 (e.g. pyenv's) first.
+APT_DEB_PKGS := dpkg-dev debhelper dh-python pybuild-plugin-pyproject python3-all python3-setuptools python3-lxml python3-portalocker python3-typer
+DEB_DIR := build/deb
+apt-deb:
+	$(call apt_install,$(APT_DEB_PKGS))
+
+deb: apt-deb
+	rm -rf $(DEB_DIR) && mkdir -p $(DEB_DIR)/src
+	git ls-files -z --cached --others --exclude-standard | tar --null -T - -cf - | tar -xf - -C $(DEB_DIR)/src
+	cd $(DEB_DIR)/src && env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME="$$HOME" LANG=C.UTF-8 \
+	  dpkg-buildpackage -us -uc -b >../build.log 2>&1 || { tail -30 ../build.log; exit 1; }
+	mv $(DEB_DIR)/qemu-locked_*_all.deb .
+	@ls qemu-locked_*_all.deb
+
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build *.egg-info qemu-locked_*_all.deb
