@@ -1,4 +1,4 @@
-"""qemu-lockctl lockspace ...: set up the lease directory."""
+"""qemu-lockctl lockspace ...: set up the lease directory and keep it tidy."""
 
 from __future__ import annotations
 
@@ -10,11 +10,13 @@ from typing import Optional
 
 import typer
 
+from qemu_locked.admin.common import JSON_OPT, emit_json
 from qemu_locked.model import config as _config
-from qemu_locked.model.errors import BackendError, UsageError
+from qemu_locked.model.errors import EXIT_BACKEND, BackendError, UsageError
 
 lockspace_app = typer.Typer(
-    help="Set up the lockspace directory (lockspace backend, domain leases)."
+    help="The lockspace directory (lockspace backend, domain leases): init, gc.",
+    no_args_is_help=True,
 )
 
 DIR_MODE = 0o2770  # setgid: lease files inherit the group the VM user locks them through
@@ -51,9 +53,40 @@ def init_dir(path: str, group: str) -> str:
 def init(
     path: Optional[str] = typer.Argument(None, help="Directory (default: config lockspace_dir)."),
     group: Optional[str] = typer.Option(
-        None, "--group", help="Group of the VM user (default libvirt-qemu)."
+        None, "--group", metavar="GROUP", help="Group of the VM user (default libvirt-qemu)."
     ),
 ) -> None:
     """Create the lockspace directory with the narrowest permissions that work for the VM user."""
     target = path or _config.load().lockspace_dir
     sys.stdout.write(init_dir(target, group or default_group()) + "\n")
+
+
+@lockspace_app.command("gc")
+def gc(
+    path: Optional[str] = typer.Argument(None, help="Directory (default: config lockspace_dir)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Only count what would go."),
+    as_json: bool = JSON_OPT,
+) -> None:
+    """Remove the lease files nobody holds (safe while VMs start and stop).
+
+    \b
+    Each file is removed while this command holds its exclusive lock; a start
+    that waited on it takes the new file instead.  Held leases stay.
+    Exit codes: 0 done; 5 the directory or a lease file is unusable.
+    """
+    from qemu_locked.backends.lockspace.gc import collect
+
+    target = path or _config.load().lockspace_dir
+    done = collect(target, dry_run)
+    if as_json:
+        emit_json({"directory": target, "dry_run": dry_run, "removed": list(done.removed),
+                   "held": list(done.held), "unusable": list(done.unusable)})  # fmt: skip
+    else:
+        verb = "would remove" if dry_run else "removed"
+        sys.stdout.write(
+            f"{target}: {verb} {len(done.removed)} unheld lease file(s); {len(done.held)} held\n"
+        )
+        for line in done.unusable:
+            sys.stderr.write(f"qemu-lockctl: {target}/{line}\n")
+    if done.unusable:
+        raise SystemExit(EXIT_BACKEND)

@@ -67,12 +67,12 @@ def run(pending: list[Pending], config: Config, plan: Plan, vm_pid: int, pidfd: 
             if got is None:
                 keep_alive = False
                 break  # the VM is gone: nothing left to keep
-            if got and p.holds_for_life:
-                keep_alive = True
-                continue
             if got:
                 p.taken(config, plan, vm_pid)
-                os.close(p.fd)
+                if p.holds_for_life:
+                    keep_alive = True
+                else:
+                    os.close(p.fd)
                 continue
             action = config.incoming_timeout_action
             spawn.say(

@@ -13,8 +13,11 @@ Layout of a lease file:
   locked, so the lock is the truth and a record is never trusted alone.
 
 Files are created without following symlinks (O_NOFOLLOW, relative to an fd of
-the directory), must be regular files with one link, and are never unlinked
-(unlinking would split waiters across two inodes).
+the directory) and must be regular files with one link.  Unlinking one would
+split waiters across two inodes, so only ``qemu-lockctl lockspace gc``
+(:mod:`.gc`) removes them, each while holding its exclusive lock; every acquirer,
+once it holds a lock, checks that the name still leads to the inode it locked
+(:meth:`Lockspace.still_names`) and starts over on the file now there otherwise.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import stat
 import time
 
 from qemu_locked.lock import ofd
-from qemu_locked.lock.acquire import take_all
+from qemu_locked.lock.acquire import NO_WAIT, take_all
 from qemu_locked.lock.held import Held, Pending
 from qemu_locked.lock.keys import digest
 from qemu_locked.model.claim import Claim, merged
@@ -144,32 +147,60 @@ class Lockspace:
         """An fd of a lease file (read-write), created if missing; never a symlink."""
         access = os.O_RDONLY if readonly else os.O_RDWR
         flags = access | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY
-        try:
-            fd = os.open(name, flags | (os.O_CREAT if create else 0), _FILE_MODE, dir_fd=self.dirfd)
-        except FileNotFoundError as exc:
-            if create:  # the directory itself went away under us
+        while True:
+            try:
+                fd = os.open(
+                    name, flags | (os.O_CREAT if create else 0), _FILE_MODE, dir_fd=self.dirfd
+                )
+            except FileNotFoundError as exc:
+                if create:  # the directory itself went away under us
+                    raise BackendError(f"{self.path}/{name}: {exc.strerror}") from None
+                raise LeaseMissing(f"{self.path}/{name}: no such lease") from None
+            except OSError as exc:
+                if exc.errno == 40:
+                    raise BackendError(
+                        f"{self.path}/{name}: is a symlink, refusing to use it"
+                    ) from None
                 raise BackendError(f"{self.path}/{name}: {exc.strerror}") from None
-            raise LeaseMissing(f"{self.path}/{name}: no such lease") from None
-        except OSError as exc:
-            if exc.errno == 40:
-                raise BackendError(
-                    f"{self.path}/{name}: is a symlink, refusing to use it"
-                ) from None
-            raise BackendError(f"{self.path}/{name}: {exc.strerror}") from None
+            try:
+                st = os.fstat(fd)
+                if st.st_nlink == 0:  # a collector removed it after our open: again
+                    os.close(fd)
+                    continue
+                if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+                    raise BackendError(
+                        f"{self.path}/{name}: not a plain lease file (type or links)"
+                    )
+                if (
+                    st.st_size == 0
+                    and stat.S_IMODE(st.st_mode) != _FILE_MODE
+                    and st.st_uid == os.geteuid()
+                ):
+                    os.fchmod(fd, _FILE_MODE)  # the umask may have narrowed it
+            except BaseException:
+                os.close(fd)
+                raise
+            return fd
+
+    def still_names(self, name: str, fd: int) -> bool:
+        """Does ``name`` still lead to the file ``fd`` has open (not removed or replaced)?"""
         try:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
-                raise BackendError(f"{self.path}/{name}: not a plain lease file (type or links)")
-            if (
-                st.st_size == 0
-                and stat.S_IMODE(st.st_mode) != _FILE_MODE
-                and st.st_uid == os.geteuid()
-            ):
-                os.fchmod(fd, _FILE_MODE)  # the umask may have narrowed it
-        except BaseException:
+            st, mine = os.stat(name, dir_fd=self.dirfd, follow_symlinks=False), os.fstat(fd)
+        except FileNotFoundError:
+            return False
+        return (st.st_dev, st.st_ino) == (mine.st_dev, mine.st_ino)
+
+    def open_locked(self, name: str, exclusive: bool, deadline: float) -> tuple[int, bool]:
+        """An fd of lease ``name`` and whether its lock was taken by ``deadline``.
+
+        A lock taken on a file that a collector removed meanwhile protects
+        nothing: the file now under that name is opened and locked instead."""
+        while True:
+            fd = self.open_lease(name)
+            got = ofd.lock_until(fd, exclusive, deadline)
+            if not got or self.still_names(name, fd):
+                return fd, got
             os.close(fd)
-            raise
-        return fd
 
     def names(self) -> list[str]:
         try:
@@ -245,9 +276,29 @@ class Identity:
 class LeasePending(Pending):
     """A busy lease for the migration keeper: once taken, its record is written."""
 
-    def __init__(self, fd: int, claim: Claim) -> None:
+    def __init__(self, fd: int, claim: Claim, directory: str) -> None:
         super().__init__(fd, claim.exclusive, claim.label)
         self.key = claim.key
+        self.directory = directory
+
+    def try_take(self) -> bool:
+        if not ofd.try_lock(self.fd, self.exclusive):
+            return False
+        space = Lockspace(self.directory)
+        try:
+            name = lease_name(self.key)
+            if space.still_names(name, self.fd):
+                return True
+            # A collector removed the file we waited on.  QEMU's copy of this fd
+            # now locks nothing anyone sees: the keeper takes the file now under
+            # that name on an fd of its own and holds it until QEMU exits.
+            ofd.unlock(self.fd)
+            os.close(self.fd)
+            self.fd = space.open_lease(name)
+            self.holds_for_life = True
+        finally:
+            space.close()
+        return False  # tried again on the next round, on the new file
 
     def taken(self, config: Config, plan: Plan, vm_pid: int) -> None:
         slot = take_slot(self.fd)
@@ -273,14 +324,16 @@ def acquire(
     fds: dict[str, int] = {}
 
     def take(claim: Claim, until: float) -> bool:
-        fd = space.open_lease(lease_name(claim.key))
+        fd, got = space.open_locked(
+            lease_name(claim.key), claim.exclusive, NO_WAIT if defer else until
+        )
         held.fds.append(fd)
         fds[claim.key] = fd
         if defer:
-            if not ofd.try_lock(fd, claim.exclusive):
-                held.pending.append(LeasePending(fd, claim))
+            if not got:
+                held.pending.append(LeasePending(fd, claim, space.path))
             return True
-        return ofd.lock_until(fd, claim.exclusive, until)
+        return got
 
     def refusal(claim: Claim) -> Conflict:
         return claim.label, claim.mode, describe_holders(fds[claim.key], "exclusive")
