@@ -17,35 +17,17 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from qemu_locked.admin.doctor_libvirt import check_libvirt
+from qemu_locked.admin.finding import FAIL, OK, WARN, Finding
+from qemu_locked.admin.probe import INSTALL_FIX, check_start
 from qemu_locked.admin.vmuser import QEMU_USER, User, launcher_denied
 from qemu_locked.model import config as _config
 from qemu_locked.model.errors import QemuLockedError
-from qemu_locked.model.value import frozen
 
-OK, WARN, FAIL = "OK", "WARN", "FAIL"
-
-LIBVIRT_QEMU_CONF = "/etc/libvirt/qemu.conf"
-LIBVIRT_LOCKD_CONF = "/etc/libvirt/qemu-lockd.conf"
-LIBVIRT_DOMAINS = "/etc/libvirt/qemu"
 DEFAULT_IMAGE_DIRS = ("/var/lib/libvirt/images",)
 # Filesystems that forward OFD locks to a lock server shared by every client.
 _SHARED_FS = ("nfs", "nfs4", "ceph", "gpfs", "glusterfs", "fuse.glusterfs", "ocfs2", "gfs2")
-
-
-@frozen
-class Finding:
-    status: str  # OK | WARN | FAIL
-    check: str
-    message: str
-    fix: str = ""
-
-    def to_json_obj(self) -> dict[str, str]:
-        return {
-            "status": self.status,
-            "check": self.check,
-            "message": self.message,
-            "fix": self.fix,
-        }
+CONFIG_FIX = "fix that setting (man qemu-locked, CONFIGURATION; docs/configuration.md)"
 
 
 # -- helpers -----------------------------------------------------------------
@@ -81,24 +63,6 @@ def _scope(fstype: str) -> str:
     if fstype in _SHARED_FS or fstype.startswith("nfs"):
         return f"{fstype}: locks are seen by every host of this filesystem"
     return f"{fstype}: locks are host-local"
-
-
-def read_libvirt_conf(path: str) -> dict[str, str] | None:
-    """``key = value`` settings of a libvirt .conf file (quotes removed); None if absent."""
-    try:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            text = f.read(1 << 20)
-    except FileNotFoundError:
-        return None
-    except OSError:
-        return {}
-    out: dict[str, str] = {}
-    for raw in text.splitlines():
-        line = raw.split("#", 1)[0].strip()
-        key, eq, value = line.partition("=")
-        if eq and key.strip().isidentifier():
-            out[key.strip()] = value.strip().strip('"')
-    return out
 
 
 # -- checks ------------------------------------------------------------------
@@ -167,14 +131,16 @@ def check_ofd(directory: str, label: str, missing: str = FAIL) -> Finding:
     return Finding(OK, check, f"{directory}: OFD byte-0 locks work ({_scope(fstype)})")
 
 
-def check_config() -> tuple[Finding, _config.Config]:
+def check_config(user: User | None = None) -> tuple[Finding, _config.Config]:
     try:
         cfg = _config.load()
     except QemuLockedError as exc:
-        return (
-            Finding(FAIL, "config", exc.message, "fix that setting (see README, Configuration)"),
-            _config.Config(),
-        )
+        return Finding(FAIL, "config", exc.message, CONFIG_FIX), _config.Config()
+    if user is not None and cfg.source.startswith("/"):
+        why = user.denied(cfg.source, 4)
+        if why:
+            message = f"{why}: every start fails (the wrapper reads it as {user.name})"
+            return Finding(FAIL, "config", message, f"chmod 644 {cfg.source}"), cfg
     return Finding(OK, "config", f"{cfg.source}: valid (backend {cfg.backend})"), cfg
 
 
@@ -182,7 +148,7 @@ def _launcher() -> str:
     return shutil.which("qemu-locked") or str(Path(sys.executable).parent / "qemu-locked")
 
 
-def check_emulator(cfg: _config.Config) -> Finding:
+def check_emulator(cfg: _config.Config, user: User | None = None) -> Finding:
     from qemu_locked.start import emulator
 
     try:
@@ -197,6 +163,9 @@ def check_emulator(cfg: _config.Config) -> Finding:
             "install qemu-system-x86 (apt-get install qemu-system-x86) or set emulator = "
             '"/path/to/qemu-system-ARCH" in the config',
         )
+    why = user.denied(path, 5) if user is not None else None
+    if why and user is not None:
+        return Finding(FAIL, "emulator", f"{why}: QEMU runs as {user.name}", "")
     return Finding(OK, "emulator", f"qemu-locked will exec {path}")
 
 
@@ -204,7 +173,12 @@ def check_launcher(user: User | None) -> Iterator[Finding]:
     """The emulator wrapper, its interpreter and package must be usable by the QEMU user."""
     path = _launcher()
     if not os.path.exists(path):
-        yield Finding(WARN, "launcher", f"{path}: not installed", "run `make venv` or pip install")
+        yield Finding(
+            WARN,
+            "launcher",
+            f"{path}: not installed",
+            "apt install ./qemu-locked_VERSION_all.deb (README.md, Install)",
+        )
         return
     if user is None:
         return
@@ -214,7 +188,7 @@ def check_launcher(user: User | None) -> Iterator[Finding]:
             FAIL,
             "launcher",
             f"{why}: libvirt runs the emulator as {user.name}",
-            "install into a world-readable place made from /usr/bin/python3 (DESIGN.md §7)",
+            INSTALL_FIX.format(user=user.name),
         )
         return
     yield Finding(OK, "launcher", f"{path} and its interpreter are usable by {user.name}")
@@ -222,7 +196,8 @@ def check_launcher(user: User | None) -> Iterator[Finding]:
 
 def check_lockspace(cfg: _config.Config, user: User | None) -> Iterator[Finding]:
     directory = cfg.lockspace_dir
-    used = cfg.backend == "lockspace"
+    # direct keeps domain and block-device leases there whenever it exists
+    used = cfg.backend == "lockspace" or (cfg.backend == "direct" and os.path.lexists(directory))
     if not used and not os.path.lexists(directory):
         if cfg.domain_lease and cfg.backend == "direct":
             yield Finding(
@@ -258,85 +233,6 @@ def check_lockspace(cfg: _config.Config, user: User | None) -> Iterator[Finding]
         yield Finding(OK, "lockspace", f"{directory}: writable by {user.name}")
 
 
-def check_libvirt(cfg: _config.Config) -> tuple[list[Finding], User | None]:
-    out: list[Finding] = []
-    qemu_conf = read_libvirt_conf(LIBVIRT_QEMU_CONF)
-    virsh = shutil.which("virsh")
-    if qemu_conf is None:
-        out.append(Finding(OK, "libvirt", f"{LIBVIRT_QEMU_CONF}: absent (no libvirt here)"))
-        return out, User.lookup(QEMU_USER)
-    name = qemu_conf.get("user", QEMU_USER)
-    user = User.lookup(name)
-    if user is None and name.startswith("+") and name[1:].isdigit():
-        user = User(name, int(name[1:]), {int(name[1:])})
-    if user is None:
-        out.append(
-            Finding(
-                WARN,
-                "libvirt",
-                f"QEMU user '{name}' (qemu.conf user) does not exist",
-                "install libvirt-daemon-system, or fix `user` in qemu.conf",
-            )
-        )
-    manager = qemu_conf.get("lock_manager", "")
-    if manager == "lockd":
-        lockd = read_libvirt_conf(LIBVIRT_LOCKD_CONF) or {}
-        direct = lockd.get("auto_disk_leases", "1") != "0" and not lockd.get("file_lockspace_dir")
-        if direct:
-            out.append(
-                Finding(
-                    WARN,
-                    "libvirt",
-                    'lock_manager = "lockd" locks byte 0 of each disk itself: domains whose '
-                    "emulator is qemu-locked will be refused (virtlockd holds the byte first)",
-                    f"comment out lock_manager in {LIBVIRT_QEMU_CONF} (qemu-locked replaces "
-                    f"it), or set file_lockspace_dir in {LIBVIRT_LOCKD_CONF}",
-                )
-            )
-        else:
-            out.append(Finding(OK, "libvirt", 'lock_manager = "lockd" with indirect leases'))
-    elif manager:
-        out.append(Finding(OK, "libvirt", f'lock_manager = "{manager}" (independent of ours)'))
-    else:
-        out.append(Finding(OK, "libvirt", "no libvirt lock_manager: qemu-locked does the locking"))
-    if virsh:
-        out.append(Finding(OK, "virsh", f"{virsh}"))
-    else:
-        out.append(
-            Finding(WARN, "virsh", "virsh not found", "apt-get install libvirt-clients (optional)")
-        )
-    out.extend(_domain_emulators())
-    return out, user
-
-
-def _domain_emulators() -> Iterator[Finding]:
-    from qemu_locked.parse.domain_xml import emulator_of, read_limited
-
-    try:
-        files = sorted(p for p in os.listdir(LIBVIRT_DOMAINS) if p.endswith(".xml"))
-    except OSError:
-        return
-    using: list[str] = []
-    others: list[str] = []
-    for name in files:
-        path = os.path.join(LIBVIRT_DOMAINS, name)
-        try:
-            emu = emulator_of(read_limited(path), path) or ""
-        except QemuLockedError as exc:
-            yield Finding(WARN, "libvirt", exc.message, "")
-            continue
-        (using if os.path.basename(emu) == "qemu-locked" else others).append(name[:-4])
-        if os.path.basename(emu) == "qemu-locked" and not os.access(emu, os.X_OK):
-            yield Finding(FAIL, "libvirt", f"{name[:-4]}: <emulator>{emu}: not executable", "")
-    if files:
-        status = OK if not others else WARN
-        msg = f"{len(using)} of {len(files)} defined domains use qemu-locked"
-        if others:
-            msg += f" (not: {', '.join(others)})"
-        fix = "qemu-lockctl libvirt enable DOMAIN" if others else ""
-        yield Finding(status, "libvirt", msg, fix)
-
-
 def _is_block(path: str) -> bool:
     import stat
 
@@ -363,12 +259,12 @@ def check_block_identity(path: str) -> Finding:
 
 
 def run(paths: list[str] | None = None) -> list[Finding]:
-    """Every finding, in a stable order."""
+    """Every finding, in a stable order; the start probe (as the VM user) last."""
     findings: list[Finding] = []
-    cfg_finding, cfg = check_config()
+    libvirt, user = check_libvirt()
+    cfg_finding, cfg = check_config(user)
     findings.append(cfg_finding)
-    libvirt, user = check_libvirt(cfg)
-    findings.append(check_emulator(cfg))
+    findings.append(check_emulator(cfg, user))
     findings.extend(check_launcher(user))
     if paths:
         findings.extend(check_ofd(p, p) for p in paths if not _is_block(p))
@@ -381,6 +277,9 @@ def run(paths: list[str] | None = None) -> list[Finding]:
 
         findings.extend(Finding(*f) for f in doctor_findings(cfg))
     findings.extend(libvirt)
+    probe = check_start(cfg, _launcher(), user)
+    if probe is not None:
+        findings.append(probe)
     return findings
 
 

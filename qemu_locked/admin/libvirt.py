@@ -242,9 +242,10 @@ def default_wrapper() -> str:
 
 
 def check_wrapper(path: str) -> str:
-    """The qemu-locked to put in <emulator>: absolute, executable, and (a warning
-    only) usable by the unprivileged user libvirt runs QEMU as."""
-    from qemu_locked.admin import doctor
+    """The qemu-locked to put in <emulator>: absolute, executable, and usable by
+    the user libvirt runs QEMU as (qemu.conf ``user``); refused otherwise, since
+    every start of the domain would then fail."""
+    from qemu_locked.admin import vmuser
     from qemu_locked.model.errors import EmulatorNotExecutable, EmulatorNotFound
     from qemu_locked.start import emulator
 
@@ -254,12 +255,25 @@ def check_wrapper(path: str) -> str:
         emulator.check_executable(path)
     except (EmulatorNotFound, EmulatorNotExecutable) as exc:
         raise UsageError(f"--{exc.message}") from None
-    user = doctor.User.lookup(doctor.QEMU_USER)
+    user = vmuser.User.lookup(vmuser.vm_user_name())
     if user is not None:
-        why = doctor.launcher_denied(path, user)
-        if why:  # a warning, not a refusal: libvirt may be set to run QEMU as another user
-            sys.stderr.write(f"qemu-lockctl: warning: {why}: libvirt runs QEMU as {user.name}\n")
+        why = vmuser.launcher_denied(path, user)
+        if why:
+            raise UsageError(
+                f"{why}: libvirt runs QEMU as {user.name}, so every start would fail; "
+                "install the package (README.md, Install) or give --emulator a launcher "
+                f"{user.name} can run"
+            )
     return path
+
+
+def check_lock_manager(uri: str) -> None:
+    """libvirt's lockd with direct disk leases refuses every qemu-locked start."""
+    from qemu_locked.admin import vmuser
+
+    why = vmuser.lockd_takes_disks() if uri.startswith("qemu") else None
+    if why:
+        raise UsageError(f"{why}: {vmuser.LOCKD_FIX}")
 
 
 def _targets(uri: str, domains: list[str] | None, all_: bool) -> list[str]:
@@ -307,6 +321,7 @@ def enable(
     connect: str = CONNECT_OPT,
 ) -> None:
     """Make domains start through qemu-locked (from their next start on)."""
+    check_lock_manager(connect)
     wrapper = check_wrapper(emulator if emulator is not None else default_wrapper())
     names = _targets(connect, domains, all_)
 

@@ -44,7 +44,7 @@ def _conflict(fd: int, claim: Claim) -> Conflict:
     found = ofd.conflicting(fd, claim.exclusive)
     mode_hint, pid = found if found else ("exclusive", -1)
     who = procfs.holders_of(st.st_dev, st.st_ino, pid)
-    return claim.label, claim.mode, procfs.describe(who, mode_hint)
+    return claim.label, claim.mode, procfs.describe(who, mode_hint, st.st_dev, st.st_ino)
 
 
 def _block_leases(cls: list[Claim], config: Config | None) -> list[Claim]:

@@ -45,7 +45,8 @@ class Pending:
         from qemu_locked.lock import procfs
 
         st = os.fstat(self.fd)
-        return procfs.describe(procfs.holders_of(st.st_dev, st.st_ino), "exclusive")
+        holders = procfs.holders_of(st.st_dev, st.st_ino)
+        return procfs.describe(holders, "exclusive", st.st_dev, st.st_ino)
 
 
 class Held:

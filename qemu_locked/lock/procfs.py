@@ -181,12 +181,29 @@ def holders_of(dev: int, ino: int, pid_hint: int = -1) -> list[Holder]:
     return out
 
 
-def describe(holders: list[Holder], mode_hint: str) -> str:
+def locked_here(dev: int, ino: int) -> bool:
+    """Does this kernel hold a lock covering byte 0 of the file?  /proc/locks is
+    readable by everyone, even where the holder's /proc/PID is not."""
+    want = f"{os.major(dev):02x}:{os.minor(dev):02x}:{ino}"
+    try:
+        with open("/proc/locks", encoding="ascii", errors="replace") as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) >= 8 and parts[1] != "->" and parts[5] == want and parts[6] == "0":
+                    return True
+    except OSError:
+        pass
+    return False
+
+
+def describe(holders: list[Holder], mode_hint: str, dev: int = -1, ino: int = -1) -> str:
     """``(exclusive) by pid 4242, guest 'web'`` for a refusal message."""
     if not holders:
-        return (
-            f"({mode_hint}) by a process this host cannot see "
-            "(another host, another PID namespace, or no permission to read /proc)"
-        )
+        if dev >= 0 and locked_here(dev, ino):
+            return (
+                f"({mode_hint}) by a local process whose /proc entries this user cannot read "
+                "(`qemu-lockctl status PATH` as root names it)"
+            )
+        return f"({mode_hint}) by a process on another host (or in another PID namespace)"
     mode = "exclusive" if any(h.mode == "exclusive" for h in holders) else "shared"
     return f"({mode}) by " + " and ".join(h.describe() for h in holders)
