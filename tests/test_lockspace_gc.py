@@ -44,6 +44,8 @@ def test_gc_removes_what_nobody_holds_and_keeps_what_is_held(tmp_path: Path) -> 
         status = json.loads(run([QEMU_LOCKCTL, "status", "--json"], env=env).stdout)["locks"]
         mine = [r for r in status if r.get("source") == "lockspace"]
         assert sorted(r["state"] for r in mine) == ["held"] + ["stale"] * 5
+        text = run([QEMU_LOCKCTL, "status"], env=env).stdout
+        assert "\n5 stale: lease records nobody holds" in text and "lockspace gc" in text
 
         dry = run([QEMU_LOCKCTL, "lockspace", "gc", "--dry-run", "--json"], env=env)
         assert dry.returncode == 0 and len(json.loads(dry.stdout)["removed"]) == 5

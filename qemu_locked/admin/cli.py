@@ -218,6 +218,12 @@ def status(
         for r in rows:
             r.setdefault("state", "held")
     sys.stdout.write(table([[cell(r.get(k)) for k in keys] for r in rows], header))
+    stale = sum(1 for r in rows if r.get("state") == "stale")
+    if stale:
+        sys.stdout.write(
+            f"\n{stale} stale: lease records nobody holds any more (the lock is the truth); "
+            "`qemu-lockctl lockspace gc` removes their files\n"
+        )
 
 
 # -- doctor ----------------------------------------------------------------------
