@@ -656,6 +656,7 @@ def ensure_default_lockspace() -> None:
 
 
 def teardown() -> None:
+    """Remove what setup() created, newest first (daemons are stopped by then)."""
     import shutil
 
     while CREATED:
@@ -670,6 +671,8 @@ def setup() -> tuple[Daemons, Path]:
         raise LabUnavailable("needs root (installs packages, starts libvirtd)")
     apt_install(APT_PKGS)
     fix_kvm()
+    # What the lab creates on the host goes again at teardown (it is rebuilt per session).
+    CREATED.extend(p for p in (VENV, STATE) if not p.exists())
     STATE.mkdir(mode=0o755, parents=True, exist_ok=True)
     daemons = Daemons()
     if not pids_named("libvirtd"):
