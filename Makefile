@@ -30,10 +30,16 @@ apt-demo:
 apt-test:
 	$(call apt_install,$(APT_TEST_PKGS))
 
-$(STAMP): pyproject.toml
+# The editable install is setuptools' strict mode (not the deprecated compat one):
+# a static link tree in build/, so the launcher's start path imports nothing more
+# (the default mode's import hook pulls in pathlib and re).  A new module needs a
+# reinstall: the stamp depends on the package's directories, whose mtime changes
+# when a file is added.  PYTHONWARNINGS keeps setuptools' notices out of make demo.
+PKG_DIRS := $(shell find qemu_locked -type d -not -name __pycache__)
+$(STAMP): pyproject.toml $(PKG_DIRS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test]' --config-settings editable_mode=compat
+	PYTHONWARNINGS=ignore $(PY) -m pip install -q -e '.[test]' --config-settings editable_mode=strict
 	$(PY) -m qemu_locked.start.launcher
 	touch $(STAMP)
 
