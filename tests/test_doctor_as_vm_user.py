@@ -270,3 +270,19 @@ def test_version_and_man_pages() -> None:
             out = subprocess.run(["groff", "-man", "-Tutf8", "-ww", "-z"], input=man.stdout,
                                  capture_output=True, text=True, check=False)  # fmt: skip
             assert out.returncode == 0 and out.stderr == "", out.stderr
+
+
+def test_doctor_warns_a_launcher_pip_rewrote_without_its_flags(lab: Lab) -> None:
+    bindir = lab.root / "bin"
+    bindir.mkdir()
+    first, rest = Path(QEMU_LOCKED).read_text().split("\n", 1)
+    assert first.endswith(" -IS")
+    (bindir / "qemu-locked").write_text(first.removesuffix(" -IS") + "\n" + rest)
+    (bindir / "qemu-locked").chmod(0o755)
+    lab.env["PATH"] = f"{bindir}:{lab.env['PATH']}"
+    lab.make_lockspace()
+    lab.config()
+    code, findings = lab.doctor()
+    (warn,) = [f for f in findings if f["check"] == "launcher" and f["status"] == "WARN"]
+    assert code == 0 and "without -IS" in warn["message"]
+    assert warn["fix"].endswith(" -m qemu_locked.start.launcher")

@@ -180,6 +180,20 @@ def check_launcher(user: User | None) -> Iterator[Finding]:
             "apt install ./qemu-locked_VERSION_all.deb (README.md, Install)",
         )
         return
+    try:
+        with open(path, "rb") as f:
+            first = f.readline(4096).split()
+    except OSError:
+        first = []
+    if first and first[-1] != b"-IS":  # pip rewrites the #! line of scripts it installs
+        interp = first[0][2:].decode(errors="replace") if first[0].startswith(b"#!") else "python3"
+        yield Finding(
+            WARN,
+            "launcher",
+            f"{path} runs without -IS (a pip install rewrote it): slower starts, and "
+            "PYTHON* variables reach it",
+            f"{interp} -m qemu_locked.start.launcher",
+        )
     if user is None:
         return
     why = launcher_denied(path, user)
