@@ -75,7 +75,7 @@ bench: $(STAMP)
 	$(BENCH_VENV)/bin/python -m qemu_locked.start.launcher
 	$(BENCH_VENV)/bin/python tests/bench/bench.py BENCHMARKS.md
 
-# The full race/fault/hostile-input suite; rewrites README.md's reliability section.
+# The full race/fault/hostile-input suite; rewrites docs/reliability.md's table.
 stress: apt-test $(STAMP)
 	STRESS=full $(VENV)/bin/pytest -q -p no:cacheprovider tests/stress
 

@@ -4,7 +4,7 @@ renders as a single line; the front ends add their ``qemu-locked: `` or
 
 from __future__ import annotations
 
-# Exit codes (documented in README.md, "Exit codes").
+# Exit codes (documented in docs/exit-codes.md).
 EXIT_OK = 0
 EXIT_CONFLICT = 1  # qemu-lockctl check: would be refused
 EXIT_USAGE = 2  # bad argument, bad config, bad XML

@@ -1,5 +1,5 @@
 """Support for the stress suite: `make stress` runs it in full (STRESS=full) and
-rewrites the README's reliability section from what it actually tried; `make
+rewrites docs/reliability.md from what it actually tried; `make
 test` runs the same tests at a small scale.  The session hook is registered by
 tests/conftest.py."""
 
@@ -13,7 +13,7 @@ import pytest
 
 FULL = os.environ.get("STRESS") == "full"
 TALLY: dict[str, dict[str, object]] = {}
-README = Path(__file__).parent.parent.parent / "README.md"
+README = Path(__file__).parent.parent.parent / "docs" / "reliability.md"
 BEGIN, END = "<!-- reliability:begin -->", "<!-- reliability:end -->"
 
 

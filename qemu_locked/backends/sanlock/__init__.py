@@ -28,6 +28,6 @@ refuse with LockedError naming the holder's host id and name (the name the
 holder's daemon wrote into its delta lease: ``sanlock daemon -e NAME``).
 
 The binding is Debian's python3-sanlock extension, loaded from its file
-(binding.py; the README's sanlock section).  This package is imported only
+(binding.py; docs/sanlock.md).  This package is imported only
 when ``backend = "sanlock"`` and imports nothing heavy on the start path.
 """
