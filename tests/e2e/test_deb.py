@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import pwd
+import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -55,6 +56,7 @@ def deb() -> Iterator[Path]:
     (path,) = REPO.glob("qemu-locked_*_all.deb")
     yield path
     path.unlink()
+    shutil.rmtree(REPO / "build" / "deb", ignore_errors=True)
 
 
 def test_package_install_enable_protects_a_vm_and_purge_leaves_nothing(lab: Lab, deb: Path) -> None:
