@@ -71,6 +71,12 @@ def test_package_install_enable_protects_a_vm_and_purge_leaves_nothing(lab: Lab,
         assert run(["head", "-1", "/usr/bin/qemu-locked"]).stdout == "#!/usr/bin/python3 -IS\n"
         assert run(["qemu-lockctl", "--version"], env=env).stdout.startswith("qemu-lockctl ")
         assert run(["man", "-w", "qemu-locked", "qemu-lockctl"], env=env).returncode == 0
+        # bash completion as bash runs it (the script under test is bash itself)
+        bash = run(["bash", "-c", "source /usr/share/bash-completion/completions/qemu-lockctl; "
+                    "COMP_WORDS=(qemu-lockctl locks); COMP_CWORD=1; "
+                    'compopt() { :; }; _qemu_lockctl_completion qemu-lockctl; echo "${COMPREPLY[@]}"'],
+                   env=env)  # fmt: skip
+        assert bash.stdout.split() == ["lockspace"], bash.stdout + bash.stderr
         run(["qemu-lockctl", "lockspace", "init"], env=env)
         st = DEFAULT_LOCKSPACE.stat()
         assert oct(st.st_mode & 0o7777) == "0o2770"
