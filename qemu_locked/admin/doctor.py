@@ -20,7 +20,7 @@ from pathlib import Path
 from qemu_locked.admin.doctor_libvirt import check_libvirt
 from qemu_locked.admin.finding import FAIL, OK, WARN, Finding
 from qemu_locked.admin.probe import INSTALL_FIX, check_start
-from qemu_locked.admin.vmuser import QEMU_USER, User, launcher_denied
+from qemu_locked.admin.vmuser import QEMU_USER, User, launcher_denied, vm_user_name
 from qemu_locked.model import config as _config
 from qemu_locked.model.errors import QemuLockedError
 
@@ -275,8 +275,9 @@ def check_block_identity(path: str) -> Finding:
 def run(paths: list[str] | None = None) -> list[Finding]:
     """Every finding, in a stable order; the start probe (as the VM user) last."""
     findings: list[Finding] = []
-    libvirt, user = check_libvirt()
+    user = User.lookup(vm_user_name())
     cfg_finding, cfg = check_config(user)
+    libvirt, user = check_libvirt(cfg.backend)
     findings.append(cfg_finding)
     findings.append(check_emulator(cfg, user))
     findings.extend(check_launcher(user))

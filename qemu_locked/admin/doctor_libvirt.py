@@ -14,7 +14,8 @@ from qemu_locked.model.errors import QemuLockedError
 LIBVIRT_DOMAINS = "/etc/libvirt/qemu"
 
 
-def check_libvirt() -> tuple[list[Finding], User | None]:
+def check_libvirt(backend: str = "direct") -> tuple[list[Finding], User | None]:
+    """``backend``: the configured one; a domain may choose its own (<qemu:env>)."""
     out: list[Finding] = []
     qemu_conf = vmuser.read_libvirt_conf(vmuser.LIBVIRT_QEMU_CONF)
     if qemu_conf is None:
@@ -31,11 +32,12 @@ def check_libvirt() -> tuple[list[Finding], User | None]:
                 f"install libvirt-daemon-system, or fix `user` in {vmuser.LIBVIRT_QEMU_CONF}",
             )
         )
-    using, domain_findings = _domain_emulators()
+    using, domain_findings = _domain_emulators(backend)
     lockd = vmuser.lockd_takes_disks()
     manager = qemu_conf.get("lock_manager", "")
     if lockd:
-        # A failure as soon as one domain starts through qemu-locked.
+        # A failure as soon as one domain starts through qemu-locked's direct backend
+        # (the lockspace and sanlock backends lock lease files, not the disk's byte 0).
         status = FAIL if using else WARN
         who = f" ({len(using)} do: {', '.join(using)})" if using else " (none does yet)"
         out.append(Finding(status, "libvirt", lockd + who, vmuser.LOCKD_FIX))
@@ -56,26 +58,39 @@ def check_libvirt() -> tuple[list[Finding], User | None]:
     return out, user
 
 
-def _domain_emulators() -> tuple[list[str], list[Finding]]:
-    """The defined domains that run qemu-locked, and the findings about them."""
-    from qemu_locked.parse.domain_xml import emulator_of, read_limited
+def _backend_of(root: object, default: str) -> str:
+    """The backend a domain's <qemu:env name='QEMU_LOCKED_BACKEND'> chooses, else ``default``."""
+    for env in root.iter("{http://libvirt.org/schemas/domain/qemu/1.0}env"):  # type: ignore[attr-defined]
+        if env.get("name") == "QEMU_LOCKED_BACKEND":
+            return str(env.get("value") or default)
+    return default
+
+
+def _domain_emulators(backend: str) -> tuple[list[str], list[Finding]]:
+    """The defined domains that run qemu-locked with the direct backend, and the
+    findings about every domain."""
+    from qemu_locked.parse.domain_xml import emulator_of, parse, read_limited
 
     try:
         files = sorted(p for p in os.listdir(LIBVIRT_DOMAINS) if p.endswith(".xml"))
     except OSError:
         return [], []
     out: list[Finding] = []
-    using: list[str] = []
+    mine: list[str] = []  # under qemu-locked
+    using: list[str] = []  # ... with the direct backend
     others: list[str] = []
     for name in files:
         path = os.path.join(LIBVIRT_DOMAINS, name)
         try:
-            emu = emulator_of(read_limited(path), path) or ""
+            data = read_limited(path)
+            emu, root = emulator_of(data, path) or "", parse(data, path)
         except QemuLockedError as exc:
             out.append(Finding(WARN, "libvirt", exc.message, ""))
             continue
         ours = os.path.basename(emu) == "qemu-locked"
-        (using if ours else others).append(name[:-4])
+        (mine if ours else others).append(name[:-4])
+        if ours and _backend_of(root, backend) == "direct":
+            using.append(name[:-4])
         if ours and not os.access(emu, os.X_OK):
             out.append(
                 Finding(
@@ -87,7 +102,7 @@ def _domain_emulators() -> tuple[list[str], list[Finding]]:
             )
     if files:
         status = OK if not others else WARN
-        msg = f"{len(using)} of {len(files)} defined domains use qemu-locked"
+        msg = f"{len(mine)} of {len(files)} defined domains use qemu-locked"
         if others:
             msg += f" (not: {', '.join(others)})"
         fix = "qemu-lockctl libvirt enable DOMAIN" if others else ""

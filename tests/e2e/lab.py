@@ -43,8 +43,11 @@ APT_PKGS = (
 URI = "qemu:///system"
 PREFIX = "qlk-"  # every test domain's name starts with this (leftovers are removed by it)
 VENV = Path("/opt/qemu-locked-e2e")  # world-readable: libvirt-qemu runs qemu-locked from here
-QEMU_LOCKED = VENV / "bin" / "qemu-locked"
-QEMU_LOCKCTL = VENV / "bin" / "qemu-lockctl"
+# QLK_E2E_INSTALLED=1: the suite runs the installed package (/usr/bin, e.g. the .deb)
+# instead of a venv made from this tree; VENV then only holds the argv logger.
+INSTALLED = os.environ.get("QLK_E2E_INSTALLED") == "1"
+QEMU_LOCKED = Path("/usr/bin/qemu-locked") if INSTALLED else VENV / "bin" / "qemu-locked"
+QEMU_LOCKCTL = Path("/usr/bin/qemu-lockctl") if INSTALLED else VENV / "bin" / "qemu-lockctl"
 ARGV_LOGGER = VENV / "bin" / "qemu-argv-logger"
 ARGV_DIR = VENV / "argv"  # where the logger writes, owned by libvirt-qemu
 REAL_QEMU = "/usr/bin/qemu-system-x86_64"
@@ -378,6 +381,15 @@ os.execv(REAL, [REAL] + args)
 def install_qemu_locked() -> None:
     """A venv from Debian's /usr/bin/python3 under /opt, the package installed
     from a copy of the tree (not editable), the launcher rewritten for it."""
+    if INSTALLED:
+        if not QEMU_LOCKED.exists():
+            raise LabUnavailable(
+                f"QLK_E2E_INSTALLED=1 but {QEMU_LOCKED} is missing: install the package first"
+            )
+        VENV.mkdir(mode=0o755, parents=True, exist_ok=True)
+        (VENV / "bin").mkdir(mode=0o755, exist_ok=True)
+        write_argv_logger()
+        return
     digest = source_digest()
     stamp = VENV / ".source-digest"
     if stamp.exists() and stamp.read_text() == digest and QEMU_LOCKED.exists():
@@ -406,14 +418,18 @@ def install_qemu_locked() -> None:
             pip += ["--force-reinstall", "--no-deps"]
         run([*pip, str(src)], timeout=600)
     run([str(VENV / "bin" / "python"), "-m", "qemu_locked.start.launcher"], timeout=60)
+    write_argv_logger()
+    stamp.write_text(digest)
+    log(f"installed qemu-locked into {VENV} in {time.monotonic() - t0:.1f}s")
+
+
+def write_argv_logger() -> None:
     ARGV_DIR.mkdir(exist_ok=True)
     logger = ARGV_LOGGER.with_suffix(".tmp")
     logger.write_text(ARGV_LOGGER_SOURCE.format(real=REAL_QEMU, argv_dir=str(ARGV_DIR)))
     logger.chmod(0o755)
     logger.replace(ARGV_LOGGER)
     run(["chmod", "-R", "a+rX", str(VENV)])
-    stamp.write_text(digest)
-    log(f"installed qemu-locked into {VENV} in {time.monotonic() - t0:.1f}s")
 
 
 def prepare_argv_dir() -> None:
@@ -649,7 +665,7 @@ def ensure_default_lockspace() -> None:
         return
     top = next(p for p in [DEFAULT_LOCKSPACE, *DEFAULT_LOCKSPACE.parents] if p.parent.exists())
     run(
-        [str(VENV / "bin" / "qemu-lockctl"), "lockspace", "init", str(DEFAULT_LOCKSPACE)],
+        [str(QEMU_LOCKCTL), "lockspace", "init", str(DEFAULT_LOCKSPACE)],
         check=True,
     )
     CREATED.append(top)

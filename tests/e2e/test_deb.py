@@ -15,6 +15,7 @@ import pytest
 
 from e2e.lab import (
     DEFAULT_LOCKSPACE,
+    INSTALLED,
     PREFIX,
     REPO,
     Lab,
@@ -47,6 +48,10 @@ def snapshot() -> set[str]:
 
 @pytest.fixture
 def deb() -> Iterator[Path]:
+    if INSTALLED:
+        pytest.skip(
+            "QLK_E2E_INSTALLED=1: the suite runs the installed package, which this test would purge"
+        )
     installed = run(["dpkg-query", "-W", "-f=${Status}", "qemu-locked"], check=False).stdout
     if "install ok installed" in installed:
         pytest.fail(

@@ -19,6 +19,7 @@ from e2e.lab import (
     PREFIX,
     QEMU_CONF,
     REAL_QEMU,
+    VENV,
     Lab,
     disk_xml,
     domain_xml,
@@ -414,14 +415,15 @@ def test_enable_all_and_errors(lab: Lab) -> None:
 def test_host_wide_install_in_place_of_the_real_binary(lab: Lab) -> None:
     """The dpkg-divert layout, in a directory of its own: qemu-locked under the QEMU
     binary's name, the real binary beside it as NAME.real, no per-domain XML."""
-    where = Path(lab.qemu_locked).parent.parent / "divert"
+    where = VENV / "divert"  # ours, whichever qemu-locked runs (venv or package)
     where.mkdir(exist_ok=True)
     where.chmod(0o755)
     link = where / "qemu-system-x86_64"
     real = where / "qemu-system-x86_64.real"
     for path, target in ((link, lab.qemu_locked), (real, REAL_QEMU)):
-        if not path.is_symlink():
-            path.symlink_to(target)
+        if path.is_symlink():
+            path.unlink()  # a previous session may have run another qemu-locked
+        path.symlink_to(target)
     disk = lab.image("divert.qcow2")
     name = lab.define(
         domain_xml(f"{PREFIX}div", [disk_xml(disk)], emulator=str(link)), locked=False
