@@ -61,10 +61,19 @@ def load_plan(domain: Path | None, args: list[str] | None) -> Plan:
         return read_domain(domain)
     if not args:
         raise UsageError("nothing to plan: give --domain FILE or -- QEMU-ARGS")
-    from qemu_locked.parse.argv import parse_argv
-    from qemu_locked.start.wrapper import read_config_file
+    import os
 
-    return parse_argv(args, read_config=read_config_file)
+    from qemu_locked.model.errors import QemuLockedError
+    from qemu_locked.start import emulator, wrapper
+
+    cfg = _config.load()
+    try:  # options no table knows are asked of the QEMU the wrapper would exec
+        qemu: str | None = emulator.find(
+            cfg.emulator, "qemu-locked", sys.argv[0], os.environ.get("PATH", os.defpath)
+        )
+    except QemuLockedError:
+        qemu = None
+    return wrapper.parse(args, cfg, qemu)
 
 
 def with_config(plan: Plan, cfg: _config.Config, probe: bool) -> Plan:

@@ -47,6 +47,8 @@ class Config:
     sanlock_resources: str = ""
     sanlock_host_id: int = 0
     sanlock_io_timeout: int = 10
+    honor_locking_off: bool = True
+    probe_cache_dir: str = ""
     source: str = "(defaults)"
 
     def effective_host(self) -> str:
@@ -63,6 +65,7 @@ _TYPES: dict[str, type] = {
     "wait": float, "incoming_wait": float, "incoming_timeout_action": str,
     "sanlock_lockspace": str, "sanlock_path": str, "sanlock_offset": int,
     "sanlock_resources": str, "sanlock_host_id": int, "sanlock_io_timeout": int,
+    "honor_locking_off": bool, "probe_cache_dir": str,
 }  # fmt: skip
 _CHOICES: dict[str, tuple[str, ...]] = {
     "backend": BACKENDS,
@@ -181,7 +184,13 @@ def _coerce(key: str, value: object, source: str) -> object:
     choices = _CHOICES.get(key)
     if choices and value not in choices:
         raise ConfigError(source, key, f"must be one of {', '.join(choices)}, not {value!r}")
-    is_path = key in ("emulator", "lockspace_dir", "sanlock_path", "sanlock_resources")
+    is_path = key in (
+        "emulator",
+        "lockspace_dir",
+        "sanlock_path",
+        "sanlock_resources",
+        "probe_cache_dir",
+    )
     if is_path and value and not value.startswith("/"):
         raise ConfigError(source, key, f"must be an absolute path, not {value!r}")
     return value

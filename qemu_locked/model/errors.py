@@ -7,6 +7,9 @@ from __future__ import annotations
 # Exit codes (documented in docs/exit-codes.md).
 EXIT_OK = 0
 EXIT_CONFLICT = 1  # qemu-lockctl check: would be refused
+# qemu-locked, where QEMU itself would refuse the command line (bad option or value,
+# missing or unopenable image): QEMU exits 1 there, and scripts expect what it does.
+EXIT_QEMU_REJECTS = 1
 EXIT_USAGE = 2  # bad argument, bad config, bad XML
 EXIT_LOCKED = 3  # a disk (or domain lease) is held by someone else
 EXIT_DISK = 4  # a disk cannot be opened/locked: missing, wrong type, permission
@@ -18,6 +21,11 @@ EXIT_NOT_FOUND = 127
 
 class QemuLockedError(Exception):
     exit_code = EXIT_BACKEND
+    # The drop-in's status: QEMU's own where QEMU would fail the same way.
+    drop_in_exit_code: int | None = None
+
+    def wrapper_exit_code(self) -> int:
+        return self.exit_code if self.drop_in_exit_code is None else self.drop_in_exit_code
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -35,6 +43,8 @@ class UsageError(QemuLockedError):
 class ArgumentError(UsageError):
     """A QEMU argument we cannot understand well enough to lock safely."""
 
+    drop_in_exit_code = EXIT_QEMU_REJECTS
+
     def __init__(self, option: str, message: str) -> None:
         super().__init__(f"{option}: {message}")
         self.option = option
@@ -50,6 +60,7 @@ class ConfigError(UsageError):
 
 class DiskError(QemuLockedError):
     exit_code = EXIT_DISK
+    drop_in_exit_code = EXIT_QEMU_REJECTS
 
     def __init__(self, path: str, message: str) -> None:
         super().__init__(f"{path}: {message}")

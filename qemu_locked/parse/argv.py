@@ -13,20 +13,28 @@ from qemu_locked.model.errors import ArgumentError
 from qemu_locked.model.plan import Plan, Skipped, merge_by_path
 from qemu_locked.parse.blockgraph import Graph
 from qemu_locked.parse.keyval import dict_or_opts, nest, split_opts
-from qemu_locked.parse.options import ARG_OPTIONS, IMAGE_OPTIONS
+from qemu_locked.parse.options import ARG_OPTIONS, IMAGE_OPTIONS, NO_ARG_OPTIONS
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
 
     ReadConfig = Callable[[str], str]
+    # option name -> "arg" | "none" | "unknown", asked of the binary (start.probe)
+    Arity = Callable[[str], str]
+
+# Read by QEMU unless -no-user-config is given (Debian's CONFIG_QEMU_CONFDIR);
+# libvirt always passes -no-user-config.
+USER_CONFIG = "/etc/qemu/qemu.conf"
 
 _MAX_READCONFIG_DEPTH = 16
 
 
 class _Walk:
-    def __init__(self, read_config: ReadConfig | None) -> None:
+    def __init__(self, read_config: ReadConfig | None, arity: Arity | None) -> None:
         self.read_config = read_config
+        self.arity = arity
+        self.user_config = True
         self.graph = Graph()
         self.daemonize = False
         self.guest: str | None = None
@@ -47,24 +55,26 @@ class _Walk:
                 i += 1
                 continue
             name = arg[2:] if arg.startswith("--") else arg[1:]
-            if name not in ARG_OPTIONS:
+            if name not in ARG_OPTIONS and (name in NO_ARG_OPTIONS or not self._takes_value(arg)):
                 if name == "snapshot":
                     self.graph.snapshot = True
                 elif name == "daemonize":
                     self.daemonize = True
+                elif name == "no-user-config":
+                    self.user_config = False
                 i += 1
                 continue
             if i + 1 >= n:
-                raise ArgumentError(arg, "missing its value (last argument)")
+                raise ArgumentError(arg, "requires an argument")
             self._option(arg, name, args[i + 1])
             i += 2
 
     def _option(self, arg: str, name: str, value: str) -> None:
         g = self.graph
         if name == "drive":
-            g.drives.append((f"{arg} {value}", nest(split_opts(value), arg), "ide"))
+            g.drives.append((f"{arg} {value}", nest(split_opts(value), arg, drive=True), "ide"))
         elif name == "blockdev":
-            g.blockdevs.append((f"{arg} {value}", dict_or_opts(value, arg, None)))
+            g.blockdevs.append((f"{arg} {value}", dict_or_opts(value, arg, "driver")))
         elif name == "device":
             g.devices.append(dict_or_opts(value, arg, "driver"))
         elif name in IMAGE_OPTIONS:
@@ -85,6 +95,18 @@ class _Walk:
             self._set(arg, value)
         elif name == "readconfig":
             self._readconfig(arg, value)
+
+    def _takes_value(self, arg: str) -> bool:
+        """An option no table knows: never guess, ask the binary to be exec'd."""
+        name = arg.lstrip("-")
+        if self.arity is None:
+            raise ArgumentError(
+                arg, "unknown option (no QEMU binary to ask whether it takes a value)"
+            )
+        answer = self.arity(name)
+        if answer == "unknown":
+            raise ArgumentError(arg, "invalid option (the QEMU binary does not know it)")
+        return answer == "arg"
 
     def _image(self, origin: str, filename: str, if_: str, media: str) -> None:
         if not filename:
@@ -110,15 +132,34 @@ class _Walk:
 
         for group, opts in readconfig.groups(self.read_config(path), arg, path):
             if group == "drive":
-                self.graph.drives.append((f"{arg} {path} [drive]", nest(opts, arg), "ide"))
+                self.graph.drives.append(
+                    (f"{arg} {path} [drive]", nest(opts, arg, drive=True), "ide")
+                )
             elif group == "device":
                 self.graph.devices.append(nest(opts, arg))
 
 
-def parse_argv(args: Sequence[str], read_config: ReadConfig | None = None) -> Plan:
-    """The lock plan for a QEMU command line (without the program name)."""
-    walk = _Walk(read_config)
+def parse_argv(
+    args: Sequence[str],
+    read_config: ReadConfig | None = None,
+    arity: Arity | None = None,
+    *,
+    user_config: Callable[[], str | None] | None = None,
+    honor_locking_off: bool = True,
+) -> Plan:
+    """The lock plan for a QEMU command line (without the program name).
+
+    ``user_config``: the text of QEMU's default config file (None when there is
+    none), whose ``[drive]`` sections QEMU reads unless -no-user-config is given.
+    """
+    walk = _Walk(read_config, arity)
+    walk.graph.honor_locking_off = honor_locking_off
     walk.parse(args)
+    if walk.user_config and user_config is not None:
+        text = user_config()
+        if text is not None:
+            walk.read_config = lambda _path: text
+            walk._readconfig("(default config)", USER_CONFIG)
     walk.graph.build()
     return Plan(
         disks=merge_by_path(walk.graph.disks),

@@ -90,11 +90,15 @@ class Graph:
         self.skipped: list[Skipped] = []
         self.names: dict[str, dict[str, Any]] = {}
         self.visited: set[str] = set()
+        # QEMU's own locking=off on a file node: lock it anyway only when told to
+        # (config honor_locking_off = false); README "QEMU's locking=off".
+        self.honor_locking_off = True
 
     def build(self) -> None:
         """Walk every root down to the files QEMU opens (into disks, skipped)."""
-        self.names = self._node_names()
-        roots = self._drive_roots() + self._blockdev_roots()
+        drive_roots = self._drive_roots()
+        self.names = self._node_names([r.node for r in drive_roots])
+        roots = drive_roots + self._blockdev_roots()
         by_id: dict[str, list[_Root]] = {}
         for root in roots:
             for ident in root.ids:
@@ -169,7 +173,7 @@ class Graph:
             if not node["file"]:
                 self.skipped.append(Skipped(origin, "no medium"))
                 return None
-        elif file is None and "filename" not in node:
+        elif file is None and "filename" not in node and not _has_child(node):
             if node.get("driver") in _NETWORK_DRIVERS | _PASSTHROUGH_DRIVERS:
                 return node
             self.skipped.append(Skipped(origin, "no medium"))
@@ -179,16 +183,7 @@ class Graph:
         return node
 
     def _leaf_from_filename(self, filename: str) -> dict[str, Any]:
-        if not filename:
-            return {}
-        proto, rest = _protocol(filename)
-        if proto is None:
-            return {"driver": "file", "filename": filename}
-        if proto in _FILE_DRIVERS:
-            return {"driver": proto, "filename": rest}
-        if proto == "json":
-            return {"driver": "(json)", "json": rest}
-        return {"driver": _PROTOCOL_PREFIXES.get(proto, proto), "filename": filename}
+        return _leaf_from_filename(filename)
 
     def _blockdev_roots(self) -> list[_Root]:
         referenced: set[str] = set()
@@ -203,19 +198,17 @@ class Graph:
                 roots.append(_Root(origin, name, not _ro(node, "-blockdev"), (name,)))
         return roots
 
-    def _node_names(self) -> dict[str, dict[str, Any]]:
+    def _node_names(self, drive_nodes: list[object]) -> dict[str, dict[str, Any]]:
+        """Every node-name, inline ones too: ``file.node-name=f`` names a node that a
+        later ``-blockdev ...,file=f`` may use, as in QEMU."""
         names: dict[str, dict[str, Any]] = {}
-        for _origin, node in self.blockdevs:
-            name = node.get("node-name")
-            if isinstance(name, str):
-                if name in names:
-                    raise ArgumentError("-blockdev", f"node-name '{name}' defined twice")
-                names[name] = node
+        for node in [n for _o, n in self.blockdevs] + drive_nodes:
+            _inline_names(node, names)
         return names
 
     def _walk(
         self, origin: str, node: object, writable: bool, role: str, probe: bool,
-        seen: tuple[str, ...],
+        seen: tuple[str, ...], nolock: str = "", protocol: bool = False,
     ) -> None:  # fmt: skip
         if node is None:
             return
@@ -231,14 +224,24 @@ class Graph:
             node = target
         if not isinstance(node, dict):
             raise ArgumentError(origin, f"block node must be an object, not {node!r}")
+        if isinstance(node.get("node-name"), str):
+            self.visited.add(node["node-name"])  # an inline node with a name
+        if "driver" not in node:
+            node = _driverless(node, origin, protocol)
         driver = node.get("driver")
         writable = writable and not _ro(node, origin)
+        if as_bool(node.get("force-share", False), origin, "force-share"):
+            if writable:
+                raise ArgumentError(origin, "force-share=on can only be used with read-only images")
+            # QEMU passes force-share down to every child: the whole tree is read
+            # without its locks, beside any writer (like qemu-img -U).
+            nolock = "force-share=on: read without a lock, writers allowed (as QEMU does)"
         if driver in _FILE_DRIVERS:
-            self._leaf(origin, node, writable, role, probe)
+            self._leaf(origin, node, writable, role, probe, nolock)
             return
         if driver == "(json)":
             inner = load_json(str(node["json"]), origin)
-            self._walk(origin, inner, writable, role, probe, seen)
+            self._walk(origin, inner, writable, role, probe, seen, nolock)
             return
         if driver in _NETWORK_DRIVERS:
             self.skipped.append(Skipped(origin, f"network disk ({driver}): not a local file"))
@@ -255,8 +258,14 @@ class Graph:
         if not isinstance(driver, str):
             raise ArgumentError(origin, "block node has no driver")
         found = False
+        backing = node.get("backing")
+        # Options for the backing file the header names (backing.node-name=x), no image.
+        header_backing = isinstance(backing, dict) and "driver" not in backing and not (
+            "filename" in backing or _has_child(backing))  # fmt: skip
+        if header_backing and isinstance(backing, dict) and "node-name" in backing:
+            self.visited.add(str(backing["node-name"]))
         # A qcow2 node without "backing" opens the backing file named in its header.
-        child_probe = "backing" not in node and (
+        child_probe = ("backing" not in node or header_backing) and (
             driver in _IMPLICIT_BACKING or driver == "(probed)"
         )
         for key in _CHILD_KEYS:
@@ -267,11 +276,11 @@ class Graph:
             children = child.values() if key == "children" and isinstance(child, dict) else (
                 child if key == "children" and isinstance(child, list) else [child])  # fmt: skip
             for c in children:
-                self._walk(origin, c, writable, role, child_probe and key == "file", seen)
-        backing = node.get("backing")
-        if backing is not None:
+                probe_c = child_probe and key == "file"
+                self._walk(origin, c, writable, role, probe_c, seen, nolock, key == "file")
+        if backing is not None and not header_backing:
             found = True
-            self._walk(origin, backing, False, BACKING, False, seen)
+            self._walk(origin, backing, False, BACKING, False, seen, nolock)
         if not found:
             if "filename" in node:
                 self.skipped.append(Skipped(origin, f"unknown block driver '{driver}'"))
@@ -279,11 +288,20 @@ class Graph:
                 self.skipped.append(Skipped(origin, f"'{driver}' node has no image file"))
 
     def _leaf(
-        self, origin: str, node: dict[str, Any], writable: bool, role: str, probe: bool
-    ) -> None:
+        self, origin: str, node: dict[str, Any], writable: bool, role: str, probe: bool,
+        nolock: str,
+    ) -> None:  # fmt: skip
         filename = node.get("filename")
         if not isinstance(filename, str) or not filename:
             raise ArgumentError(origin, f"'{node.get('driver')}' node needs a filename")
+        if nolock:
+            self.skipped.append(Skipped(origin, nolock))
+            return
+        if self.honor_locking_off and node.get("locking") in ("off", False):
+            self.skipped.append(
+                Skipped(origin, "locking=off: QEMU locks nothing here (config honor_locking_off)")
+            )
+            return
         paths = [filename]
         if filename.startswith("/dev/fdset/"):
             fds = self.fdsets.get(filename[len("/dev/fdset/") :])
@@ -324,3 +342,51 @@ def _collect_refs(node: object, out: set[str]) -> None:
                 out.add(c)
             else:
                 _collect_refs(c, out)
+
+
+def _leaf_from_filename(filename: str) -> dict[str, Any]:
+    if not filename:
+        return {}
+    proto, rest = _protocol(filename)
+    if proto is None:
+        return {"driver": "file", "filename": filename}
+    if proto in _FILE_DRIVERS:
+        return {"driver": proto, "filename": rest}
+    if proto == "json":
+        return {"driver": "(json)", "json": rest}
+    return {"driver": _PROTOCOL_PREFIXES.get(proto, proto), "filename": filename}
+
+
+def _has_child(node: dict[str, Any]) -> bool:
+    return any(key in node for key in _CHILD_KEYS)
+
+
+def _driverless(node: dict[str, Any], origin: str, protocol: bool) -> dict[str, Any]:
+    """A node given without a driver, as QEMU opens it: with child nodes, a format
+    QEMU probes; with a filename, the protocol its prefix names (else a file), under
+    a probed format unless it is a format's ``file`` child (a protocol node)."""
+    if _has_child(node):
+        return {**node, "driver": "(probed)"}
+    filename = node.get("filename")
+    if not isinstance(filename, str):
+        raise ArgumentError(origin, "block node has no driver")
+    leaf = {**node, **_leaf_from_filename(filename)}
+    if protocol or leaf.get("driver") not in _FILE_DRIVERS:
+        return leaf
+    return {"driver": "(probed)", "file": leaf}
+
+
+def _inline_names(node: object, names: dict[str, dict[str, Any]]) -> None:
+    if not isinstance(node, dict):
+        return
+    name = node.get("node-name")
+    if isinstance(name, str):
+        if name in names:
+            raise ArgumentError("-blockdev", f"node-name '{name}' defined twice")
+        names[name] = node
+    for key in _REF_KEYS:
+        child = node.get(key)
+        items = child.values() if isinstance(child, dict) and key == "children" else (
+            child if isinstance(child, list) else (child,))  # fmt: skip
+        for c in items:
+            _inline_names(c, names)

@@ -49,8 +49,17 @@ def split_opts(text: str, implied: str | None = None) -> list[tuple[str, str]]:
     return out
 
 
-def nest(pairs: list[tuple[str, str]], option: str) -> dict[str, Any]:
-    """Dotted keys (``file.filename=x``) into nested dicts, as keyval does."""
+def nest(pairs: list[tuple[str, str]], option: str, drive: bool = False) -> dict[str, Any]:
+    """Dotted keys (``file.filename=x``) into nested dicts, as keyval does.
+
+    ``drive``: -drive (and ``[drive]``) syntax, where the top-level ``file=X`` is the
+    image's filename even beside ``file.KEY=...`` options for the node that opens it
+    (``file=a.img,file.locking=off``): both become that node's ``filename`` and keys.
+    """
+    if drive:
+        plain = [v for k, v in pairs if k == "file"]
+        if plain and any(k.startswith("file.") for k, _v in pairs):
+            pairs = [("file.filename", plain[-1]) if k == "file" else (k, v) for k, v in pairs]
     root: dict[str, Any] = {}
     for key, value in pairs:
         parts = key.split(".")

@@ -13,11 +13,12 @@ import sys
 
 from qemu_locked.model import config as _config
 from qemu_locked.model.errors import ArgumentError, QemuLockedError
-from qemu_locked.parse.argv import parse_argv
+from qemu_locked.parse.argv import USER_CONFIG, parse_argv
 from qemu_locked.start import emulator as _emulator
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from typing import NoReturn
 
     from qemu_locked.model.config import Config
@@ -33,7 +34,7 @@ def fail(exc: QemuLockedError) -> NoReturn:
         os.write(2, out)
     except OSError:
         pass
-    os._exit(exc.exit_code)
+    os._exit(exc.wrapper_exit_code())
 
 
 def read_config_file(path: str) -> str:
@@ -56,6 +57,46 @@ def read_config_file(path: str) -> str:
     return data.decode("utf-8", "surrogateescape")
 
 
+def read_user_config() -> str | None:
+    """QEMU's default config file, or None when there is none (the only error
+    QEMU itself ignores there)."""
+    if not os.path.lexists(USER_CONFIG):
+        return None
+    return read_config_file(USER_CONFIG)
+
+
+def arity_of(emulator: str, cfg: Config) -> Callable[[str], str]:
+    """For options no table knows: ask the binary to be exec'd (start.probe),
+    imported only when such an option shows up."""
+    asked: list[Callable[[str], str]] = []
+
+    def ask(option: str) -> str:
+        from qemu_locked.start import probe
+
+        if not asked:
+            asked.append(probe.Prober(emulator, cfg.probe_cache_dir))
+        try:
+            return asked[0](option)
+        except probe.ProbeFailed as exc:
+            raise ArgumentError(
+                "-" + option, f"cannot tell whether it takes a value ({emulator}: {exc})"
+            ) from None
+
+    return ask
+
+
+def parse(args: list[str], cfg: Config, emulator: str | None) -> Plan:
+    """The command line as QEMU reads it: unknown options asked of ``emulator``,
+    /etc/qemu/qemu.conf's drives unless -no-user-config."""
+    return parse_argv(
+        args,
+        read_config=read_config_file,
+        arity=None if emulator is None else arity_of(emulator, cfg),
+        user_config=read_user_config,
+        honor_locking_off=cfg.honor_locking_off,
+    )
+
+
 def resolve(plan: Plan, cfg: Config, probe: bool = True) -> Plan:
     """What gets locked: with ``probe``, the backing files named in image
     headers added (read, never created); then the config's roles applied."""
@@ -66,9 +107,9 @@ def resolve(plan: Plan, cfg: Config, probe: bool = True) -> Plan:
     return plan.apply_roles(cfg.none_roles())
 
 
-def prepare(args: list[str], cfg: Config) -> Plan:
+def prepare(args: list[str], cfg: Config, emulator: str | None = None) -> Plan:
     """The plan the wrapper locks: parsed, backing chains read, roles applied."""
-    return resolve(parse_argv(args, read_config=read_config_file), cfg)
+    return resolve(parse(args, cfg, emulator), cfg)
 
 
 def exec_program(path: str, argv: list[str]) -> NoReturn:
@@ -98,7 +139,7 @@ def main() -> NoReturn:
     try:
         cfg = _config.load()
         path = _emulator.find(cfg.emulator, argv0, argv0, os.environ.get("PATH", os.defpath))
-        plan = prepare(args, cfg)
+        plan = prepare(args, cfg, path)
         if plan.disks or plan.uuid or plan.guest:
             import time
 
