@@ -4,12 +4,12 @@ VENV ?= .venv
 # Debian's interpreter when present: the venv must be usable by the unprivileged
 # libvirt-qemu user, and pyenv interpreters under /root are not (DESIGN.md section 7).
 PYTHON ?= $(shell test -x /usr/bin/python3 && echo /usr/bin/python3 || command -v python3)
-APT_TEST_PKGS := python3-venv qemu-system-x86 qemu-utils procps strace util-linux libvirt-daemon-system libvirt-clients tini sanlock python3-sanlock
+APT_TEST_PKGS := python3-venv qemu-system-x86 qemu-utils procps strace util-linux libvirt-daemon-system libvirt-clients tini sanlock python3-sanlock debootstrap
 APT_DEMO_PKGS := python3-venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck unit clean apt-test apt-demo apt-deb venv stress bench e2e deb
+.PHONY: lab11 demo test lint typecheck unit clean apt-test apt-demo apt-deb venv stress bench e2e deb
 
 # Install Debian packages that are missing (root only; others are told what to install).
 define apt_install
@@ -59,6 +59,11 @@ unit: $(STAMP)
 	$(VENV)/bin/pytest -q -p no:cacheprovider tests
 
 test: apt-test $(STAMP) lint typecheck unit
+
+# libvirt 11.3 + QEMU 10.0 (Debian 13) in private namespaces; the root filesystem is
+# built once into /var/cache/qemu-locked-lab (tests/e2e/lab11/rootfs.py); root only.
+lab11: apt-test $(STAMP)
+	$(VENV)/bin/pytest -q -p no:cacheprovider tests/e2e/test_libvirt11.py
 
 # The libvirt end-to-end suite alone (also part of `unit`/`test`): a real libvirtd
 # and QEMU, started and stopped by tests/e2e/lab.py; root only.

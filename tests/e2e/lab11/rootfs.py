@@ -1,0 +1,171 @@
+"""The Debian 13 root filesystem for the libvirt 11 + QEMU 10 lab: built once, cached.
+
+The tree is built under ``<cache>/trixie.partial`` and renamed to ``<cache>/trixie`` only
+when every step succeeded, so an interrupted build is never taken for a cached one.
+Nothing here runs libvirt: apt's maintainer scripts run in a private mount and pid
+namespace with only ``/proc`` and a tmpfs ``/run`` mounted, and the tree's own static
+``/dev`` from debootstrap (binding the host ``/dev`` let systemd-tmpfiles regroup the
+host's ``/dev/kvm``: shared/reference/libvirt11-chroot/README.md, obstacle 2).
+
+Usage: python3 rootfs.py [--rebuild] [CACHE_DIR]
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+CACHE = Path("/var/cache/qemu-locked-lab")
+SUITE = "trixie"
+# python3: the in-tree init and qemu-locked itself (libvirt runs it as the emulator).
+PACKAGES = (
+    "libvirt-daemon-system",
+    "libvirt-clients",
+    "qemu-system-x86",
+    "qemu-utils",
+    "tini",
+    "procps",
+    "python3",
+)
+STAMP = "qemu-locked-lab.json"
+
+
+def log(msg: str) -> None:
+    sys.stderr.write(f"[lab11] {msg}\n")
+
+
+def host_mirror() -> str:
+    """The Debian mirror the host itself uses (deb822 or one-line sources)."""
+    deb822 = Path("/etc/apt/sources.list.d/debian.sources")
+    if deb822.exists():
+        for line in deb822.read_text().splitlines():
+            if line.startswith("URIs:"):
+                return line.split()[1].rstrip("/")
+    legacy = Path("/etc/apt/sources.list")
+    if legacy.exists():
+        for line in legacy.read_text().splitlines():
+            parts = line.split()
+            if len(parts) >= 3 and parts[0] == "deb" and "/debian" in parts[1]:
+                return parts[1].rstrip("/")
+    return "http://deb.debian.org/debian"
+
+
+def cached(cache: Path = CACHE) -> Path | None:
+    """The finished tree, or None when it has to be built."""
+    root = cache / SUITE
+    stamp = root / "etc" / STAMP
+    if not stamp.exists():
+        return None
+    data = json.loads(stamp.read_text())
+    if tuple(data.get("packages", ())) != PACKAGES:
+        return None
+    return root
+
+
+def _run(cmd: list[str], logfile: Path) -> None:
+    with logfile.open("ab") as out:
+        out.write(("\n$ " + " ".join(cmd) + "\n").encode())
+        out.flush()
+        proc = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{cmd[0]} exited {proc.returncode}, see {logfile}")
+
+
+def build(cache: Path = CACHE, *, rebuild: bool = False) -> Path:
+    """The cached tree, built first when missing (one builder at a time)."""
+    done = cached(cache)
+    if done is not None and not rebuild:
+        return done
+    cache.mkdir(parents=True, exist_ok=True)
+    with (cache / ".build-lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # a lock file of ours, never an image
+        done = cached(cache)
+        if done is not None and not rebuild:
+            return done
+        return _build(cache)
+
+
+def _build(cache: Path) -> Path:
+    t0 = time.monotonic()
+    partial = cache / (SUITE + ".partial")
+    logfile = cache / "build.log"
+    if partial.exists():
+        shutil.rmtree(partial)
+    logfile.write_bytes(b"")
+    if shutil.which("debootstrap") is None:
+        log("installing debootstrap on the host")
+        _run(["apt-get", "install", "-y", "-q", "--no-install-recommends", "debootstrap"], logfile)
+    mirror = host_mirror()
+    log(f"debootstrap --variant=minbase {SUITE} {partial} {mirror}")
+    _run(["debootstrap", "--variant=minbase", SUITE, str(partial), mirror], logfile)
+    t_boot = time.monotonic() - t0
+    security = mirror.rsplit("/debian", 1)[0] + "/debian-security"
+    (partial / "etc/apt/sources.list").write_text(
+        f"deb {mirror} {SUITE} main\n"
+        f"deb {mirror} {SUITE}-updates main\n"
+        f"deb {security} {SUITE}-security main\n"
+    )
+    policy = partial / "usr/sbin/policy-rc.d"  # no service starts while apt runs
+    policy.write_text("#!/bin/sh\nexit 101\n")
+    policy.chmod(0o755)
+    log("apt-get install " + " ".join(PACKAGES) + " (private mount+pid namespace)")
+    _run(
+        [
+            "unshare",
+            "--mount",
+            "--pid",
+            "--fork",
+            "--propagation",
+            "private",
+            "--",
+            sys.executable,
+            str(Path(__file__).resolve().parent / "nsinit.py"),
+            "apt",
+            str(partial),
+            *PACKAGES,
+        ],
+        logfile,
+    )
+    versions = subprocess.run(
+        ["chroot", str(partial), "dpkg-query", "-W", "-f=${Package}=${Version}\n"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    elapsed = time.monotonic() - t0
+    size = subprocess.run(
+        ["du", "-sxb", str(partial)], capture_output=True, text=True, check=True
+    ).stdout.split()[0]
+    (partial / "etc" / STAMP).write_text(
+        json.dumps(
+            {
+                "packages": PACKAGES,
+                "built": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "debootstrap_seconds": round(t_boot, 1),
+                "build_seconds": round(elapsed, 1),
+                "size_bytes": int(size),
+                "versions": [
+                    v for v in versions if v.split("=")[0] in PACKAGES or "libvirt-daemon=" in v
+                ],
+            },
+            indent=1,
+        )
+    )
+    final = cache / SUITE
+    if final.exists():
+        shutil.rmtree(final)
+    partial.rename(final)
+    log(f"built {final} in {elapsed:.0f} s ({int(size) / 1e6:.0f} MB)")
+    return final
+
+
+if __name__ == "__main__":
+    args = sys.argv[1:]
+    rebuild = "--rebuild" in args
+    rest = [a for a in args if a != "--rebuild"]
+    print(build(Path(rest[0]) if rest else CACHE, rebuild=rebuild))
