@@ -67,6 +67,19 @@ def test_answers_and_the_cache(stand_in: Path, tmp_path: Path) -> None:
     assert len(calls(stand_in)) == 4
 
 
+def test_odd_option_names_are_unknown_never_run_never_cached(
+    stand_in: Path, tmp_path: Path
+) -> None:
+    cache = tmp_path / "cache"
+    p = probe.Prober(str(stand_in), str(cache))
+    assert p("new-arg") == "arg"
+    assert p("x\tnone\nnew-arg") == "unknown"
+    assert p("foo: -zz-b") == "unknown"
+    assert len(calls(stand_in)) == 1
+    (cached,) = cache.iterdir()
+    assert cached.read_text().splitlines()[1:] == ["new-arg\targ"]
+
+
 def test_cache_that_cannot_be_written_is_no_error(stand_in: Path, tmp_path: Path) -> None:
     not_a_dir = tmp_path / "file"
     not_a_dir.write_text("")

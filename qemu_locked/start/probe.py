@@ -23,6 +23,9 @@ _ANSWERS = (TAKES_VALUE, NO_VALUE, UNKNOWN)
 _HEADER = "qemu-locked option probe 1"
 _TIMEOUT = 10.0  # seconds; a first pass takes 17-75 ms here
 _MAX_OUTPUT = 1 << 16
+# What QEMU option names are made of.  No QEMU knows a name with anything else, and
+# such a name is neither run nor cached (a tab or newline would write cache lines).
+_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
 
 
 class ProbeFailed(Exception):
@@ -152,6 +155,8 @@ class Prober:
         self._path = ""
 
     def __call__(self, option: str) -> str:
+        if not option or not _NAME_CHARS.issuperset(option):
+            return UNKNOWN
         if self._answers is None:
             try:
                 self._identity = _identity(self.binary)
