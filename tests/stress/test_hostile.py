@@ -20,7 +20,7 @@ def test_readconfig_fifo_does_not_block(tmp_path: Path) -> None:
     os.mkfifo(fifo)
     r = run([QEMU_LOCKED, "-readconfig", str(fifo)])
     assert (
-        r.returncode == 2 and r.stderr == f"qemu-locked: -readconfig: {fifo}: not a regular file\n"
+        r.returncode == 1 and r.stderr == f"qemu-locked: -readconfig: {fifo}: not a regular file\n"
     )
 
 
@@ -28,7 +28,7 @@ def test_readconfig_self_and_many(tmp_path: Path) -> None:
     cfg = tmp_path / "loop.cfg"
     cfg.write_text('[drive]\n  file = "/nonexistent/x.img"\n')
     r = run([QEMU_LOCKED] + ["-readconfig", str(cfg)] * 20)
-    assert r.returncode == 2 and "more than 16 -readconfig files" in r.stderr
+    assert r.returncode == 1 and "more than 16 -readconfig files" in r.stderr
 
 
 def test_planted_hardlink_is_refused(tmp_path: Path) -> None:
