@@ -16,6 +16,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from probe_cost import probe_rows
+
 BIN = Path(sys.executable).parent
 QEMU_LOCKED = str(BIN / "qemu-locked")
 TRUE = "/bin/true"  # "a fake QEMU that exits at once", without interpreter noise
@@ -231,7 +233,7 @@ def main() -> None:
             f"![start overhead against disk count]({png.relative_to(out.resolve().parent)})",
             "",
         ]
-    lines += ["## Scale", "", "| what | median |", "|---|---:|", *scale, ""]
+    lines += ["## Scale", "", "| what | median |", "|---|---:|", *scale, *probe_rows(), ""]
     lines += [
         "## libvirt: `virsh start` + `virsh destroy` of a 64 MiB TCG domain",
         "",
