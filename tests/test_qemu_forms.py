@@ -193,7 +193,8 @@ REJECTED = [
 @pytest.mark.parametrize("args", REJECTED, ids=[" ".join(a) for a in REJECTED])
 def test_where_qemu_refuses_the_wrapper_exits_as_qemu(imgs: Path, args: list[str]) -> None:
     assert QEMU is not None
-    assert outcome([QEMU, *args])[0] == 1
+    rc, err = outcome([QEMU, *args])
+    assert rc == 1, err
     r = subprocess.run([QEMU_LOCKED, *VM, *args], capture_output=True, text=True, env=real_env())
     assert r.returncode == 1, r.stderr
     assert r.stderr.startswith("qemu-locked: ") and r.stderr.count("\n") == 1, r.stderr
