@@ -111,3 +111,24 @@ def probe_version(qemu: str) -> str:
     if v not in SAMPLES:
         pytest.fail(f"installed QEMU {full} is not a sampled release {SAMPLES}")
     return v
+
+
+def test_libvirt_never_makes_the_wrapper_ask_the_binary() -> None:
+    """Every option in every captured libvirt start (9.0 and 11.3) is in the table, so
+    a libvirt start never pays for a probe."""
+    import json
+
+    fixtures = Path(__file__).resolve().parent.parent / "fixtures" / "domains"
+    known = options.ARG_OPTIONS | options.NO_ARG_OPTIONS
+    argvs = sorted(fixtures.glob("*.argv.json"))
+    assert any(p.name.startswith("lv11_") for p in argvs)
+    for path in argvs:
+        argv = json.loads(path.read_text())
+        i = 0
+        while i < len(argv):
+            name = argv[i].lstrip("-")
+            if argv[i].startswith("-"):
+                assert name in known, (path.name, argv[i])
+                i += 2 if name in options.ARG_OPTIONS else 1
+            else:
+                i += 1
