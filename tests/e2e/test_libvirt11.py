@@ -238,3 +238,27 @@ def test_save_and_restore_keep_the_disk_protected(lab: Lab, images: Path) -> Non
     assert not lock_free(str(images / "v.qcow2"), exclusive=False)
     r = start(lab, "qlk-v2")
     assert r.returncode != 0 and "qemu-locked: " in r.stderr
+
+
+def test_qemu_10_first_pass_agrees_with_the_table(lab: Lab) -> None:
+    """The tree's QEMU 10.0 asked about every option of the table, the way the wrapper
+    asks about an unknown one: 10.0.txt's options take a value exactly as the table says,
+    the others are unknown to it."""
+    data = Path(__file__).resolve().parents[1] / "data" / "qemu-options" / "10.0.txt"
+    known = {ln.split("\t")[0] for ln in data.read_text().splitlines() if ln and ln[0] != "#"}
+    code = (
+        "import sys; sys.path.insert(0, '/opt/qemu-locked/src')\n"
+        "from qemu_locked.parse.options import OPTIONS\n"
+        "from qemu_locked.start.probe import ask\n"
+        "for name, takes, _f, _l in OPTIONS:\n"
+        "    print(name, takes, ask('/usr/bin/qemu-system-x86_64', name))\n"
+    )
+    r = lab.run("python3", "-c", code)
+    assert r.returncode == 0, r.stderr
+    wrong = []
+    for line in r.stdout.splitlines():
+        name, takes, got = line.split()
+        want = ("arg" if takes == "True" else "none") if name in known | {"h"} else "unknown"
+        if got != want:
+            wrong.append((name, want, got))
+    assert len(r.stdout.splitlines()) > 150 and wrong == []
