@@ -3,20 +3,23 @@ run the fake QEMU and report (through a ready handshake) what they inherited."""
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import os
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 from stress.support import stress_sessionfinish, tally  # noqa: F401 - the stress suite's fixture
-
-from qemu_locked.lock import ofd, procfs
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
@@ -116,19 +119,78 @@ def start(vms: list[VM]):  # type: ignore[no-untyped-def]
     return _start
 
 
+# Built without the product's lock code: a wrong ``struct flock`` layout or
+# fdinfo reader in qemu_locked must not be able to agree with itself here.
+# struct flock (64-bit Linux): short l_type, short l_whence, off_t l_start,
+# off_t l_len, pid_t l_pid; native alignment pads after l_whence and at the end.
+_FLOCK = struct.Struct("@hhqqi")
+_F_OFD_SETLK = 37  # <asm-generic/fcntl.h>
+
+
+def _flock(l_type: int) -> bytes:
+    raw = _FLOCK.pack(l_type, os.SEEK_SET, 0, 1, 0)
+    return raw + bytes(32 - len(raw))
+
+
 def lock_free(path: str, exclusive: bool = True) -> bool:
     """Can a brand-new open file description lock byte 0 right now?"""
-    fd = os.open(path, os.O_RDWR if exclusive else os.O_RDONLY)
+    fd = os.open(path, (os.O_RDWR if exclusive else os.O_RDONLY) | os.O_CLOEXEC)
     try:
-        return ofd.try_lock(fd, exclusive)
+        fcntl.fcntl(fd, _F_OFD_SETLK, _flock(fcntl.F_WRLCK if exclusive else fcntl.F_RDLCK))
+    except OSError as exc:
+        if exc.errno in (errno.EAGAIN, errno.EACCES):
+            return False
+        raise
     finally:
         os.close(fd)
+    return True
 
 
 def byte0_modes(pid: int, path: str) -> list[str]:
-    """Modes of the byte-0 OFD locks a process holds on path ("exclusive"/"shared")."""
-    locks = procfs.fd_locks(pid).get(path, [])
-    return [mode for kind, mode, start in locks if start == 0 and kind == "OFDLCK"]
+    """Modes ("exclusive"/"shared") of the byte-0 OFD locks on the open file
+    descriptions of pid's fds that reach path's inode.
+
+    /proc/PID/fdinfo/N lock lines read
+    ``lock:\t1: OFDLCK  ADVISORY  WRITE -1 fd:01:1234 0 0`` (type, advisory,
+    access, pid, device:inode, start, end).
+    """
+    want = os.stat(path)
+    out: list[str] = []
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return out
+    for fd in fds:
+        try:
+            st = os.stat(f"/proc/{pid}/fd/{fd}")
+            text = Path(f"/proc/{pid}/fdinfo/{fd}").read_text()
+        except OSError:
+            continue
+        if (st.st_dev, st.st_ino) != (want.st_dev, want.st_ino):
+            continue
+        for line in text.splitlines():
+            if line.startswith("lock:"):
+                fields = line.split(":", 2)[2].split()
+                if fields[0] == "OFDLCK" and fields[5] == "0":
+                    out.append("exclusive" if fields[2] == "WRITE" else "shared")
+    return out
+
+
+def wait_for(cond, what: str, timeout: float = 60.0) -> None:  # type: ignore[no-untyped-def]
+    """Poll for an observable event; the timeout only ends a hung test."""
+    end = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > end:
+            raise AssertionError(f"never happened: {what}")
+        time.sleep(0.02)
+
+
+def skip_unless_ci(why: str) -> NoReturn:
+    """Skip a test whose requirement is missing -- except under CI=true, where
+    every requirement is installed and a skip would hide a failure."""
+    if os.environ.get("CI") == "true":
+        raise RuntimeError(f"CI must provide what this test needs: {why}")
+    pytest.skip(why)
 
 
 @pytest.fixture

@@ -1,6 +1,11 @@
 """Every captured libvirt start in fixtures/domains/: ``qemu-lockctl plan --json``
-on the argv libvirt really passed gives the plan checked by hand against DESIGN.md
-section 4 (fixtures/domains/README.md; regenerate with tests/e2e/capture_fixtures.py).
+on the argv libvirt really passed locks the right files in the right modes.
+
+The ``NAME.plan.json`` files were written by ``qemu-lockctl plan`` itself, so
+only what was then checked by hand against the argv and DESIGN.md section 4 is
+compared: each disk's path and mode, and each skipped source with its reason
+(issue 13 review: all 24 fixtures).  Role, origin and the header-probe flags
+were never checked independently; comparing them would only detect change.
 Pure: no libvirt, no disk needs to exist."""
 
 from __future__ import annotations
@@ -37,4 +42,11 @@ def test_plan_of_real_libvirt_argv(name: str) -> None:
         check=False,
     )
     assert proc.returncode == 0, proc.stderr
-    assert json.loads(proc.stdout) == expected
+    assert checked(json.loads(proc.stdout)) == checked(expected)
+
+
+def checked(plan: dict[str, list[dict[str, str]]]) -> dict[str, list[tuple[str, str]]]:
+    return {
+        "disks": [(d["path"], d["mode"]) for d in plan["disks"]],
+        "skipped": [(s["source"], s["reason"]) for s in plan["skipped"]],
+    }
