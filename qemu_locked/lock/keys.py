@@ -1,7 +1,10 @@
 """Stable resource keys: what names the same disk on every host.
 
-Files: their canonical path (hosts must mount shared storage at the same
-place).  Block devices: an identity that survives different device paths and
+Files on a network or cluster filesystem: the filesystem (its mount source,
+e.g. ``server:/export``) and the path inside it, so hosts that mount it at
+different places still agree.  Files on local filesystems: their canonical
+path (host-local anyway; the image's own byte-0 lock covers other names of
+the same inode).  Block devices: an identity that survives different device paths and
 hosts, in this order: LVM/device-mapper UUID, SCSI/NVMe WWID, a loop device's
 backing file, and last the kernel's device name, which is host-local: doctor
 warns about those.
@@ -16,6 +19,10 @@ try:  # hashlib costs ~4 ms on the start path (it loads OpenSSL); the builtin do
     from _sha256 import sha256 as _sha256  # type: ignore[import-not-found,unused-ignore]
 except ImportError:  # pragma: no cover - other CPython builds
     from hashlib import sha256 as _sha256
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from qemu_locked.lock.mounts import Mount
 
 HOST_LOCAL_PREFIX = "block:"
 
@@ -59,7 +66,27 @@ def disk_key(path: str, st: os.stat_result) -> str:
     if stat.S_ISBLK(st.st_mode):
         major, minor = os.major(st.st_rdev), os.minor(st.st_rdev)
         return _block_key(os.path.realpath(f"/sys/dev/block/{major}:{minor}"))
-    return "file:" + os.path.realpath(path)
+    real = os.path.realpath(path)
+    from qemu_locked.lock import mounts
+
+    m = mounts.mount_of(real, st.st_dev)
+    if m is not None and m.shared:
+        return shared_file_key(m, mounts.inside(m, real), st.st_dev)
+    return "file:" + real
+
+
+def shared_file_key(m: Mount, inside: str, st_dev: int) -> str:
+    """``fs:<type family>:<source>/<path inside>`` for a file on a shared filesystem.
+
+    A cluster filesystem on a shared block device (gfs2, ocfs2) is named by the
+    device's identity, not by its host-local /dev path.
+    """
+    family = "nfs" if m.fstype.startswith("nfs") else m.fstype.removeprefix("fuse.")
+    source = m.source.rstrip("/")
+    if source.startswith("/dev/"):
+        major, minor = os.major(st_dev), os.minor(st_dev)
+        source = _block_key(os.path.realpath(f"/sys/dev/block/{major}:{minor}"))
+    return f"fs:{family}:{source}/{inside.lstrip('/')}"
 
 
 def display(key: str) -> str:

@@ -14,6 +14,8 @@ import fcntl
 import sys
 import time
 
+from qemu_locked.model.errors import BackendError
+
 F_OFD_GETLK: int = getattr(fcntl, "F_OFD_GETLK", 36)
 F_OFD_SETLK: int = getattr(fcntl, "F_OFD_SETLK", 37)
 F_OFD_SETLKW: int = getattr(fcntl, "F_OFD_SETLKW", 38)
@@ -60,8 +62,26 @@ def try_lock(fd: int, exclusive: bool, byte: int = _BYTE) -> bool:
     except OSError as exc:
         if exc.errno in (11, 13):  # EAGAIN, EACCES: a conflicting lock
             return False
-        raise
+        raise refused(fd, exc) from None
     return True
+
+
+_HINTS = {
+    37: "; NFSv3 without a lock manager? mount with NFSv4, run rpc.statd, or mount with "
+    "local_lock=posix (locks then stay on this host)",  # ENOLCK
+    22: "; this filesystem does not take OFD locks",  # EINVAL (some FUSE filesystems)
+    95: "; this filesystem does not take OFD locks",  # EOPNOTSUPP
+}
+
+
+def refused(fd: int, exc: OSError) -> BackendError:
+    """A lock call failed for a reason other than a holder: the filesystem's
+    doing, not ours (exit 5), named with the path and the filesystem type."""
+    from qemu_locked.lock.mounts import fs_type_of_fd
+
+    path, fstype = fs_type_of_fd(fd)
+    hint = _HINTS.get(exc.errno or 0, "")
+    return BackendError(f"{path}: the filesystem ({fstype}) refused the lock: {exc.strerror}{hint}")
 
 
 def lock_until(fd: int, exclusive: bool, deadline: float, poll: float = 0.05) -> bool:
@@ -85,7 +105,10 @@ def conflicting(fd: int, exclusive: bool, byte: int = _BYTE) -> tuple[str, int] 
     """Who would block a lock on ``byte``: ("exclusive"|"shared", pid); pid is
     -1 for OFD locks.  None when nothing conflicts (or our own open file
     description holds it)."""
-    raw = fcntl.fcntl(fd, F_OFD_GETLK, _flock(F_WRLCK if exclusive else F_RDLCK, byte))
+    try:
+        raw = fcntl.fcntl(fd, F_OFD_GETLK, _flock(F_WRLCK if exclusive else F_RDLCK, byte))
+    except OSError as exc:
+        raise refused(fd, exc) from None
     l_type = int.from_bytes(raw[0:2], _ORDER, signed=True)
     if l_type == F_UNLCK:
         return None

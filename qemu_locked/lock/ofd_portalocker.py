@@ -23,6 +23,7 @@ import portalocker.portalocker
 from portalocker import exceptions as pl_exceptions
 
 from qemu_locked.lock import ofd
+from qemu_locked.model.errors import BackendError
 
 # portalocker >= 2.8 has a plug-in base class for lockers and a generic Lock;
 # Debian 12's python3-portalocker 2.2.1 has neither.  Only the hooks both
@@ -66,7 +67,7 @@ class OFDLocker(_LockerBase):
 
             l_type = ofd.F_WRLCK if exclusive else ofd.F_RDLCK
             fcntl.fcntl(fd, ofd.F_OFD_SETLKW, ofd._flock(l_type))
-        except OSError as exc:
+        except (OSError, BackendError) as exc:  # BackendError: the filesystem refused
             raise pl_exceptions.LockException(exc, fh=file_obj) from exc
 
     def unlock(self, file_obj: Any) -> None:

@@ -1,9 +1,10 @@
 """Opening disk paths safely for locking.
 
-Never create, truncate or follow-and-create: no O_CREAT, ever.  The type is
-checked before opening, so a FIFO cannot block us and a character device
-(whose open may have side effects) is never opened; the fd is checked again
-after opening, in case the path changed in between.
+Never create, truncate or follow-and-create: no O_CREAT, ever.  A path is
+first opened ``O_PATH`` (which opens nothing: no device driver, no FIFO wait),
+its type and identity checked on that fd, and only then reopened for real
+through ``/proc/self/fd/N``: the reopen reaches the inode that was checked,
+so a character device renamed over the path in between is never opened.
 """
 
 from __future__ import annotations
@@ -12,6 +13,10 @@ import os
 import stat
 
 from qemu_locked.model.errors import DiskError
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 _OPEN_FLAGS = os.O_NOCTTY | os.O_NONBLOCK | os.O_CLOEXEC
 
@@ -37,6 +42,15 @@ def _why(exc: OSError) -> str:
     return exc.strerror or str(exc)
 
 
+def _refuse_kind(path: str, st: os.stat_result) -> None:
+    if stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode):
+        return
+    for test, text in _KIND_NAMES:
+        if test(st.st_mode):
+            raise DiskError(path, text)
+    raise DiskError(path, "is not a regular file or block device")
+
+
 def check(path: str) -> os.stat_result:
     """stat() a disk path (following symlinks) and refuse what is not an image."""
     try:
@@ -45,27 +59,44 @@ def check(path: str) -> os.stat_result:
         raise DiskError(path, _why(exc)) from None
     except ValueError:
         raise DiskError(path, "path contains a NUL byte") from None
-    if stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode):
-        return st
-    for test, text in _KIND_NAMES:
-        if test(st.st_mode):
-            raise DiskError(path, text)
-    raise DiskError(path, "is not a regular file or block device")
+    _refuse_kind(path, st)
+    return st
+
+
+def reopen(path: str, flags: int, accept: Callable[[os.stat_result], None]) -> int:
+    """Open ``path`` with ``flags`` only after ``accept(fstat)`` passed on an
+    O_PATH fd of it; raises OSError from the opens, whatever ``accept`` raises."""
+    ref = os.open(path, os.O_PATH | os.O_CLOEXEC)
+    try:
+        accept(os.fstat(ref))
+        return os.open(f"/proc/self/fd/{ref}", flags | os.O_CLOEXEC)
+    finally:
+        os.close(ref)
 
 
 def open_checked(path: str, writable: bool, expect: str) -> int:
     """Open for a lock: read-write for an exclusive lock, read-only for shared."""
     flags = (os.O_RDWR if writable else os.O_RDONLY) | _OPEN_FLAGS
+
+    def accept(st: os.stat_result) -> None:
+        _refuse_kind(path, st)
+        if identity_key(st) != expect:
+            raise DiskError(path, "changed while being opened")
+
     try:
-        fd = os.open(path, flags)
+        return reopen(path, flags, accept)
     except OSError as exc:
         need = "for writing (an exclusive lock needs it)" if writable else "for reading"
         raise DiskError(path, f"cannot open {need}: {_why(exc)}") from None
-    try:
-        st = os.fstat(fd)
-        if identity_key(st) != expect or not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
-            raise DiskError(path, "changed while being opened")
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
+    except ValueError:
+        raise DiskError(path, "path contains a NUL byte") from None
+
+
+def open_regular(path: str) -> int:
+    """A regular file opened read-only (headers, config files); OSError otherwise."""
+
+    def accept(st: os.stat_result) -> None:
+        if not stat.S_ISREG(st.st_mode):
+            raise OSError(21 if stat.S_ISDIR(st.st_mode) else 22, "not a regular file")
+
+    return reopen(path, os.O_RDONLY | _OPEN_FLAGS, accept)
