@@ -72,15 +72,21 @@ def status_rows(config: Config, paths: list[str] | None = None) -> list[StatusRo
     """All rows, local first, sorted by path then pid.
 
     Lease files seen through /proc are left to the lockspace rows, which name
-    the resource (image path or domain) instead of a hashed file name.  Locks
+    the resource (image path or domain) instead of a hashed file name; so are
+    the images those leases stand for.  Locks
     that a migration keeper still waits for are rows in state ``pending``.
     """
     from qemu_locked.beside import keeper
 
     space = os.path.realpath(config.lockspace_dir) + os.sep
-    rows = [r for r in local_rows(config, paths) if not r.path.startswith(space)]
+    leased = backend_rows(config, paths)
+    # An image the lockspace/sanlock backend leases is also byte-0 locked by the
+    # same VM (one inode, one lock): the lease row says more (state, host).
+    have = {r.identity() for r in leased}
+    rows = [r for r in local_rows(config, paths)
+            if not r.path.startswith(space) and r.identity() not in have]  # fmt: skip
     rows += keeper.pending_rows(config.effective_host(), space)
     have = {r.identity() for r in rows}
-    rows += [r for r in backend_rows(config, paths) if r.identity() not in have]
+    rows += [r for r in leased if r.identity() not in have]
     rows.sort(key=lambda r: (r.path, str(r.host), r.pid or 0))
     return rows

@@ -1,5 +1,9 @@
 """The whole start: the domain lease (kept in lockspace_dir by every backend
-but sanlock, which keeps it among its own leases), then the configured backend.
+but sanlock, which keeps it among its own leases), then the configured backend,
+then -- for the backends that key leases by name -- each image's own byte-0
+lock, so that one inode is one lock on a host whatever name reaches it.  The
+order is the same for every start of a backend, so waiting starts cannot
+deadlock.
 """
 
 from __future__ import annotations
@@ -57,6 +61,10 @@ def acquire_all(plan: Plan, config: Config, deadline: float) -> Held | None:
             held.extend(leases.acquire_in(config.lockspace_dir, [domain], me, deadline, defer))
         if plan.disks or _backend_keeps_domain_lease(plan, config):
             held.extend(load(config.backend).acquire(plan, config, deadline, defer=defer))
+        if plan.disks and config.backend != "direct":
+            from qemu_locked.backends import direct
+
+            held.extend(direct.image_locks(plan, deadline, defer))
     except BaseException:
         held.release()
         raise
@@ -72,6 +80,11 @@ def conflicts_all(plan: Plan, config: Config) -> list[Conflict]:
         out += leases.conflicts_in(config.lockspace_dir, [domain])
     if plan.disks or _backend_keeps_domain_lease(plan, config):
         out += load(config.backend).conflicts(plan, config)
+    if plan.disks and config.backend != "direct":
+        from qemu_locked.backends import direct
+
+        named = {c[0] for c in out}  # a disk whose lease is busy is reported once
+        out += [c for c in direct.image_conflicts(plan) if c[0] not in named]
     return out
 
 

@@ -69,6 +69,36 @@ def acquire(plan: Plan, config: Config | None, deadline: float, defer: bool = Fa
     With ``defer`` (a migration destination) a busy image is not a conflict:
     it stays open and pending, for the keeper.
     """
+    cls = claims(plan)
+    wants = _block_leases(cls, config)
+    held = Held()
+    try:
+        if wants and config is not None:
+            from qemu_locked.backends.lockspace import leases
+
+            me = leases.identity_for(plan, config)
+            held.extend(leases.acquire_in(config.lockspace_dir, wants, me, deadline, defer))
+        held.extend(_lock_images(cls, deadline, defer))
+    except BaseException:
+        held.release()
+        raise
+    return held
+
+
+def image_locks(plan: Plan, deadline: float, defer: bool = False) -> Held:
+    """The byte-0 lock on each image file itself, for the backends that key
+    their leases by name (lockspace, sanlock): a hard link or a bind mount is
+    another name for the same inode, and this lock is what makes them meet
+    on one host.  Block devices are keyed by device identity already."""
+    return _lock_images([c for c in claims(plan) if c.key.startswith("f:")], deadline, defer)
+
+
+def image_conflicts(plan: Plan) -> list[Conflict]:
+    """:func:`conflicts` for :func:`image_locks`."""
+    return _image_conflicts([c for c in claims(plan) if c.key.startswith("f:")])
+
+
+def _lock_images(cls: list[Claim], deadline: float, defer: bool) -> Held:
     held = Held()
     fds: dict[str, int] = {}
 
@@ -83,13 +113,6 @@ def acquire(plan: Plan, config: Config | None, deadline: float, defer: bool = Fa
         return ofd.lock_until(fd, claim.exclusive, until)
 
     try:
-        cls = claims(plan)
-        wants = _block_leases(cls, config)
-        if wants and config is not None:
-            from qemu_locked.backends.lockspace import leases
-
-            me = leases.identity_for(plan, config)
-            held.extend(leases.acquire_in(config.lockspace_dir, wants, me, deadline, defer))
         take_all(cls, take, lambda c: _conflict(fds[c.key], c), deadline)
     except BaseException:
         held.release()
@@ -106,6 +129,11 @@ def conflicts(plan: Plan, config: Config | None = None) -> list[Conflict]:
         from qemu_locked.backends.lockspace import leases
 
         out += leases.conflicts_in(config.lockspace_dir, wants)
+    return out + _image_conflicts(cls)
+
+
+def _image_conflicts(cls: list[Claim]) -> list[Conflict]:
+    out = []
     for claim in cls:
         fd = safeopen.open_checked(claim.label, False, claim.key)
         try:

@@ -1,9 +1,10 @@
 """The ``lockspace`` backend: one lease file per disk in ``lockspace_dir``.
 
-Images are never opened, only stat()ed for their identity; the leases are
-keyed by stable resource keys (qemu_locked.lock.keys), so a shared filesystem
-mounted at ``lockspace_dir`` extends the protection to every host using it,
-block devices included.  Lease files themselves: :mod:`.leases`; what
+The leases are keyed by stable resource keys (qemu_locked.lock.keys), so a
+shared filesystem mounted at ``lockspace_dir`` extends the protection to
+every host using it, block devices included.  A key is a name, and a file can
+have several (hard links, bind mounts): backends/combined.py also takes each
+image's own byte-0 lock, which is per inode.  Lease files themselves: :mod:`.leases`; what
 ``status`` shows of them: :mod:`.status`.
 """
 
