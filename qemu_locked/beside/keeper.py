@@ -10,7 +10,9 @@ The keeper shares QEMU's open file descriptions.  OFD locks belong to the
 open file description, so a lock the keeper takes stays held by QEMU's fd
 after the keeper exits.  It waits up to ``incoming_wait`` seconds, then writes
 one line to QEMU's stderr (libvirt's domain log) and applies
-``incoming_timeout_action``: ``kill`` the VM (fail closed) or ``warn``.
+``incoming_timeout_action``: ``kill`` the VM (fail closed) or ``warn``; so
+does every other way a lock can stay untaken (an errno, a bug).  A QEMU that
+daemonizes is followed to its child (same open file descriptions).
 
 With the sanlock backend the keeper cannot hand what it takes to QEMU (a
 sanlock lease belongs to the registration that acquired it), so it registers
@@ -25,6 +27,7 @@ from __future__ import annotations
 import os
 
 from qemu_locked.beside import spawn
+from qemu_locked.model.errors import QemuLockedError
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -39,7 +42,33 @@ COMM = b"ql-keeper"
 _SIGKILL = 9
 
 
-def _lock_or_vm_gone(p: Pending, pidfd: int, deadline: float) -> bool | None:
+class _VM:
+    """The QEMU this keeper serves, followed across ``-daemonize``.
+
+    ``ref_fd`` is an fd whose open file description QEMU holds too: when the
+    watched pid exits, the process still holding that description (the
+    daemonized child) is the VM; none left means the VM is gone.
+    """
+
+    def __init__(self, pid: int, pidfd: int, ref_fd: int) -> None:
+        self.pid, self.pidfd, self.ref_fd = pid, pidfd, ref_fd
+
+    def gone(self, timeout: float | None) -> bool:
+        while spawn.vm_gone(self.pidfd, timeout):
+            new = spawn.sharer(self.ref_fd) if self.ref_fd >= 0 else None
+            if new is None:
+                return True
+            try:
+                pidfd = os.pidfd_open(new)
+            except ProcessLookupError:
+                continue  # exited meanwhile: look again
+            os.close(self.pidfd)
+            self.pid, self.pidfd = new, pidfd
+            timeout = 0
+        return False
+
+
+def _lock_or_vm_gone(p: Pending, vm: _VM, deadline: float) -> bool | None:
     """True once locked, False on timeout, None when QEMU died first."""
     import time
 
@@ -47,56 +76,93 @@ def _lock_or_vm_gone(p: Pending, pidfd: int, deadline: float) -> bool | None:
         left = deadline - time.monotonic()
         if left <= 0:
             return False
-        if spawn.vm_gone(pidfd, min(0.1, left)):
+        if vm.gone(min(0.1, left)):
             return None
     return True
 
 
-def run(pending: list[Pending], config: Config, plan: Plan, vm_pid: int, pidfd: int) -> NoReturn:
-    """The keeper's whole life (in the forked grandchild); never returns."""
+def _act(config: Config, vm: _VM, text: str) -> bool:
+    """One line, then ``incoming_timeout_action``; True when the VM was killed."""
+    kill = config.incoming_timeout_action == "kill"
+    action = (
+        "killing the VM (incoming_timeout_action = kill)"
+        if kill
+        else "the VM runs without that lock (incoming_timeout_action = warn)"
+    )
+    spawn.say(f"{text}; {action}")
+    if kill:
+        try:
+            os.kill(vm.pid, _SIGKILL)
+        except ProcessLookupError:
+            pass
+    return kill
+
+
+def _why(exc: BaseException, label: str) -> str:
+    if isinstance(exc, QemuLockedError):
+        text = exc.message
+        return text[len(label) + 2 :] if text.startswith(label + ": ") else text
+    if isinstance(exc, OSError):
+        return exc.strerror or str(exc)
+    return f"internal error: {type(exc).__name__}: {exc}"
+
+
+def run(
+    pending: list[Pending], config: Config, plan: Plan, vm_pid: int, pidfd: int, ref_fd: int
+) -> NoReturn:
+    """The keeper's whole life (in the forked grandchild); never returns.
+
+    Every way out that leaves a lock untaken -- the wait running out, an
+    error from the lock call (ENOLCK...), a bug of ours -- writes one line and
+    applies ``incoming_timeout_action``: the keeper fails closed, never open.
+    """
     code = 0
+    vm = _VM(vm_pid, pidfd, ref_fd)
     try:
-        spawn.close_all_but({2, pidfd} | {p.fd for p in pending if p.fd >= 0})
+        spawn.close_all_but({2, pidfd, ref_fd} | {p.fd for p in pending if p.fd >= 0})
         spawn.set_comm(COMM)
         import time
 
         deadline = time.monotonic() + config.incoming_wait
         keep_alive = False
         for p in pending:
-            got = _lock_or_vm_gone(p, pidfd, deadline)
-            if got is None:
-                keep_alive = False
-                break  # the VM is gone: nothing left to keep
-            if got:
-                p.taken(config, plan, vm_pid)
-                if p.holds_for_life:
-                    keep_alive = True
-                else:
-                    os.close(p.fd)
-                continue
-            action = config.incoming_timeout_action
-            spawn.say(
-                f"{p.label} is still locked {p.holders()} after {config.incoming_wait:g} s of "
-                f"incoming migration; "
-                + ("killing the VM (incoming_timeout_action = kill)" if action == "kill"
-                   else "the VM runs without that lock (incoming_timeout_action = warn)")
-            )  # fmt: skip
-            if action == "kill":
-                os.kill(vm_pid, _SIGKILL)
+            try:
+                got = _lock_or_vm_gone(p, vm, deadline)
+                if got is None:
+                    keep_alive = False
+                    break  # the VM is gone: nothing left to keep
+                if got:
+                    p.taken(config, plan, vm.pid)
+                    if p.holds_for_life:
+                        keep_alive = True
+                    else:
+                        os.close(p.fd)
+                    continue
+                text = (f"{p.label} is still locked {p.holders()} after "
+                        f"{config.incoming_wait:g} s of incoming migration")  # fmt: skip
+            except Exception as exc:
+                text = f"{p.label}: cannot take the lock ({_why(exc, p.label)})"
+            if _act(config, vm, text):
                 code = 1
                 keep_alive = False
                 break
         if keep_alive:
-            spawn.vm_gone(pidfd, None)  # hold what we took until QEMU exits
-    except BaseException as exc:  # never a traceback into the domain log
-        spawn.say(f"keeper: internal error: {type(exc).__name__}: {exc}")
+            vm.gone(None)  # hold what we took until QEMU exits
+    except BaseException as exc:  # never a traceback into the domain log, never fail open
         code = 70
+        _act(config, vm, f"keeper: {_why(exc, '')}")
     os._exit(code)
 
 
-def start(pending: list[Pending], config: Config, plan: Plan) -> None:
-    """Start the keeper beside the QEMU this process is about to become."""
-    spawn.beside(lambda vm_pid, pidfd: run(pending, config, plan, vm_pid, pidfd))
+def start(pending: list[Pending], config: Config, plan: Plan, ref_fd: int = -1) -> None:
+    """Start the keeper beside the QEMU this process is about to become.
+
+    ``ref_fd``: an fd QEMU inherits (any held lock), for following a
+    daemonizing QEMU when no pending lock has an fd of its own (sanlock).
+    """
+    own = [p.fd for p in pending if p.fd >= 0]
+    ref = own[0] if own else ref_fd
+    spawn.beside(lambda vm_pid, pidfd: run(pending, config, plan, vm_pid, pidfd, ref))
 
 
 def _lease_key(path: str) -> str:
@@ -141,10 +207,15 @@ def pending_rows(host: str, lockspace_prefix: str) -> list[StatusRow]:
         if not vm_pid:
             continue
         guest, uuid, _comm = procfs.guest_of(vm_pid)
-        for target in waiting:
+        shown: set[str] = set()
+        for target in sorted(waiting, key=lambda t: not t.startswith(lockspace_prefix)):
             lease = target.startswith(lockspace_prefix)
+            path = _lease_key(target) if lease else target
+            if path in shown:
+                continue  # an image's lease and its own byte-0 lock: one row
+            shown.add(path)
             rows.append(StatusRow(
-                _lease_key(target) if lease else target, "pending", vm_pid, host, guest, uuid,
+                path, "pending", vm_pid, host, guest, uuid,
                 None, "pending (incoming migration)", "lease" if lease else "ofd", keeper=pid,
             ))  # fmt: skip
     return rows

@@ -55,6 +55,58 @@ def vm_gone(pidfd: int, timeout: float | None) -> bool:
     return bool(ready)
 
 
+_SYS_KCMP = {"x86_64": 312, "aarch64": 272}
+_KCMP_FILE = 0
+
+
+def _kcmp_file(pid1: int, fd1: int, pid2: int, fd2: int) -> bool:
+    """Whether two fds share one open file description (kcmp(2), KCMP_FILE)."""
+    import ctypes
+
+    nr = _SYS_KCMP.get(os.uname().machine)
+    if nr is None:
+        raise OSError(38, "kcmp: unknown syscall number on this machine")
+    libc = ctypes.CDLL(None, use_errno=True)
+    r = libc.syscall(nr, pid1, pid2, _KCMP_FILE, fd1, fd2)
+    if r < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    return bool(r == 0)
+
+
+def sharer(ref_fd: int) -> int | None:
+    """The other process holding ``ref_fd``'s open file description, if any.
+
+    A daemonizing QEMU (``-daemonize``) forks and its first process exits: the
+    VM lives on in the child, which inherited every fd.  A helper watching the
+    first pid finds the VM again by its fds: the same description, not just
+    the same file (a migration source on this host holds the same file through
+    a description of its own).
+    """
+    me = os.getpid()
+    st = os.fstat(ref_fd)
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or int(name) == me:
+            continue
+        try:
+            fds = os.listdir(f"/proc/{name}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                other = os.stat(f"/proc/{name}/fd/{fd}")
+            except OSError:
+                continue
+            if (other.st_dev, other.st_ino) != (st.st_dev, st.st_ino):
+                continue
+            try:
+                if _kcmp_file(me, ref_fd, int(name), int(fd)):
+                    return int(name)
+            except ProcessLookupError:
+                break
+    return None
+
+
 def beside(life: Callable[[int, int], NoReturn]) -> None:
     """Double-fork ``life(vm_pid, pidfd)``; the caller goes on to exec QEMU (same pid).
 
