@@ -75,7 +75,8 @@ def test_plan_argv_json() -> None:
     obj = json.loads(result.stdout)
     assert obj["guest"] == "w"
     assert obj["disks"] == [{"path": "/x/a.img", "mode": "exclusive", "role": "writable",
-                             "origin": "-drive file=/x/a.img", "probe_backing": True}]  # fmt: skip
+                             "origin": "-drive file=/x/a.img", "probe_backing": True,
+                             "probe_data_file": True}]  # fmt: skip
 
 
 def test_plan_domain_table() -> None:

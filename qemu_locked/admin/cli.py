@@ -28,7 +28,7 @@ from qemu_locked.model.errors import (
     QemuLockedError,
     UsageError,
 )
-from qemu_locked.model.plan import Plan
+from qemu_locked.model.plan import DiskRef, Plan
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -65,7 +65,7 @@ def plan_json(p: Plan) -> dict[str, object]:
     obj = p.to_json_obj()
     obj["disks"] = [
         {"path": d.path, "mode": d.mode, "role": d.role, "origin": d.origin,
-         "probe_backing": d.probe_backing}
+         "probe_backing": d.probe_backing, "probe_data_file": d.probe_data}
         for d in p.disks
     ]  # fmt: skip
     obj["guest"] = p.guest
@@ -73,9 +73,13 @@ def plan_json(p: Plan) -> dict[str, object]:
     return obj
 
 
+def _header_note(d: DiskRef) -> str:
+    named = [w for w, on in (("backing", d.probe_backing), ("data file", d.probe_data)) if on]
+    return f" (+ header {' and '.join(named)})" if named else ""
+
+
 def print_plan(plan: Plan) -> None:
-    rows = [[d.mode, d.role, d.path + (" (+ header backing)" if d.probe_backing else ""), d.origin]
-            for d in plan.disks]  # fmt: skip
+    rows = [[d.mode, d.role, d.path + _header_note(d), d.origin] for d in plan.disks]
     if plan.guest or plan.uuid:
         sys.stdout.write(f"guest {plan.guest or '-'}  uuid {plan.uuid or '-'}\n\n")
     if rows:
@@ -97,8 +101,8 @@ def plan(
 
     \b
     Config roles (readonly/backing/shareable = "none") are applied; backing
-    files named in image headers are marked "+ header backing" and read by
-    check and run.
+    and data files named in image headers are marked "+ header backing" /
+    "+ header data file" and read by check and run.
     Exit codes: 0 shown, 2 bad arguments/XML/config.
     """
     p = with_config(load_plan(domain, args), _config.load(), probe=False)

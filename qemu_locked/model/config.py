@@ -25,6 +25,7 @@ DEFAULT_PATH = "/etc/qemu-locked/qemu-locked.toml"
 BACKENDS = ("direct", "lockspace", "sanlock")
 ROLE_MODES = ("shared", "none")
 TIMEOUT_ACTIONS = ("warn", "kill")
+UNKNOWN_DRIVER_ACTIONS = ("refuse", "skip")
 _MAX_CONFIG = 1 << 20
 
 
@@ -41,6 +42,9 @@ class Config:
     wait: float = 0.0
     incoming_wait: float = 600.0
     incoming_timeout_action: str = "kill"
+    # A block node of a driver we do not know may open a file we cannot lock:
+    # fail closed unless told otherwise (README, "Lock semantics").
+    unknown_drivers: str = "refuse"
     sanlock_lockspace: str = "qemu-locked"
     sanlock_path: str = ""
     sanlock_offset: int = 0
@@ -62,7 +66,7 @@ class Config:
 _TYPES: dict[str, type] = {
     "backend": str, "emulator": str, "lockspace_dir": str, "host_name": str,
     "readonly": str, "backing": str, "shareable": str, "domain_lease": bool,
-    "wait": float, "incoming_wait": float, "incoming_timeout_action": str,
+    "wait": float, "incoming_wait": float, "incoming_timeout_action": str, "unknown_drivers": str,
     "sanlock_lockspace": str, "sanlock_path": str, "sanlock_offset": int,
     "sanlock_resources": str, "sanlock_host_id": int, "sanlock_io_timeout": int,
     "honor_locking_off": bool, "probe_cache_dir": str,
@@ -73,6 +77,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "backing": ROLE_MODES,
     "shareable": ROLE_MODES,
     "incoming_timeout_action": TIMEOUT_ACTIONS,
+    "unknown_drivers": UNKNOWN_DRIVER_ACTIONS,
 }
 
 

@@ -35,6 +35,8 @@ class DiskRef:
     # QEMU may open a backing file named in this image's header (qcow2 without
     # an explicit "backing"); the wrapper reads the header, the pure parser cannot.
     probe_backing: bool = False
+    # ... and an external data file named in it (qcow2 without "data-file").
+    probe_data: bool = False
 
     def merged(self, other: DiskRef) -> DiskRef:
         """The same file used twice: the strongest mode and role win."""
@@ -42,7 +44,8 @@ class DiskRef:
         role = self.role if _ROLE_RANK[self.role] >= _ROLE_RANK[other.role] else other.role
         origin = self.origin if other.origin in self.origin else f"{self.origin}; {other.origin}"
         probe = self.probe_backing or other.probe_backing
-        return DiskRef(self.path, mode, origin, role, probe)
+        data = self.probe_data or other.probe_data
+        return DiskRef(self.path, mode, origin, role, probe, data)
 
 
 @frozen
@@ -51,6 +54,8 @@ class Skipped:
 
     source: str
     reason: str
+    # QEMU may open a file here that we cannot name (config unknown_drivers)
+    unknown: bool = False
 
 
 @frozen

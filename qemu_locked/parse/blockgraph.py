@@ -45,6 +45,7 @@ _NO_STORAGE_DRIVERS = frozenset({"null-co", "null-aio"})
 _CHILD_KEYS = ("file", "data-file", "image", "test", "raw", "target", "log", "children")
 _REF_KEYS = (*_CHILD_KEYS, "backing")
 _IMPLICIT_BACKING = frozenset({"qcow2", "qed", "vmdk", "qcow"})
+PROBE_BACKING, PROBE_DATA = 1, 2  # what a file's header may name (start/chains.py reads it)
 _CD_DEVICES = frozenset({"ide-cd", "scsi-cd", "usb-cd"})
 _PROTOCOL_PREFIXES = {
     "nbd+tcp": "nbd", "nbd+unix": "nbd", "nbds": "nbd", "gluster+tcp": "gluster",
@@ -123,7 +124,7 @@ class Graph:
         for root in roots:
             writable = root.writable and not root.cd
             role = SHAREABLE if root.share else WRITABLE
-            self._walk(root.origin, root.node, writable, role, probe=False, seen=())
+            self._walk(root.origin, root.node, writable, role, probe=0, seen=())
         # Nodes no root reaches can only sit in a reference cycle (QEMU itself
         # would refuse them); walking one raises the error instead of skipping it.
         for name, node in self.names.items():
@@ -207,7 +208,7 @@ class Graph:
         return names
 
     def _walk(
-        self, origin: str, node: object, writable: bool, role: str, probe: bool,
+        self, origin: str, node: object, writable: bool, role: str, probe: int,
         seen: tuple[str, ...], nolock: str = "", protocol: bool = False,
     ) -> None:  # fmt: skip
         if node is None:
@@ -265,9 +266,11 @@ class Graph:
         if header_backing and isinstance(backing, dict) and "node-name" in backing:
             self.visited.add(str(backing["node-name"]))
         # A qcow2 node without "backing" opens the backing file named in its header.
-        child_probe = ("backing" not in node or header_backing) and (
-            driver in _IMPLICIT_BACKING or driver == "(probed)"
-        )
+        # Bits of what the header may make QEMU open besides the file itself.
+        child_probe = (PROBE_BACKING if ("backing" not in node or header_backing) and (
+            driver in _IMPLICIT_BACKING or driver == "(probed)") else 0) | (
+            PROBE_DATA if "data-file" not in node and driver in ("qcow2", "(probed)") else 0
+        )  # fmt: skip
         for key in _CHILD_KEYS:
             child = node.get(key)
             if child is None:
@@ -276,19 +279,20 @@ class Graph:
             children = child.values() if key == "children" and isinstance(child, dict) else (
                 child if key == "children" and isinstance(child, list) else [child])  # fmt: skip
             for c in children:
-                probe_c = child_probe and key == "file"
+                probe_c = child_probe if key == "file" else 0
                 self._walk(origin, c, writable, role, probe_c, seen, nolock, key == "file")
         if backing is not None and not header_backing:
             found = True
-            self._walk(origin, backing, False, BACKING, False, seen, nolock)
+            self._walk(origin, backing, False, BACKING, 0, seen, nolock)
         if not found:
             if "filename" in node:
-                self.skipped.append(Skipped(origin, f"unknown block driver '{driver}'"))
+                why = f"unknown block driver '{driver}'"
+                self.skipped.append(Skipped(origin, why, unknown=True))
             else:
                 self.skipped.append(Skipped(origin, f"'{driver}' node has no image file"))
 
     def _leaf(
-        self, origin: str, node: dict[str, Any], writable: bool, role: str, probe: bool,
+        self, origin: str, node: dict[str, Any], writable: bool, role: str, probe: int,
         nolock: str,
     ) -> None:  # fmt: skip
         filename = node.get("filename")
@@ -317,7 +321,8 @@ class Graph:
         else:
             mode, role_out = EXCLUSIVE, WRITABLE
         for path in paths:
-            self.disks.append(DiskRef(path, mode, origin, role_out, probe))
+            self.disks.append(DiskRef(path, mode, origin, role_out, bool(probe & PROBE_BACKING),
+                                      bool(probe & PROBE_DATA)))  # fmt: skip
 
 
 def _ro(node: dict[str, Any], origin: str) -> bool:

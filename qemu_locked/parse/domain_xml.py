@@ -289,7 +289,7 @@ def _chain(
             skipped.append(Skipped(origin, why or "backingStore without a source path"))
             return
         probe = not node.has_backing and (node.format or "") in _HEADER_BACKING
-        disks.append(DiskRef(path, SHARED, origin, BACKING, probe))
+        disks.append(DiskRef(path, SHARED, origin, BACKING, probe, node.format == "qcow2"))
         if depth >= 256:
             raise UsageError(f"{label}: backingStore chain deeper than 256")
         node = node.backing()
@@ -311,7 +311,7 @@ def _disk(disk: _Disk, index: int, disks: list[DiskRef], skipped: list[Skipped])
     mode, role = _mode_role(disk)
     fmt = disk.format or "raw"  # libvirt does not probe formats: no <driver type> means raw
     probe = not disk.has_backing and fmt in _HEADER_BACKING
-    disks.append(DiskRef(path, mode, label, role, probe))
+    disks.append(DiskRef(path, mode, label, role, probe, fmt == "qcow2"))
     data = disk.data_store()
     if data is not None:
         data_path = data.path()

@@ -1,64 +1,77 @@
-"""Backing files named in image headers, which QEMU opens on its own when the
-command line does not say ``"backing"`` (hand-written ``-drive`` lines).
+"""Files named in image headers, which QEMU opens on its own when the command
+line does not say ``"backing"`` (hand-written ``-drive`` lines): the backing
+file (shared) and the external data file (the image's own mode: QEMU writes
+guest data there).  Chains are followed through both.
 
 Only qcow2 is read: it is the format that carries backing chains in practice.
 Paths are opened read-only, never created, and only if they are regular files.
+A relative backing name is relative to the image's directory; a relative
+data file name to QEMU's working directory (measured with QEMU 7.2), which is
+ours, since exec keeps it.
 """
 
 from __future__ import annotations
 
 import os
-import stat
 
+from qemu_locked.lock import safeopen
 from qemu_locked.model.plan import BACKING, SHARED, DiskRef, Plan, Skipped, merge_by_path
 from qemu_locked.model.value import replace
+from qemu_locked.parse import qcow2
 
-_QCOW2_MAGIC = b"QFI\xfb"
 _MAX_CHAIN = 64
 
 
-def qcow2_backing(path: str) -> str | None:
-    """The backing file name stored in a qcow2 header, or None."""
+def qcow2_names(path: str) -> qcow2.Names | None:
+    """The backing and data file names in a qcow2 header, or None."""
     try:
-        if not stat.S_ISREG(os.stat(path).st_mode):
-            return None
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
-    except OSError:
+        fd = safeopen.open_regular(path)
+    except (OSError, ValueError):
         return None  # the lock step reports unusable paths
     try:
-        head = os.pread(fd, 20, 0)
-        if len(head) < 20 or head[:4] != _QCOW2_MAGIC:
-            return None
-        offset = int.from_bytes(head[8:16], "big")
-        size = int.from_bytes(head[16:20], "big")
-        if offset == 0 or size == 0 or size > 1023:
-            return None
-        name = os.pread(fd, size, offset)
+        size = qcow2.cluster_size(os.pread(fd, 104, 0))
+        return qcow2.names(os.pread(fd, size, 0)) if size else None
+    except OSError:
+        return None
     finally:
         os.close(fd)
-    return name.decode("utf-8", errors="surrogateescape")
+
+
+def _plain(name: str) -> bool:
+    return not (name.startswith("json:") or ":" in name.split("/", 1)[0])
 
 
 def resolve(plan: Plan) -> Plan:
-    """Add the header-named backing chains of images that need probing."""
-    if not any(d.probe_backing for d in plan.disks):
+    """Add the header-named backing chains and data files of images that need probing."""
+    if not any(d.probe_backing or d.probe_data for d in plan.disks):
         return plan
     disks = list(plan.disks)
     skipped = list(plan.skipped)
-    todo = [d for d in disks if d.probe_backing]
+    todo = [d for d in disks if d.probe_backing or d.probe_data]
     steps = 0
     while todo and steps < _MAX_CHAIN * max(1, len(plan.disks)):
         steps += 1
         disk = todo.pop()
-        name = qcow2_backing(disk.path)
-        if name is None:
+        found = qcow2_names(disk.path)
+        if found is None:
+            continue
+        if found.data_file is not None and disk.probe_data:
+            origin = f"data file of {disk.path}"
+            if _plain(found.data_file):
+                path = os.path.join(os.getcwd(), found.data_file)  # absolute names stay
+                disks.append(DiskRef(path, disk.mode, origin, disk.role, False))
+            else:
+                skipped.append(Skipped(origin, f"data file '{found.data_file}' is not a plain "
+                                       "file name", unknown=True))  # fmt: skip
+        name = found.backing
+        if name is None or not disk.probe_backing:
             continue
         origin = f"backing file of {disk.path}"
-        if name.startswith("json:") or (":" in name.split("/", 1)[0]):
+        if not _plain(name):
             skipped.append(Skipped(origin, f"backing '{name}' is not a plain file name"))
             continue
         path = name if name.startswith("/") else os.path.join(os.path.dirname(disk.path), name)
-        ref = DiskRef(path, SHARED, origin, BACKING, True)
+        ref = DiskRef(path, SHARED, origin, BACKING, True, True)
         if any(d.path == path for d in disks):
             disks.append(ref)
             continue  # already known (and probed once): merge, no loop

@@ -38,14 +38,12 @@ def fail(exc: QemuLockedError) -> NoReturn:
 
 
 def read_config_file(path: str) -> str:
-    """-readconfig content; a regular file only (a FIFO must not block us)."""
-    import stat
+    """-readconfig content; a regular file only (a FIFO must not block us,
+    a device must not even be opened)."""
+    from qemu_locked.lock.safeopen import open_regular
 
     try:
-        st = os.stat(path)
-        if not stat.S_ISREG(st.st_mode):
-            raise ArgumentError("-readconfig", f"{path}: not a regular file")
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
+        fd = open_regular(path)
         try:
             data = os.read(fd, _MAX_READCONFIG + 1)
         finally:
@@ -100,7 +98,7 @@ def parse(args: list[str], cfg: Config, emulator: str | None) -> Plan:
 def resolve(plan: Plan, cfg: Config, probe: bool = True) -> Plan:
     """What gets locked: with ``probe``, the backing files named in image
     headers added (read, never created); then the config's roles applied."""
-    if probe and any(d.probe_backing for d in plan.disks):
+    if probe and any(d.probe_backing or d.probe_data for d in plan.disks):
         from qemu_locked.start import chains
 
         plan = chains.resolve(plan)
@@ -109,7 +107,17 @@ def resolve(plan: Plan, cfg: Config, probe: bool = True) -> Plan:
 
 def prepare(args: list[str], cfg: Config, emulator: str | None = None) -> Plan:
     """The plan the wrapper locks: parsed, backing chains read, roles applied."""
-    return resolve(parse(args, cfg, emulator), cfg)
+    plan = resolve(parse(args, cfg, emulator), cfg)
+    unknown = [s for s in plan.skipped if s.unknown]
+    if unknown and cfg.unknown_drivers == "refuse":
+        from qemu_locked.model.errors import UsageError
+
+        s = unknown[0]  # our policy, not QEMU's rule: exit 2, not QEMU's 1
+        raise UsageError(
+            f"{s.source}: {s.reason}: QEMU may open a file here that cannot be locked; refused "
+            '(unknown_drivers = "refuse"; "skip" starts it unlocked)'
+        )
+    return plan
 
 
 def exec_program(path: str, argv: list[str]) -> NoReturn:
@@ -133,7 +141,24 @@ def exec_emulator(path: str, argv0: str, args: list[str]) -> NoReturn:
         fail(EmulatorNotExecutable(f"emulator {path}: {exc.strerror}"))
 
 
+def fill_stdio() -> None:
+    """Open /dev/null on whichever of fds 0-2 is closed.
+
+    Started with one closed, the next open() would take its number: an image
+    or lease fd would become QEMU's stdin/stdout/stderr, and QEMU's output
+    (and our error lines) would be written into it.  open() takes the lowest
+    free number, so each one fills the lowest gap.
+    """
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            null = os.open("/dev/null", os.O_RDWR)  # lands on fd: every lower one is open
+            os.set_inheritable(null, True)  # os.open() makes close-on-exec fds (PEP 446)
+
+
 def main() -> NoReturn:
+    fill_stdio()  # before anything else is opened
     argv0 = sys.argv[0]
     args = sys.argv[1:]
     try:
@@ -151,7 +176,7 @@ def main() -> NoReturn:
                 if held.pending:
                     from qemu_locked.beside import keeper
 
-                    keeper.start(held.pending, cfg, plan)
+                    keeper.start(held.pending, cfg, plan, held.fds[0] if held.fds else -1)
     except QemuLockedError as exc:
         fail(exc)
     except Exception as exc:  # a bug of ours: still one line, and QEMU does not start unlocked
