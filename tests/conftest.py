@@ -176,6 +176,23 @@ def byte0_modes(pid: int, path: str) -> list[str]:
     return out
 
 
+def has_open(pid: int, path: str) -> bool:
+    """Whether pid has an fd on path's inode (observable from outside)."""
+    want = os.stat(path)
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return False
+    for fd in fds:
+        try:
+            st = os.stat(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if (st.st_dev, st.st_ino) == (want.st_dev, want.st_ino):
+            return True
+    return False
+
+
 def wait_for(cond, what: str, timeout: float = 60.0) -> None:  # type: ignore[no-untyped-def]
     """Poll for an observable event; the timeout only ends a hung test."""
     end = time.monotonic() + timeout

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import QEMU_LOCKCTL, VM, base_env, make_image, run
+from conftest import QEMU_LOCKCTL, VM, base_env, make_image, run, skip_unless_ci
 from typer.testing import CliRunner
 
 from qemu_locked.admin import cli, doctor
@@ -429,8 +429,7 @@ def test_ctrl_c_while_waiting_leaves_nothing_held(start, images: tuple[str, str]
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=base_env(),
     )  # fmt: skip
     assert waiter.stderr is not None
-    assert "waiting" in waiter.stderr.readline()
-    time.sleep(0.3)
+    assert "waiting" in waiter.stderr.readline()  # the event: it is waiting on a
     waiter.send_signal(signal.SIGINT)
     _out, err = waiter.communicate(timeout=20)
     assert (
@@ -488,7 +487,7 @@ def test_doctor_flags_a_lockspace_the_qemu_user_cannot_write(
 ) -> None:
     user = doctor.User.lookup(doctor.QEMU_USER)
     if user is None or os.getuid() != 0:
-        pytest.skip("needs the libvirt-qemu user and root to own the directory")
+        skip_unless_ci("needs the libvirt-qemu user and root to own the directory")
     # pytest's own tmp_path sits in a 0700 directory: use one libvirt-qemu can reach
     top = Path(tempfile.mkdtemp(prefix="qemu-lockctl-test-", dir="/tmp"))
     request.addfinalizer(lambda: shutil.rmtree(top, ignore_errors=True))
@@ -590,7 +589,7 @@ def test_libvirt_enable_checks_the_wrapper_the_qemu_user_must_run(tmp_path: Path
     with pytest.raises(UsageError, match="No such file"):
         check_wrapper(str(tmp_path / "absent"))
     if doctor.User.lookup(doctor.QEMU_USER) is None or os.getuid() != 0:
-        pytest.skip("needs the libvirt-qemu user (libvirt-daemon-system) and root")
+        skip_unless_ci("needs the libvirt-qemu user (libvirt-daemon-system) and root")
     top = Path(tempfile.mkdtemp(prefix="qemu-lockctl-wrapper-", dir="/tmp"))
     top.chmod(0o755)  # reachable, so the private directory below is what blocks
     hidden = top / "private"

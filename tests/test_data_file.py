@@ -14,8 +14,7 @@ import signal
 import subprocess
 from pathlib import Path
 
-import pytest
-from conftest import QEMU_LOCKCTL, QEMU_LOCKED, byte0_modes, make_image, wait_for
+from conftest import QEMU_LOCKCTL, QEMU_LOCKED, byte0_modes, make_image, skip_unless_ci, wait_for
 from fail_closed import REAL_QEMU, FakeVM, env_for, qemu_img
 
 
@@ -95,12 +94,10 @@ def test_plan_marks_and_check_names_the_data_file(tmp_path: Path) -> None:
     assert disks == {img: "exclusive", raw: "exclusive"}
 
 
-@pytest.mark.skipif(
-    not os.path.exists(REAL_QEMU) and os.environ.get("CI") != "true",
-    reason="qemu-system-x86_64 not installed",
-)
 def test_real_qemu_writes_the_data_file_we_lock(tmp_path: Path) -> None:
     """Real QEMU opens the data file read-write; a second VM on it is refused."""
+    if not os.path.exists(REAL_QEMU):
+        skip_unless_ci("qemu-system-x86_64 not installed (make test installs it)")
     img, raw = _data_file_image(tmp_path)
     env = env_for(None, QEMU_LOCKED_EMULATOR=REAL_QEMU, QEMU_LOCKED_DOMAIN_LEASE="false")
     qmp = tmp_path / "qmp.sock"

@@ -9,11 +9,20 @@ import os
 import shutil
 import stat
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
-from conftest import QEMU_LOCKCTL, QEMU_LOCKED, base_env, make_image, run
+from conftest import (
+    QEMU_LOCKCTL,
+    QEMU_LOCKED,
+    base_env,
+    byte0_modes,
+    has_open,
+    make_image,
+    run,
+    skip_unless_ci,
+    wait_for,
+)
 
 from qemu_locked.backends.lockspace import leases
 
@@ -39,7 +48,7 @@ def env_for(backend: str, lockspace: str, host: str = "hostA", **extra: str) -> 
 def test_two_hosts_one_in_its_own_mount_namespace(start, tmp_path, lockspace) -> None:
     """Host B runs in a private mount namespace: only the shared directory links them."""
     if not shutil.which("unshare"):
-        pytest.skip("unshare (util-linux) missing")
+        skip_unless_ci("unshare (util-linux) missing")
     img = make_image(tmp_path / "shared.img")
     a = start(
         "-name", "guest=on-a", "-drive", f"file={img}", env=env_for("lockspace", lockspace, "hostA")
@@ -50,7 +59,7 @@ def test_two_hosts_one_in_its_own_mount_namespace(start, tmp_path, lockspace) ->
         env=env_for("lockspace", lockspace, "hostB"), capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     if r.returncode != 3 and "unshare failed" in r.stderr:
-        pytest.skip(f"no mount namespaces here: {r.stderr.strip()}")
+        skip_unless_ci(f"no mount namespaces here: {r.stderr.strip()}")
     assert r.returncode == 3
     assert f"by pid {a.report['pid']}, guest 'on-a' on host 'hostA'" in r.stderr
     # shared leases across hosts
@@ -169,10 +178,14 @@ def test_wait_for_the_holder(start, tmp_path, lockspace) -> None:
     waiter = start(
         "-drive", f"file={img}", env=env_for("lockspace", lockspace, QEMU_LOCKED_WAIT="30")
     )
-    time.sleep(0.3)  # let it start waiting; the assertion below does not depend on timing
-    assert waiter.proc.poll() is None
+    (lease,) = Path(lockspace).glob("*.lease")
+    # observable: the waiter has the lease open but holds no lock on it
+    wait_for(lambda: has_open(waiter.proc.pid, str(lease)) or waiter.proc.poll() is not None,
+             "the waiter to open the lease")  # fmt: skip
+    assert waiter.proc.poll() is None and byte0_modes(waiter.proc.pid, str(lease)) == []
     a.kill()
     assert waiter.started()
+    assert byte0_modes(waiter.proc.pid, str(lease)) == ["exclusive"]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

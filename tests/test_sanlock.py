@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import QEMU_LOCKCTL, QEMU_LOCKED, VM, base_env, make_image, run
+from conftest import QEMU_LOCKCTL, QEMU_LOCKED, VM, base_env, make_image, run, wait_for
 from sanlock_helpers import Host, hosts, install_sanlock, sanlock_installed
 
 from qemu_locked.backends.sanlock import area as backend
@@ -101,6 +101,12 @@ class Cluster:
         r = self.lockctl(host, "status", "--json")
         assert r.returncode == 0, r.stderr
         return json.loads(r.stdout)  # type: ignore[no-any-return]
+
+    def registered(self, host: int, pid: int) -> bool:
+        """Whether pid is registered with that host's daemon (``p PID`` lines)."""
+        r = subprocess.run(["sanlock", "client", "status"], env=self.hosts[host - 1].env(),
+                           capture_output=True, text=True, timeout=30)  # fmt: skip
+        return any(line.split()[:2] == ["p", str(pid)] for line in r.stdout.splitlines())
 
     def owners(self, key: str, host: int = 1) -> list[tuple[int, str]]:
         """(host id, mode) of every owner of the lease for ``key`` on storage."""
@@ -210,8 +216,11 @@ def test_wait_takes_the_lease_once_freed(cluster: Cluster, start) -> None:
     holder: VM = start("-drive", f"file={img}", env=cluster.env(1))
     assert holder.started(), holder.stderr()
     waiter: VM = start("-drive", f"file={img}", env=cluster.env(2, QEMU_LOCKED_WAIT="20"))
-    time.sleep(1)
-    assert waiter.proc.poll() is None  # still waiting
+    # observable: the waiter registered with host 2's daemon, and host 1 still owns the lease
+    wait_for(lambda: cluster.registered(2, waiter.proc.pid) or waiter.proc.poll() is not None,
+             "the waiter to register")  # fmt: skip
+    assert waiter.proc.poll() is None
+    assert cluster.owners(file_key(img)) == [(1, "exclusive")]
     holder.kill()
     assert waiter.started(), waiter.stderr()
 

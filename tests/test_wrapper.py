@@ -12,7 +12,16 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import FAKE_QEMU, QEMU_LOCKED, VM, base_env, lock_free, make_image, run
+from conftest import (
+    FAKE_QEMU,
+    QEMU_LOCKED,
+    VM,
+    base_env,
+    lock_free,
+    make_image,
+    run,
+    skip_unless_ci,
+)
 
 
 def test_exec_holds_the_lock_and_argv_is_unchanged(start, tmp_path: Path) -> None:
@@ -151,7 +160,7 @@ def test_same_inode_is_locked_once_in_the_strongest_mode(start, tmp_path: Path) 
 
 def test_qcow2_header_backing_is_locked_shared(start, tmp_path: Path) -> None:
     if not shutil.which("qemu-img"):
-        pytest.skip("qemu-img not installed (make test installs qemu-utils)")
+        skip_unless_ci("qemu-img not installed (make test installs qemu-utils)")
     base = tmp_path / "base.qcow2"
     top = tmp_path / "top.qcow2"
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(base), "1M"], check=True)
