@@ -12,7 +12,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from conftest import QEMU_LOCKED, byte0_modes, make_image, skip_unless_ci
+from conftest import QEMU_LOCKCTL, QEMU_LOCKED, byte0_modes, make_image, skip_unless_ci
 from fail_closed import FakeVM, config, env_for
 
 
@@ -102,3 +102,15 @@ def test_shared_filesystem_key_ignores_where_it_is_mounted() -> None:
     assert keys == {"fs:nfs:srv:/export/vms/web.qcow2"}
     local = Mount("/", "/", "ext4", "/dev/vda", "254:0")
     assert inside(local, "/var/lib/x.img") == "/var/lib/x.img"
+
+
+def test_doctor_names_how_files_are_keyed(tmp_path: Path) -> None:
+    """doctor, with a name-keyed backend, says how files under --path are keyed."""
+    (tmp_path / "ls").mkdir()
+    env = env_for(config(tmp_path, backend="lockspace", lockspace_dir=str(tmp_path / "ls")))
+    r = subprocess.run([QEMU_LOCKCTL, "doctor", "--json", "--path", str(tmp_path)], env=env,
+                       capture_output=True, text=True, timeout=60)  # fmt: skip
+    import json
+
+    keyed = [f for f in json.loads(r.stdout)["findings"] if f["check"] == "file keys"]
+    assert any(f["message"].startswith(f"{tmp_path}: on a host-local filesystem") for f in keyed)

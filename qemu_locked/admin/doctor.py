@@ -33,30 +33,11 @@ CONFIG_FIX = "fix that setting (man qemu-locked, CONFIGURATION; docs/configurati
 # -- helpers -----------------------------------------------------------------
 
 
-def _mounts() -> list[tuple[str, str]]:
-    """(mount point, fs type) from /proc/self/mountinfo."""
-    out: list[tuple[str, str]] = []
-    try:
-        with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
-            for line in f:
-                left, _, right = line.partition(" - ")
-                parts, rparts = left.split(), right.split()
-                if len(parts) >= 5 and rparts:
-                    point = parts[4].encode().decode("unicode_escape")
-                    out.append((point, rparts[0]))
-    except OSError:
-        pass
-    return out
-
-
 def fs_type(path: str) -> str:
-    real = os.path.realpath(path)
-    best, kind = "", "?"
-    for point, fstype in _mounts():
-        inside = real == point or real.startswith(point.rstrip("/") + "/")
-        if inside and len(point) >= len(best):
-            best, kind = point, fstype
-    return kind
+    from qemu_locked.lock.mounts import mount_of
+
+    m = mount_of(os.path.realpath(path))
+    return m.fstype if m is not None else "?"
 
 
 def _scope(fstype: str) -> str:
@@ -291,6 +272,9 @@ def run(paths: list[str] | None = None) -> list[Finding]:
         from qemu_locked.backends.sanlock.doctor import doctor_findings
 
         findings.extend(Finding(*f) for f in doctor_findings(cfg))
+    from qemu_locked.admin.doctor_keys import findings as key_findings
+
+    findings.extend(Finding(*f) for f in key_findings(cfg, paths))
     findings.extend(libvirt)
     probe = check_start(cfg, _launcher(), user)
     if probe is not None:
