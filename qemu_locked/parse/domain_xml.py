@@ -311,8 +311,9 @@ def _disk(disk: _Disk, index: int, disks: list[DiskRef], skipped: list[Skipped])
     mode, role = _mode_role(disk)
     fmt = disk.format or "raw"  # libvirt does not probe formats: no <driver type> means raw
     probe = not disk.has_backing and fmt in _HEADER_BACKING
-    disks.append(DiskRef(path, mode, label, role, probe, fmt == "qcow2"))
     data = disk.data_store()
+    # without <dataStore>, QEMU opens the data file its header names, if any
+    disks.append(DiskRef(path, mode, label, role, probe, fmt == "qcow2" and data is None))
     if data is not None:
         data_path = data.path()
         if _why_not_local(data) is None and data_path:
