@@ -66,7 +66,8 @@ def test_device_swapped_in_is_never_opened(tmp_path: Path, fmt: str) -> None:
                            env=env_for(None, FAKE_QEMU_EXIT="0"), capture_output=True, text=True,
                            timeout=60)  # fmt: skip
         assert os.path.exists(img) and not node.exists()  # the swap happened
-        assert r.returncode in (0, 4), r.stderr  # locked the file it checked, or refused
+        # locked the inode it checked, or refused (a DiskError: QEMU's own exit 1 in the drop-in)
+        assert r.returncode in (0, 1), r.stderr
         ready, _w, _x = select.select([ifd], [], [], 0)
         opened = os.read(ifd, 4096) if ready else b""
         assert opened == b"", "the character device was opened"

@@ -258,7 +258,7 @@ def run(paths: list[str] | None = None) -> list[Finding]:
     findings: list[Finding] = []
     user = User.lookup(vm_user_name())
     cfg_finding, cfg = check_config(user)
-    libvirt, user = check_libvirt(cfg.backend)
+    libvirt, user = check_libvirt()
     findings.append(cfg_finding)
     findings.append(check_emulator(cfg, user))
     findings.extend(check_launcher(user))

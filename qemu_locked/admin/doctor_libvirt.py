@@ -14,8 +14,8 @@ from qemu_locked.model.errors import QemuLockedError
 LIBVIRT_DOMAINS = "/etc/libvirt/qemu"
 
 
-def check_libvirt(backend: str = "direct") -> tuple[list[Finding], User | None]:
-    """``backend``: the configured one; a domain may choose its own (<qemu:env>)."""
+def check_libvirt() -> tuple[list[Finding], User | None]:
+    """libvirt's set-up as it bears on qemu-locked (any backend)."""
     out: list[Finding] = []
     qemu_conf = vmuser.read_libvirt_conf(vmuser.LIBVIRT_QEMU_CONF)
     if qemu_conf is None:
@@ -32,12 +32,12 @@ def check_libvirt(backend: str = "direct") -> tuple[list[Finding], User | None]:
                 f"install libvirt-daemon-system, or fix `user` in {vmuser.LIBVIRT_QEMU_CONF}",
             )
         )
-    using, domain_findings = _domain_emulators(backend)
+    using, domain_findings = _domain_emulators()
     lockd = vmuser.lockd_takes_disks()
     manager = qemu_conf.get("lock_manager", "")
     if lockd:
-        # A failure as soon as one domain starts through qemu-locked's direct backend
-        # (the lockspace and sanlock backends lock lease files, not the disk's byte 0).
+        # A failure as soon as one domain starts through qemu-locked: every backend
+        # takes the disk's byte 0 (one inode, one lock), which virtlockd took first.
         status = FAIL if using else WARN
         who = f" ({len(using)} do: {', '.join(using)})" if using else " (none does yet)"
         out.append(Finding(status, "libvirt", lockd + who, vmuser.LOCKD_FIX))
@@ -58,18 +58,9 @@ def check_libvirt(backend: str = "direct") -> tuple[list[Finding], User | None]:
     return out, user
 
 
-def _backend_of(root: object, default: str) -> str:
-    """The backend a domain's <qemu:env name='QEMU_LOCKED_BACKEND'> chooses, else ``default``."""
-    for env in root.iter("{http://libvirt.org/schemas/domain/qemu/1.0}env"):  # type: ignore[attr-defined]
-        if env.get("name") == "QEMU_LOCKED_BACKEND":
-            return str(env.get("value") or default)
-    return default
-
-
-def _domain_emulators(backend: str) -> tuple[list[str], list[Finding]]:
-    """The defined domains that run qemu-locked with the direct backend, and the
-    findings about every domain."""
-    from qemu_locked.parse.domain_xml import emulator_of, parse, read_limited
+def _domain_emulators() -> tuple[list[str], list[Finding]]:
+    """The defined domains that run qemu-locked, and the findings about every domain."""
+    from qemu_locked.parse.domain_xml import emulator_of, read_limited
 
     try:
         files = sorted(p for p in os.listdir(LIBVIRT_DOMAINS) if p.endswith(".xml"))
@@ -77,19 +68,19 @@ def _domain_emulators(backend: str) -> tuple[list[str], list[Finding]]:
         return [], []
     out: list[Finding] = []
     mine: list[str] = []  # under qemu-locked
-    using: list[str] = []  # ... with the direct backend
+    using: list[str] = []  # ... with a disk lock virtlockd's byte 0 would refuse
     others: list[str] = []
     for name in files:
         path = os.path.join(LIBVIRT_DOMAINS, name)
         try:
             data = read_limited(path)
-            emu, root = emulator_of(data, path) or "", parse(data, path)
+            emu = emulator_of(data, path) or ""
         except QemuLockedError as exc:
             out.append(Finding(WARN, "libvirt", exc.message, ""))
             continue
         ours = os.path.basename(emu) == "qemu-locked"
         (mine if ours else others).append(name[:-4])
-        if ours and _backend_of(root, backend) == "direct":
+        if ours:
             using.append(name[:-4])
         if ours and not os.access(emu, os.X_OK):
             out.append(

@@ -268,15 +268,16 @@ def check_wrapper(path: str) -> str:
 
 
 def check_lock_manager(uri: str) -> None:
-    """libvirt's lockd with direct disk leases refuses every start under qemu-locked's
-    direct backend.  A warning, not a refusal: a domain may still choose the
-    lockspace backend (<qemu:env name='QEMU_LOCKED_BACKEND'>), which works beside it."""
+    """libvirt's lockd with direct disk leases refuses every start under qemu-locked,
+    whatever the backend (each takes the disk's byte 0).  A warning, not a
+    refusal: the fix is in libvirt's configuration (LOCKD_FIX)."""
     from qemu_locked.admin import vmuser
     from qemu_locked.model import config as _config
 
     why = vmuser.lockd_takes_disks() if uri.startswith("qemu") else None
-    if why and _config.load().backend == "direct":
-        sys.stderr.write(f"qemu-lockctl: warning: {why} (backend direct): {vmuser.LOCKD_FIX}\n")
+    if why:
+        backend = _config.load().backend
+        sys.stderr.write(f"qemu-lockctl: warning: {why} (backend {backend}): {vmuser.LOCKD_FIX}\n")
 
 
 def _targets(uri: str, domains: list[str] | None, all_: bool) -> list[str]:
