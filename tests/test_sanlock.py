@@ -153,6 +153,21 @@ def test_qemu_gets_the_registration_fd_and_the_image_lock(cluster: Cluster, star
     assert cluster.owners("domain:name:solo") == [(1, "exclusive")]
 
 
+def test_a_hard_link_is_the_same_disk(cluster: Cluster, start) -> None:
+    """Two names of one inode get two sanlock leases (keys are names); the
+    image's own byte-0 lock is what refuses the second VM on this host."""
+    img = make_image(cluster.images / "linked.img")
+    alias = str(cluster.images / "linked-alias.img")
+    os.link(img, alias)
+    first: VM = start("-name", "guest=ln1", "-drive", f"file={img}", env=cluster.env(1))
+    assert first.started(), first.stderr()
+    second: VM = start("-name", "guest=ln2", "-drive", f"file={alias}", env=cluster.env(1))
+    assert not second.started()
+    assert second.proc.returncode == 3
+    assert f"{alias} is locked (exclusive) by pid {first.proc.pid}, guest 'ln1'" in second.stderr()
+    assert cluster.owners(file_key(alias)) == []  # refused: nothing of it stays held
+
+
 def test_cross_host_refusal_names_the_holder(cluster: Cluster, start) -> None:
     img = make_image(cluster.images / "web.img")
     uuid = "8f4a3c1e-1111-4222-8333-944445555666"
