@@ -54,7 +54,7 @@ def test_data_file_of_a_backing_image_is_locked_shared(tmp_path: Path) -> None:
 
 
 def test_relative_data_file_is_relative_to_the_working_directory(tmp_path: Path) -> None:
-    """QEMU 7.2 opens a relative data file name from its working directory
+    """QEMU (7.2, 10.0) opens a relative data file name from its working directory
     (not the image's, as for backing files): measured with qemu-io."""
     (tmp_path / "sub").mkdir()
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-o", "data_file=sub/x.raw",

@@ -6,7 +6,7 @@ guest data there).  Chains are followed through both.
 Only qcow2 is read: it is the format that carries backing chains in practice.
 Paths are opened read-only, never created, and only if they are regular files.
 A relative backing name is relative to the image's directory; a relative
-data file name to QEMU's working directory (measured with QEMU 7.2), which is
+data file name to QEMU's working directory (measured with QEMU 7.2 and 10.0), which is
 ours, since exec keeps it.
 """
 
