@@ -136,3 +136,25 @@ def test_unknown_driver_skip_is_explicit(tmp_path: Path) -> None:
                        env=env_for(None, FAKE_QEMU_EXIT="0", QEMU_LOCKED_UNKNOWN_DRIVERS="skip"),
                        capture_output=True, text=True, timeout=60)  # fmt: skip
     assert r.returncode == 0, r.stderr
+
+
+def test_header_names_from_qemu_img(tmp_path: Path) -> None:
+    """parse/qcow2.py on headers qemu-img wrote: v3 with a backing file and a data
+    file, v2 (compat=0.10: no header extensions) with a backing file only."""
+    from qemu_locked.parse import qcow2
+
+    base = str(tmp_path / "base.qcow2")
+    qemu_img("create", "-q", "-f", "qcow2", base, "16M")
+    v3 = str(tmp_path / "v3.qcow2")
+    qemu_img("create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2",
+             "-o", f"data_file={tmp_path}/v3 data,,file.raw", v3)  # fmt: skip
+    v2 = str(tmp_path / "v2.qcow2")
+    qemu_img("create", "-q", "-f", "qcow2", "-o", "compat=0.10", "-b", base, "-F", "qcow2", v2)
+    found = {}
+    for path in (v3, v2, base):
+        head = Path(path).read_bytes()
+        found[path] = qcow2.names(head[: qcow2.cluster_size(head[:104])])
+    assert found[v3] == qcow2.Names("base.qcow2", f"{tmp_path}/v3 data,file.raw")
+    assert found[v2] == qcow2.Names(base, None)
+    assert found[base] == qcow2.Names(None, None)
+    assert qcow2.names(b"not a qcow2 image at all" * 10) is None
