@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 from pathlib import Path
 
-from conftest import QEMU_LOCKED, byte0_modes, make_image
+from conftest import QEMU_LOCKCTL, QEMU_LOCKED, byte0_modes, make_image
 from fail_closed import FakeVM, config, env_for, without_stdio
 
 
@@ -66,3 +67,18 @@ def test_keeper_line_with_closed_stdio_writes_into_no_disk(tmp_path: Path) -> No
             assert Path(path).read_bytes() == bytes(1 << 20), path
     finally:
         holder.kill()
+
+
+def test_lockctl_run_with_closed_stdio_gives_the_command_dev_null(tmp_path: Path) -> None:
+    """qemu-lockctl run hands lock fds to CMD across exec: the same rule."""
+    img = make_image(tmp_path / "d.img")
+    out = tmp_path / "fds"
+    probe = ("import os, sys; open(sys.argv[1], 'w').write(' '.join("
+             "os.readlink(f'/proc/self/fd/{n}') for n in (0, 1, 2)))")  # fmt: skip
+    r = subprocess.run(
+        without_stdio(QEMU_LOCKCTL, "run", "--disk", img, "--", sys.executable, "-c", probe, str(out)),
+        env=env_for(None), timeout=60,
+    )  # fmt: skip
+    assert r.returncode == 0
+    assert out.read_text() == "/dev/null /dev/null /dev/null"
+    assert Path(img).read_bytes() == bytes(1 << 20)

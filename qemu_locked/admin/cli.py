@@ -286,8 +286,21 @@ def die(exc: QemuLockedError) -> NoReturn:
     raise SystemExit(exc.exit_code)
 
 
+def _stdio() -> None:
+    """Started with fd 0, 1 or 2 closed: /dev/null there first (a lock fd of
+    ``run`` must not become CMD's stdout), and Python's streams, which are
+    None for a closed fd, made real so writing a line cannot fail."""
+    from qemu_locked.start.wrapper import fill_stdio
+
+    fill_stdio()
+    for name, fd, mode in (("stdin", 0, "r"), ("stdout", 1, "w"), ("stderr", 2, "w")):
+        if getattr(sys, name) is None:
+            setattr(sys, name, open(fd, mode, closefd=False))  # noqa: SIM115
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: one line on stderr per error, never a traceback."""
+    _stdio()
     command = typer.main.get_command(app)
     try:
         rc = command.main(

@@ -27,7 +27,7 @@ from qemu_locked.model.errors import (
     UsageError,
 )
 from qemu_locked.model.plan import Plan
-from qemu_locked.start.wrapper import exec_program, fill_stdio
+from qemu_locked.start.wrapper import exec_program
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -144,7 +144,6 @@ def run(
     or unusable, 5 lock machinery failed, 126 CMD not executable,
     127 CMD not found, 130 interrupted.
     """
-    fill_stdio()  # lock fds must not become CMD's stdin/stdout/stderr
     if not cmd:
         raise UsageError("nothing to run: give the command after --")
     if domain is not None and disk:
