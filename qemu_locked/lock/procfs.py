@@ -154,11 +154,16 @@ def pids() -> list[int]:
         return []
 
 
+# The monitor guard (beside/guard.py) keeps a copy of every lock fd it holds for
+# its QEMU, which holds the same open file description: the lock is QEMU's.
+GUARD_COMM = "ql-guard"
+
+
 def scan(match: set[tuple[int, int]] | None = None) -> Iterator[FileLock]:
     """Every byte-0 lock held through an fd we can see (optionally only these files)."""
     me = os.getpid()
     for pid in pids():
-        if pid == me:
+        if pid == me or comm(pid) == GUARD_COMM:
             continue
         for fd, path, info in fd_entries(pid, match):
             for kind, mode, dev, ino, start in lock_lines(info):

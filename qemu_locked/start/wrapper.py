@@ -165,6 +165,7 @@ def main() -> NoReturn:
         cfg = _config.load()
         path = _emulator.find(cfg.emulator, argv0, argv0, os.environ.get("PATH", os.defpath))
         plan = prepare(args, cfg, path)
+        held = None
         if plan.disks or plan.uuid or plan.guest:
             import time
 
@@ -177,6 +178,10 @@ def main() -> NoReturn:
                     from qemu_locked.beside import keeper
 
                     keeper.start(held.pending, cfg, plan, held.fds[0] if held.fds else -1)
+        if cfg.monitor_guard:
+            from qemu_locked.beside import guard
+
+            guard.attach(args, held.fds if held is not None else [], cfg, plan)
     except QemuLockedError as exc:
         fail(exc)
     except Exception as exc:  # a bug of ours: still one line, and QEMU does not start unlocked

@@ -1,0 +1,235 @@
+"""QMP framing for the monitor guard: a byte stream cut into top-level JSON units.
+
+QEMU's own streamer counts braces and brackets outside strings (single- and
+double-quoted) and hands over a value when both counts return to zero; this
+splitter cuts at the same places, so the guard sees the commands QEMU would.
+Bytes are never changed: a unit's ``data`` is exactly what came in, and the
+file descriptors that arrived with it (SCM_RIGHTS) stay attached to it.
+
+Memory is bounded: a unit is kept only up to ``limit`` bytes.  Past that, the
+splitter either drops the rest (``stream=False``: the guard answers such a
+command itself, it cannot check it) or hands the bytes on in pieces as they
+come (``stream=True``: QEMU's replies, which must reach libvirt whatever their
+size), remembering only the first top-level keys.
+"""
+
+from __future__ import annotations
+
+OBJECT = "object"  # a whole unit, ``data`` holds all of it
+OTHER = "other"  # a top-level value that is not an object, or stray bytes
+SPACE = "space"  # whitespace between units (QEMU ends each line with \r\n)
+PIECE = "piece"  # part of an oversized unit, streamed on
+OVERSIZE = "oversize"  # the end of an oversized unit
+
+_WS = frozenset(b" \t\r\n")
+_OPEN = frozenset(b"{[")
+_CLOSE = frozenset(b"}]")
+_QUOTES = frozenset(b"\"'")
+_BACKSLASH = 0x5C
+_MAX_KEYS = 8
+_MAX_KEY_LEN = 32
+
+
+class Unit:
+    __slots__ = ("data", "fds", "keys", "kind")
+
+    def __init__(self, kind: str, data: bytes, fds: list[int], keys: list[bytes]) -> None:
+        self.kind = kind
+        self.data = data
+        self.fds = fds
+        self.keys = keys
+
+
+class Splitter:
+    """Feed bytes (and the fds that came with them); take complete units out."""
+
+    def __init__(self, limit: int = 1 << 20, stream: bool = False) -> None:
+        self.limit = limit
+        self.stream = stream
+        self._buf = bytearray()
+        self._size = 0  # bytes of the current unit seen so far (kept or not)
+        self._depth = 0
+        self._quote = 0  # the quote byte while inside a string
+        self._escape = False
+        self._fds: list[int] = []  # for the unit in progress (or the next one)
+        self._keys: list[bytes] = []
+        self._key_next = False  # at depth 1, the next string is a key
+        self._key: bytearray | None = None
+        self._in_value = False  # a top-level scalar or stray bytes
+        self._over = False
+
+    def pending(self) -> int:
+        return len(self._buf)
+
+    def take_fds(self) -> list[int]:
+        """Fds of a unit that never completed (the peer went away): the caller closes them."""
+        fds, self._fds = self._fds, []
+        return fds
+
+    def feed(self, data: bytes, fds: list[int] | None = None) -> list[Unit]:
+        if fds:
+            self._fds.extend(fds)
+        out: list[Unit] = []
+        i, n = 0, len(data)
+        start = 0  # where the bytes of the current unit begin in ``data``
+        while i < n:
+            if self._quote:
+                i = self._scan_string(data, i, n)
+                continue
+            c = data[i]
+            if self._depth == 0 and not self._in_value:
+                if c in _WS:
+                    j = i
+                    while j < n and data[j] in _WS:
+                        j += 1
+                    self._flush_before(data, start, i, out)
+                    out.append(Unit(SPACE, bytes(data[i:j]), [], []))
+                    start = i = j
+                    continue
+                self._flush_before(data, start, i, out)
+                start = i
+                if c in _OPEN:
+                    self._depth = 1
+                    self._key_next = c == 0x7B
+                elif c in _QUOTES:
+                    self._in_value = True
+                    self._quote = c
+                elif c in _CLOSE:
+                    i += 1
+                    self._append(data, start, i, out)
+                    start = i
+                    self._emit(OTHER, out)
+                    continue
+                else:
+                    self._in_value = True
+                i += 1
+                continue
+            if self._in_value and self._depth == 0:
+                if c in _WS or c in _OPEN or c in _CLOSE:
+                    self._append(data, start, i, out)
+                    start = i
+                    self._emit(OTHER, out)
+                    continue
+                if c in _QUOTES:
+                    self._quote = c
+                i += 1
+                continue
+            if c in _QUOTES:
+                self._quote = c
+                if self._depth == 1 and self._key_next:
+                    self._key = bytearray()
+                    self._key_next = False
+            elif c in _OPEN:
+                self._depth += 1
+            elif c in _CLOSE:
+                self._depth -= 1
+                if self._depth == 0:
+                    i += 1
+                    self._append(data, start, i, out)
+                    start = i
+                    self._emit(OVERSIZE if self._over else OBJECT, out)
+                    continue
+            elif c == 0x2C and self._depth == 1:  # ',' : a new member begins
+                self._key_next = True
+            i += 1
+        self._append(data, start, n, out)
+        return out
+
+    def _scan_string(self, data: bytes, i: int, n: int) -> int:
+        if self._escape:
+            self._escape = False
+            return i + 1
+        q = data.find(self._quote, i)
+        b = data.find(_BACKSLASH, i)
+        end = q if b < 0 or (0 <= q < b) else b
+        if end < 0:
+            self._key_bytes(data, i, n)
+            return n
+        self._key_bytes(data, i, end)
+        if end == b:
+            if end + 1 >= n:
+                self._escape = True
+                return n
+            return end + 2
+        self._quote = 0
+        if self._key is not None:
+            if len(self._keys) < _MAX_KEYS:
+                self._keys.append(bytes(self._key[:_MAX_KEY_LEN]))
+            self._key = None
+        return end + 1
+
+    def _key_bytes(self, data: bytes, i: int, j: int) -> None:
+        if self._key is not None and len(self._key) < _MAX_KEY_LEN:
+            self._key += data[i : min(j, i + _MAX_KEY_LEN)]
+
+    def _append(self, data: bytes, start: int, end: int, out: list[Unit]) -> None:
+        """Keep ``data[start:end]`` for the current unit, within the limit."""
+        if end <= start:
+            return
+        self._size += end - start
+        if not self._over and self._size <= self.limit:
+            self._buf += data[start:end]
+            return
+        if not self._over:
+            self._over = True
+            if self.stream:
+                self._buf += data[start:end]
+                out.append(Unit(PIECE, bytes(self._buf), self._fds, []))
+                self._fds = []
+            self._buf.clear()
+            return
+        if self.stream:
+            out.append(Unit(PIECE, bytes(data[start:end]), [], []))
+
+    def _flush_before(self, data: bytes, start: int, i: int, out: list[Unit]) -> None:
+        if i > start:
+            self._append(data, start, i, out)
+
+    def _emit(self, kind: str, out: list[Unit]) -> None:
+        out.append(Unit(kind, bytes(self._buf), self._fds, self._keys))
+        self._buf = bytearray()
+        self._fds = []
+        self._keys = []
+        self._size = 0
+        self._depth = 0
+        self._in_value = False
+        self._key_next = False
+        self._key = None
+        self._over = False
+
+
+def _dump_str(text: str) -> str:
+    out = ['"']
+    for ch in text:
+        if ch == '"' or ch == "\\":
+            out.append("\\" + ch)
+        elif ch < " " or ch == "\x7f":
+            out.append(f"\\u{ord(ch):04x}")
+        else:
+            out.append(ch)
+    out.append('"')
+    return "".join(out)
+
+
+def dumps(value: object, depth: int = 0) -> str:
+    """JSON text for what the guard says itself (its replies echo the client's id)."""
+    if depth > 64:
+        return "null"
+    if value is None:
+        return "null"
+    if value is True:
+        return "true"
+    if value is False:
+        return "false"
+    if isinstance(value, str):
+        return _dump_str(value)
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        return repr(value) if value == value and value not in (float("inf"), float("-inf")) else "null"
+    if isinstance(value, dict):
+        items = (f"{_dump_str(str(k))}: {dumps(v, depth + 1)}" for k, v in value.items())
+        return "{" + ", ".join(items) + "}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(dumps(v, depth + 1) for v in value) + "]"
+    return _dump_str(str(value))

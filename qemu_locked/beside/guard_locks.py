@@ -1,0 +1,281 @@
+"""The locks the monitor guard holds for a running QEMU, one per disk (inode).
+
+Each lock is taken through the configured backend, exactly as the wrapper
+takes a command-line disk, so the backend decides what a lock is (byte 0 of
+the image, a lease file, a sanlock lease).  OFD locks belong to the open file
+description: the guard keeps a copy of every lock fd it holds for QEMU and
+QEMU holds another (start-time locks were inherited across exec; new ones are
+handed over with ``getfd`` under a reserved name), so a lock dies with QEMU
+and never with the guard alone, and the guard can still downgrade or release
+it on the shared description.
+
+Nothing is released or downgraded on QEMU's word: only once the command that
+drops a disk succeeded *and* QEMU's /proc/PID/fd holds no fd on that file
+besides our own lock fds (compared with kcmp, so a forged fd cannot pass).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+
+from qemu_locked.lock import ofd
+from qemu_locked.lock import safeopen
+from qemu_locked.model.errors import QemuLockedError
+from qemu_locked.model.plan import EXCLUSIVE, SHARED, DiskRef, Plan
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from qemu_locked.model.config import Config
+
+FD_NAME_PREFIX = "qemu-locked-"  # getfd names the guard reserves for itself
+_SYS_KCMP = 312  # x86_64
+_KCMP_FILE = 0
+_UNLOCK_ALL = ofd._build_flock(ofd.F_UNLCK, 0, 0)
+_O_ACCMODE = 3
+
+
+class Lock:
+    """One disk QEMU uses, locked for it."""
+
+    __slots__ = ("deferred", "fds", "key", "mode", "names", "nodes", "origin", "path", "start")
+
+    def __init__(self, key: str, path: str, mode: str, origin: str) -> None:
+        self.key = key
+        self.path = path
+        self.mode = mode
+        self.origin = origin
+        self.fds: list[int] = []  # the guard's copies of the lock fds
+        self.names: list[str] = []  # their names in QEMU (getfd); none for start-time fds
+        self.nodes: set[str] = set()  # nodes (or devices) that use this file
+        self.start = False  # taken by the wrapper before exec
+        self.deferred = False  # held shared; exclusive once a writer attaches
+
+
+class Refused(Exception):
+    """A lock this command needs is held elsewhere: ``line`` says by whom."""
+
+    def __init__(self, line: str) -> None:
+        super().__init__(line)
+        self.line = line
+
+
+def _line(exc: QemuLockedError) -> str:
+    return "qemu-locked: " + "; ".join(exc.lines())
+
+
+class Locks:
+    def __init__(self, config: Config, plan: Plan, qemu_pid: int) -> None:
+        self.config = config
+        self.plan = plan
+        self.qemu_pid = qemu_pid
+        self.by_key: dict[str, Lock] = {}
+        self.give: list[tuple[str, int]] = []  # (name, fd) to hand to QEMU with getfd
+        self.take_back: list[str] = []  # names QEMU should closefd
+        self._serial = 0
+        self._libc: object = None
+
+    # -- start-time locks -------------------------------------------------------------
+
+    def adopt(self, fds: list[int]) -> None:
+        """The wrapper's lock fds (shared with QEMU): which disk each one locks."""
+        idents: dict[str, DiskRef] = {}
+        for disk in self.plan.disks:
+            try:
+                idents[safeopen.identity_key(os.stat(disk.path))] = disk
+            except OSError:
+                continue
+        leases = self._lease_names(idents)
+        for fd in fds:
+            try:
+                st = os.fstat(fd)
+                target = os.readlink(f"/proc/self/fd/{fd}")
+            except OSError:
+                continue
+            key = safeopen.identity_key(st)
+            disk = idents.get(key)
+            if disk is None:
+                found = leases.get(os.path.basename(target))
+                if found is None:
+                    os.close(fd)  # the domain lease: QEMU holds it, the guard never drops it
+                    continue
+                key, disk = found
+            lock = self.by_key.get(key)
+            if lock is None:
+                lock = self.by_key[key] = Lock(key, disk.path, disk.mode, disk.origin)
+                lock.start = True
+            lock.fds.append(fd)
+
+    def _lease_names(self, idents: dict[str, DiskRef],
+                     ) -> dict[str, tuple[str, DiskRef]]:  # fmt: skip
+        if self.config.backend == "direct" and not any(k[0] == "b" for k in idents):
+            return {}
+        from qemu_locked.backends.lockspace.leases import lease_name
+        from qemu_locked.lock.keys import disk_key
+
+        out = {}
+        for key, disk in idents.items():
+            try:
+                out[lease_name(disk_key(disk.path, os.stat(disk.path)))] = (key, disk)
+            except OSError:
+                continue
+        return out
+
+    # -- taking -----------------------------------------------------------------------
+
+    def want(self, path: str, mode: str, user: str, origin: str, defer_ok: bool = False) -> Lock:
+        """Hold ``path`` for QEMU in at least ``mode`` (raises Refused).
+
+        ``defer_ok``: if it cannot be exclusive now, shared will do until a
+        writer attaches (libvirt adds a format node before the device says
+        whether it is shareable).
+        """
+        try:
+            key = safeopen.identity_key(safeopen.check(path))
+        except QemuLockedError as exc:
+            raise Refused(_line(exc)) from None
+        lock = self.by_key.get(key)
+        if lock is None:
+            lock = Lock(key, path, mode, origin)
+            try:
+                self._acquire(lock, mode)
+            except Refused:
+                if not (defer_ok and mode == EXCLUSIVE):
+                    raise
+                self._acquire(lock, SHARED)
+                lock.deferred = True
+            self.by_key[key] = lock
+        elif mode == EXCLUSIVE and lock.mode != EXCLUSIVE:
+            try:
+                self.upgrade(lock)
+            except Refused:
+                if not defer_ok:
+                    raise
+                lock.deferred = True
+        lock.nodes.add(user)
+        if not lock.start:
+            lock.origin = origin
+        return lock
+
+    def _acquire(self, lock: Lock, mode: str) -> None:
+        from qemu_locked.backends import load
+
+        plan = Plan((DiskRef(lock.path, mode, lock.origin),), (), self.plan.guest, self.plan.uuid)
+        try:
+            held = load(self.config.backend).acquire(plan, self.config, 0.0)
+        except QemuLockedError as exc:
+            raise Refused(_line(exc)) from None
+        lock.mode = mode
+        for fd in held.fds:
+            self._serial += 1
+            name = f"{FD_NAME_PREFIX}{self._serial}"
+            lock.fds.append(fd)
+            lock.names.append(name)
+            self.give.append((name, fd))
+        held.fds = []
+
+    def upgrade(self, lock: Lock) -> None:
+        """Shared to exclusive on the same descriptions, else anew (raises Refused)."""
+        try:
+            if all(ofd.try_lock(fd, True) for fd in lock.fds):
+                lock.mode, lock.deferred = EXCLUSIVE, False
+                return
+            for fd in lock.fds:
+                ofd.try_lock(fd, False)  # back to what it was: never weaker than shared
+            busy = True
+        except OSError:  # EBADF: opened read-only for a shared lock; take it anew
+            busy = False
+        if busy:
+            raise Refused(self._busy_line(lock))
+        self._drop(lock)
+        try:
+            self._acquire(lock, EXCLUSIVE)
+        except Refused:
+            self._acquire(lock, SHARED)  # may be refused too: then it is not held at all
+            raise
+        lock.deferred = False
+
+    def _busy_line(self, lock: Lock) -> str:
+        from qemu_locked.backends import load
+
+        plan = Plan((DiskRef(lock.path, EXCLUSIVE, lock.origin),), (), self.plan.guest,
+                    self.plan.uuid)  # fmt: skip
+        try:
+            found = load(self.config.backend).conflicts(plan, self.config)
+        except QemuLockedError as exc:
+            return _line(exc)
+        from qemu_locked.model.errors import LockedError
+
+        found = [c for c in found] or [(lock.path, EXCLUSIVE, "by another holder")]
+        return _line(LockedError(found))
+
+    # -- letting go -------------------------------------------------------------------
+
+    def downgrade(self, lock: Lock) -> None:
+        for fd in lock.fds:
+            ofd.try_lock(fd, False)
+        lock.mode = SHARED
+
+    def release(self, lock: Lock) -> None:
+        self._drop(lock)
+        self.by_key.pop(lock.key, None)
+
+    def _drop(self, lock: Lock) -> None:
+        for fd in lock.fds:
+            try:
+                fcntl.fcntl(fd, ofd.F_OFD_SETLK, _UNLOCK_ALL)  # lease slots too
+            except OSError:
+                pass
+            os.close(fd)
+        self.take_back.extend(lock.names)
+        lock.fds, lock.names = [], []
+
+    # -- what QEMU itself has open ----------------------------------------------------
+
+    def qemu_uses(self, lock: Lock, writable_only: bool = False) -> bool:
+        """Does QEMU hold an fd on this disk that is not one of our lock fds?
+        True whenever that cannot be known (fail closed)."""
+        base = f"/proc/{self.qemu_pid}/fd"
+        try:
+            entries = os.listdir(base)
+        except OSError:
+            return True
+        for entry in entries:
+            try:
+                st = os.stat(f"{base}/{entry}")
+            except OSError:
+                continue  # closed meanwhile
+            if safeopen.identity_key(st) != lock.key:
+                continue
+            if any(self._same(int(entry), fd) for fd in lock.fds):
+                continue
+            if not writable_only or self._writable(int(entry)):
+                return True
+        return False
+
+    def _writable(self, qfd: int) -> bool:
+        try:
+            with open(f"/proc/{self.qemu_pid}/fdinfo/{qfd}") as f:
+                for line in f:
+                    if line.startswith("flags:"):
+                        return int(line.split()[1], 8) & _O_ACCMODE != os.O_RDONLY
+        except (OSError, ValueError, IndexError):
+            pass
+        return True
+
+    def _same(self, qfd: int, fd: int) -> bool:
+        import ctypes
+
+        if self._libc is None:
+            self._libc = ctypes.CDLL(None, use_errno=True)
+        libc = self._libc
+        rc = libc.syscall(_SYS_KCMP, self.qemu_pid, os.getpid(), _KCMP_FILE, qfd, fd)  # type: ignore[attr-defined]
+        return int(rc) == 0
+
+    def close_all(self) -> None:
+        for lock in self.by_key.values():
+            for fd in lock.fds:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass

@@ -1,0 +1,160 @@
+"""The block graph the monitor guard follows while QEMU runs.
+
+Nodes come from the command line (``-blockdev``) and from ``blockdev-add``;
+devices from ``-device`` and ``device_add``.  Only what the lock policy needs
+is kept: which protocol nodes open which file, which nodes are children of
+which (``file``, ``data-file``... and apart from them ``backing``), which are
+read-only, and which devices use which node with ``share-rw``.
+"""
+
+from __future__ import annotations
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
+
+PROTOCOL_DRIVERS = frozenset({"file", "host_device", "host_cdrom"})
+CD_DEVICES = frozenset({"ide-cd", "scsi-cd", "usb-cd", "scsi-block"})
+# Child links whose files QEMU writes when the parent is writable; "backing" is apart.
+_CHILD_KEYS = ("file", "data-file", "image", "test", "raw", "target", "log", "children")
+IMPLICIT_BACKING = frozenset({"qcow2", "qed", "vmdk", "qcow"})
+_MAX_NODES = 4096  # a bound on what a (misbehaving) client can make us keep
+_MAX_DEPTH = 32
+
+
+def truthy(value: object) -> bool:
+    if isinstance(value, bool):
+        return value
+    return isinstance(value, str) and value.lower() in ("on", "yes", "true", "y")
+
+
+class Node:
+    __slots__ = ("auto_ro", "backing", "children", "driver", "filename", "has_backing_key", "name",
+                 "read_only")
+
+    def __init__(self, name: str, driver: str, read_only: bool, auto_ro: bool) -> None:
+        self.name = name
+        self.driver = driver
+        self.read_only = read_only
+        self.auto_ro = auto_ro
+        self.filename: str | None = None
+        self.children: list[str] = []
+        self.backing: str | None = None  # a node name; None: none or implicit
+        self.has_backing_key = False
+
+    @property
+    def protocol(self) -> bool:
+        return self.driver in PROTOCOL_DRIVERS and self.filename is not None
+
+
+class Device:
+    __slots__ = ("driver", "drive", "id", "medium", "share")
+
+    def __init__(self, dev_id: str, driver: str, drive: str | None, share: bool) -> None:
+        self.id = dev_id
+        self.driver = driver
+        self.drive = drive
+        self.share = share
+        self.medium: str | None = None  # node inserted with blockdev-insert-medium
+
+    @property
+    def cd(self) -> bool:
+        return self.driver in CD_DEVICES
+
+
+class Graph:
+    def __init__(self) -> None:
+        self.nodes: dict[str, Node] = {}
+        self.devices: dict[str, Device] = {}
+        self._anon = 0
+
+    def parse(self, args: dict[str, Any]) -> list[Node]:
+        """The nodes one ``blockdev-add`` (or ``-blockdev``) describes, inline
+        children flattened; not yet part of the graph (see :meth:`commit`)."""
+        out: list[Node] = []
+        self._parse(args, out, False, 0)
+        return out
+
+    def _parse(self, args: dict[str, Any], out: list[Node], ro_parent: bool, depth: int) -> str:
+        if depth > _MAX_DEPTH or len(out) > _MAX_NODES:
+            raise ValueError("block graph nested too deeply")
+        name = args.get("node-name")
+        if not isinstance(name, str):
+            self._anon += 1
+            name = f"#guard-anon-{self._anon}"
+        driver = str(args.get("driver", ""))
+        ro = truthy(args.get("read-only", False)) or ro_parent
+        node = Node(name, driver, ro, truthy(args.get("auto-read-only", False)))
+        out.append(node)
+        fname = args.get("filename")
+        if isinstance(fname, str):
+            node.filename = fname
+        for key in _CHILD_KEYS:
+            self._link(node, args.get(key), out, ro, depth, node.children)
+        if "backing" in args:
+            node.has_backing_key = True
+            refs: list[str] = []
+            self._link(node, args["backing"], out, True, depth, refs)
+            node.backing = refs[0] if refs else None
+        return name
+
+    def _link(self, node: Node, value: object, out: list[Node], ro: bool, depth: int,
+              into: list[str]) -> None:  # fmt: skip
+        if isinstance(value, str):
+            into.append(value)
+        elif isinstance(value, dict):
+            into.append(self._parse(value, out, ro, depth + 1))
+        elif isinstance(value, list):
+            for item in value[:_MAX_NODES]:
+                self._link(node, item, out, ro, depth, into)
+
+    def commit(self, nodes: list[Node]) -> None:
+        for node in nodes:
+            if len(self.nodes) < _MAX_NODES or node.name in self.nodes:
+                self.nodes[node.name] = node
+
+    def files_under(self, name: str, with_backing: bool = False) -> list[Node]:
+        """Protocol nodes reached from ``name`` through child links (and
+        ``backing`` links if asked), ``name`` itself included."""
+        seen: set[str] = set()
+        out: list[Node] = []
+        todo = [name]
+        while todo and len(seen) < _MAX_NODES:
+            cur = todo.pop()
+            if cur in seen:
+                continue
+            seen.add(cur)
+            node = self.nodes.get(cur)
+            if node is None:
+                continue
+            if node.protocol:
+                out.append(node)
+            todo.extend(node.children)
+            if with_backing and node.backing:
+                todo.append(node.backing)
+        return out
+
+    def writable(self, name: str) -> bool:
+        node = self.nodes.get(name)
+        return node is not None and not node.read_only
+
+    def add_device(self, args: dict[str, Any]) -> Device | None:
+        dev_id = args.get("id")
+        if not isinstance(dev_id, str):
+            return None
+        drive = args.get("drive")
+        dev = Device(dev_id, str(args.get("driver", "")), drive if isinstance(drive, str) else None,
+                     truthy(args.get("share-rw", False)))  # fmt: skip
+        if len(self.devices) < _MAX_NODES:
+            self.devices[dev_id] = dev
+        return dev
+
+    def device_for_node(self, name: str) -> Device | None:
+        for dev in self.devices.values():
+            if dev.drive == name or dev.medium == name:
+                return dev
+        return None
+
+    def users(self, name: str) -> list[str]:
+        """Nodes that link to ``name`` (as a child or as backing)."""
+        return [n.name for n in self.nodes.values() if name in n.children or n.backing == name]

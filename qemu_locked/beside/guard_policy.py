@@ -1,0 +1,433 @@
+"""Which QMP commands need which locks, before QEMU sees them; what frees them.
+
+DESIGN section 4's modes, applied at run time:
+- a protocol node (``file``/``host_device``) is opened read-only at first
+  (libvirt sets ``auto-read-only``): shared;
+- a writable format node above it: exclusive; if another VM shares the disk,
+  shared until a device attaches it (libvirt adds the nodes before the device
+  says ``share-rw``), then exclusive unless the device is shareable or a cdrom;
+- new snapshot overlays, mirror and backup targets, images being formatted by
+  ``blockdev-create``: exclusive from the start; the old top of a snapshot is
+  downgraded to shared once QEMU no longer writes it;
+- media: shared on cdroms or with ``read-only-mode = read-only``.
+A lock is released when no node, device or medium uses its file any more
+(``blockdev-del``, ``DEVICE_DELETED`` of a drive that dies with its device,
+eject, a failed add) *and* QEMU holds no fd on it (:mod:`guard_locks`).
+"""
+
+from __future__ import annotations
+
+import os
+
+from qemu_locked.beside.guard_locks import FD_NAME_PREFIX, Locks, Refused
+from qemu_locked.beside.guard_nodes import IMPLICIT_BACKING, Graph, Node, truthy
+from qemu_locked.model.plan import EXCLUSIVE, SHARED
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from typing import Any
+
+    After = Callable[[bool], None]
+
+_MAX_CHAIN = 16
+
+
+def _args(obj: object) -> dict[str, Any]:
+    return obj if isinstance(obj, dict) else {}
+
+
+def _str(obj: object) -> str | None:
+    return obj if isinstance(obj, str) else None
+
+
+class Policy:
+    def __init__(self, graph: Graph, locks: Locks) -> None:
+        self.graph = graph
+        self.locks = locks
+        self.release_due: set[str] = set()
+        self.downgrade_due: set[str] = set()
+        self.legacy: set[str] = set()  # drives that die with their device (drive_add)
+        self._media: dict[str, str] = {}  # device -> user name of its path-given medium
+        self._serial = 0
+
+    # -- the users of a lock ----------------------------------------------------------
+
+    def _use(self, path: str, mode: str, user: str, origin: str, defer_ok: bool = False) -> None:
+        lock = self.locks.want(path, mode, user, origin, defer_ok)
+        if mode == EXCLUSIVE:
+            self.downgrade_due.discard(lock.key)
+
+    def _unuse(self, users: set[str]) -> None:
+        for lock in list(self.locks.by_key.values()):
+            if lock.nodes & users:
+                lock.nodes -= users
+                if not lock.nodes:
+                    self.release_due.add(lock.key)
+
+    def _files(self, name: str | None, extra: list[Node] | None = None) -> list[Node]:
+        if name is None:
+            return []
+        if extra:
+            saved = dict(self.graph.nodes)
+            self.graph.commit(extra)
+            try:
+                return self.graph.files_under(name)
+            finally:
+                self.graph.nodes = saved
+        return self.graph.files_under(name)
+
+    def _chain(self, path: str, user: str, origin: str) -> None:
+        """Backing files QEMU opens from an image header (no ``backing`` given)."""
+        from qemu_locked.start.chains import qcow2_backing
+
+        cur = path
+        for _ in range(_MAX_CHAIN):
+            name = qcow2_backing(cur)
+            if not name or ":" in name.split("/", 1)[0]:
+                return
+            cur = name if name.startswith("/") else os.path.join(os.path.dirname(cur), name)
+            self._use(cur, SHARED, user, origin)
+
+    # -- commands ---------------------------------------------------------------------
+
+    def before(self, cmd: str, args: dict[str, Any]) -> After | None:
+        """Take what ``cmd`` needs (raises Refused); the returned callable gets
+        whether QEMU said it succeeded."""
+        handler = _HANDLERS.get(cmd)
+        if handler is None:
+            return None
+        self._serial += 1
+        tag = f"#cmd{self._serial}"
+        try:
+            return handler(self, args, tag)
+        except Refused:
+            self._unuse({tag})
+            raise
+
+    def _tagged(self, tag: str, on_ok: Callable[[], None] | None = None) -> After:
+        """Users named ``tag`` are kept if the command succeeds, dropped if not."""
+
+        def after(ok: bool) -> None:
+            if ok:
+                if on_ok is not None:
+                    on_ok()
+                self._rename(tag)
+            else:
+                self._unuse({tag})
+
+        return after
+
+    def _rename(self, tag: str) -> None:
+        for lock in self.locks.by_key.values():
+            if tag in lock.nodes:
+                lock.nodes.discard(tag)
+                lock.nodes.add(tag + "-kept")
+
+    def blockdev_add(self, args: dict[str, Any], tag: str) -> After:
+        try:
+            new = self.graph.parse(args)
+        except ValueError:
+            raise Refused("qemu-locked: blockdev-add: block graph too deep to check") from None
+        top = new[0].name if new else None
+        origin = f"blockdev-add {top}"
+        for node in new:
+            if node.protocol:
+                assert node.filename is not None
+                mode = SHARED if node.read_only or node.auto_ro else EXCLUSIVE
+                self._use(node.filename, mode, node.name, origin, defer_ok=True)
+        for node in new:
+            if node.protocol or node.read_only:
+                continue
+            for leaf in self._files(node.name, new):
+                assert leaf.filename is not None
+                self._use(leaf.filename, EXCLUSIVE, leaf.name, origin, defer_ok=True)
+            if node.driver in IMPLICIT_BACKING and not node.has_backing_key:
+                for leaf in self._files(node.name, new):
+                    assert leaf.filename is not None
+                    self._chain(leaf.filename, node.name + "#backing", origin)
+        names = {n.name for n in new} | {n.name + "#backing" for n in new}
+
+        def after(ok: bool) -> None:
+            if ok:
+                self.graph.commit(new)
+            else:
+                self._unuse(names)
+
+        return after
+
+    def blockdev_del(self, args: dict[str, Any], tag: str) -> After:
+        name = _str(args.get("node-name"))
+
+        def after(ok: bool) -> None:
+            if ok and name is not None:
+                self.graph.nodes.pop(name, None)
+                self._unuse({name, name + "#backing"})
+
+        return after
+
+    def _writer(self, name: str | None, tag: str, origin: str) -> None:
+        """Everything under node ``name`` must be exclusive now."""
+        for leaf in self._files(name):
+            assert leaf.filename is not None
+            self._use(leaf.filename, EXCLUSIVE, leaf.name, origin)  # held while the node is
+
+    def device_add(self, args: dict[str, Any], tag: str) -> After | None:
+        drive = _str(args.get("drive"))
+        if drive is None:
+            return None
+        dev_id = _str(args.get("id")) or drive
+        share = truthy(args.get("share-rw", False))
+        driver = str(args.get("driver", ""))
+        from qemu_locked.beside.guard_nodes import CD_DEVICES
+
+        origin = f"hot-plug {dev_id}"
+        writer = not share and driver not in CD_DEVICES and self.graph.writable(drive)
+        if writer:
+            self._writer(drive, tag, origin)
+
+        def on_ok() -> None:
+            self.graph.add_device(args)
+            for leaf in self._files(drive):
+                lock = self.locks.by_key.get(self._key(leaf))
+                if lock is None:
+                    continue
+                if not lock.start:
+                    lock.origin = origin
+                lock.deferred = False
+                if share and lock.mode == EXCLUSIVE:
+                    self.locks.downgrade(lock)
+
+        return self._tagged(tag, on_ok)
+
+    def _key(self, leaf: Node) -> str:
+        from qemu_locked.lock import safeopen
+
+        try:
+            return safeopen.identity_key(os.stat(leaf.filename or ""))
+        except OSError:
+            return ""
+
+    def blockdev_create(self, args: dict[str, Any], tag: str) -> After:
+        options = _args(args.get("options"))
+        self._writer(_str(options.get("file")), tag, "blockdev-create")
+        return self._tagged(tag)
+
+    def blockdev_mirror(self, args: dict[str, Any], tag: str) -> After:
+        self._writer(_str(args.get("target")), tag, "block copy target")
+        return self._tagged(tag)
+
+    def _new_image(self, path: str | None, tag: str, origin: str) -> Callable[[], None] | None:
+        """A target named by path: locked now if it exists, else once QEMU made it."""
+        if path is None:
+            return None
+        if os.path.exists(path):
+            self._use(path, EXCLUSIVE, tag, origin)
+            return None
+
+        def made() -> None:
+            try:
+                self._use(path, EXCLUSIVE, tag, origin)
+            except Refused as exc:
+                from qemu_locked.beside.spawn import say
+
+                say(exc.line.removeprefix("qemu-locked: ") + " (created by QEMU, locked too late)")
+
+        return made
+
+    def drive_mirror(self, args: dict[str, Any], tag: str) -> After:
+        made = self._new_image(_str(args.get("target")), tag, "block copy target")
+        return self._tagged(tag, made)
+
+    def snapshot(self, args: dict[str, Any], tag: str) -> After:
+        """blockdev-snapshot: the overlay takes over writing; the old top is read."""
+        overlay, old = _str(args.get("overlay")), _str(args.get("node"))
+        self._writer(overlay, tag, f"snapshot overlay {overlay}")
+        return self._tagged(tag, lambda: self._old_top(old))
+
+    def snapshot_sync(self, args: dict[str, Any], tag: str) -> After:
+        path = _str(args.get("snapshot-file"))
+        old = _str(args.get("node-name")) or _str(args.get("device"))
+        made = self._new_image(path, tag, f"snapshot overlay {path}")
+
+        def on_ok() -> None:
+            if made is not None:
+                made()
+            self._old_top(old)
+
+        return self._tagged(tag, on_ok)
+
+    def _old_top(self, name: str | None) -> None:
+        dev = self.graph.devices.get(name or "")
+        if dev is not None:
+            name = dev.drive
+        for leaf in self._files(name):
+            self.downgrade_due.add(self._key(leaf))
+
+    def backup(self, args: dict[str, Any], tag: str) -> After:
+        self._writer(_str(args.get("target")), tag, "backup target")
+        return self._tagged(tag)
+
+    def transaction(self, args: dict[str, Any], tag: str) -> After:
+        afters: list[After] = []
+        actions = args.get("actions")
+        for action in actions[:256] if isinstance(actions, list) else []:
+            act = _args(action)
+            handler = _TX.get(str(act.get("type", "")))
+            if handler is not None:
+                afters.append(handler(self, _args(act.get("data")), tag))
+
+        def after(ok: bool) -> None:
+            for each in afters:
+                each(ok)
+
+        return after
+
+    def reopen(self, args: dict[str, Any], tag: str) -> After:
+        opts = args.get("options")
+        changed: list[tuple[str, bool]] = []
+        for item in opts[:256] if isinstance(opts, list) else []:
+            node = _args(item)
+            name = _str(node.get("node-name"))
+            if name is None:
+                continue
+            ro = truthy(node.get("read-only", False))
+            changed.append((name, ro))
+            if not ro:
+                self._writer(name, tag, f"blockdev-reopen {name}")
+
+        def on_ok() -> None:
+            for name, ro in changed:
+                if name in self.graph.nodes:
+                    self.graph.nodes[name].read_only = ro
+                    if ro:
+                        self._old_top(name)
+
+        return self._tagged(tag, on_ok)
+
+    def _device_id(self, args: dict[str, Any]) -> str:
+        return _str(args.get("id")) or _str(args.get("device")) or ""
+
+    def change_medium(self, args: dict[str, Any], tag: str) -> After:
+        dev_id = self._device_id(args)
+        path = _str(args.get("filename"))
+        return self.medium_path(dev_id, path, args.get("read-only-mode") == "read-only", tag)
+
+    def medium_path(self, dev_id: str, path: str | None, ro: bool, tag: str) -> After:
+        dev = self.graph.devices.get(dev_id)
+        cd = dev.cd if dev is not None else False
+        user = f"medium:{dev_id}:{tag}"
+        if path:
+            self._use(path, SHARED if ro or cd else EXCLUSIVE, user, f"media change {dev_id}")
+            self._chain(path, user, f"media change {dev_id}")
+        old = self._media.get(dev_id)
+
+        def after(ok: bool) -> None:
+            if not ok:
+                self._unuse({user})
+                return
+            self._media[dev_id] = user
+            if old is not None:
+                self._unuse({old})
+
+        return after
+
+    def insert_medium(self, args: dict[str, Any], tag: str) -> After:
+        dev_id = self._device_id(args)
+        node = _str(args.get("node-name"))
+        dev = self.graph.devices.get(dev_id)
+        if node is not None and self.graph.writable(node) and not (dev is not None and dev.cd):
+            self._writer(node, tag, f"media change {dev_id}")
+
+        def on_ok() -> None:
+            if dev is not None:
+                dev.medium = node
+
+        return self._tagged(tag, on_ok)
+
+    def remove_medium(self, args: dict[str, Any], tag: str) -> After:
+        dev_id = self._device_id(args)
+
+        def after(ok: bool) -> None:
+            old = self._media.pop(dev_id, None) if ok else None
+            if old is not None:
+                self._unuse({old})
+            dev = self.graph.devices.get(dev_id)
+            if ok and dev is not None:
+                dev.medium = None
+
+        return after
+
+    def getfd(self, args: dict[str, Any], tag: str) -> None:
+        name = _str(args.get("fdname")) or ""
+        if name.startswith(FD_NAME_PREFIX):
+            raise Refused(f"qemu-locked: fd names starting with {FD_NAME_PREFIX!r} are reserved "
+                          "for the monitor guard's locks")  # fmt: skip
+        return None
+
+    def hmp(self, args: dict[str, Any], tag: str) -> After | None:
+        from qemu_locked.beside.guard_hmp import hmp_command
+
+        return hmp_command(self, _str(args.get("command-line")) or "", tag)
+
+    # -- events and the sweep ---------------------------------------------------------
+
+    def event(self, name: str, data: dict[str, Any]) -> None:
+        """QEMU's word: only ever a reason to look again, never to release."""
+        if name == "DEVICE_DELETED":
+            dev_id = _str(data.get("device"))
+            dev = self.graph.devices.pop(dev_id or "", None)
+            if dev is not None and dev.drive in self.legacy:
+                self.legacy.discard(dev.drive)
+                self.graph.nodes.pop(dev.drive, None)
+                self._unuse({dev.drive})
+
+    def sweep(self) -> None:
+        for key in list(self.release_due):
+            lock = self.locks.by_key.get(key)
+            if lock is None or lock.nodes:
+                self.release_due.discard(key)
+            elif not self.locks.qemu_uses(lock):
+                self.locks.release(lock)
+                self.release_due.discard(key)
+        for key in list(self.downgrade_due):
+            lock = self.locks.by_key.get(key)
+            if lock is None or lock.mode != EXCLUSIVE:
+                self.downgrade_due.discard(key)
+            elif not self.locks.qemu_uses(lock, writable_only=True):
+                self.locks.downgrade(lock)
+                self.downgrade_due.discard(key)
+
+    @property
+    def due(self) -> bool:
+        return bool(self.release_due or self.downgrade_due)
+
+
+_HANDLERS: dict[str, Callable[[Policy, dict[str, Any], str], After | None]] = {
+    "blockdev-add": Policy.blockdev_add,
+    "blockdev-del": Policy.blockdev_del,
+    "device_add": Policy.device_add,
+    "blockdev-create": Policy.blockdev_create,
+    "blockdev-mirror": Policy.blockdev_mirror,
+    "drive-mirror": Policy.drive_mirror,
+    "blockdev-snapshot": Policy.snapshot,
+    "blockdev-snapshot-sync": Policy.snapshot_sync,
+    "blockdev-backup": Policy.backup,
+    "drive-backup": Policy.drive_mirror,
+    "transaction": Policy.transaction,
+    "blockdev-reopen": Policy.reopen,
+    "x-blockdev-reopen": Policy.reopen,
+    "blockdev-change-medium": Policy.change_medium,
+    "blockdev-insert-medium": Policy.insert_medium,
+    "blockdev-remove-medium": Policy.remove_medium,
+    "eject": Policy.remove_medium,
+    "getfd": Policy.getfd,
+    "closefd": Policy.getfd,
+    "human-monitor-command": Policy.hmp,
+}
+_TX: dict[str, Callable[[Policy, dict[str, Any], str], After]] = {
+    "blockdev-snapshot": Policy.snapshot,
+    "blockdev-snapshot-sync": Policy.snapshot_sync,
+    "blockdev-backup": Policy.backup,
+    "drive-backup": Policy.drive_mirror,
+}

@@ -1,0 +1,413 @@
+"""The monitor guard's relay: libvirt's monitor socket on one side, QEMU's on the other.
+
+QEMU's side is one connection for QEMU's whole life, made before exec.  Its
+greeting is kept and sent to every client that connects to libvirt's socket
+(libvirtd connects at start and again after a restart); the first client's
+``qmp_capabilities`` goes to QEMU, later ones are answered here, since QEMU's
+session is already negotiated.  Commands go to QEMU one at a time, in order,
+each with the fds it arrived with; the next is read only once the previous
+one was answered, so every reply is matched to its command and the lock
+policy learns whether it succeeded (QEMU's own monitor runs them one at a
+time too).  Replies and events go back byte for byte.
+"""
+
+from __future__ import annotations
+
+import _socket
+import os
+import select
+from collections import deque
+
+from qemu_locked.beside import guard_frame as frame
+from qemu_locked.beside.guard_locks import Refused
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
+
+    from qemu_locked.beside.guard_policy import After, Policy
+
+_READ = 1 << 16
+_MAX_FDS = 32
+_ANC = _socket.CMSG_SPACE(_MAX_FDS * 4)
+_FLAGS = getattr(_socket, "MSG_CMSG_CLOEXEC", 0x40000000)
+_MAX_QUEUED = 64  # client units waiting for their turn
+_MAX_OUT = 8 << 20  # bytes waiting for a slow client before QEMU is read again
+_GUARDED = (
+    b"blockdev", b"device_add", b"drive", b"medium", b"transaction", b"snapshot", b"mirror",
+    b"backup", b"human-monitor", b"getfd", b"closefd", b"eject", b"\\u", b"change",
+)  # fmt: skip
+_POLLIN, _POLLOUT = select.POLLIN, select.POLLOUT
+_ERRS = select.POLLERR | select.POLLHUP | select.POLLNVAL
+
+
+def _recv(sock: _socket.socket) -> tuple[bytes, list[int]]:
+    data, anc, _flags, _addr = sock.recvmsg(_READ, _ANC, _FLAGS)
+    fds: list[int] = []
+    for level, kind, raw in anc:
+        if level == _socket.SOL_SOCKET and kind == _socket.SCM_RIGHTS:
+            usable = len(raw) - len(raw) % 4
+            fds += [int.from_bytes(raw[i : i + 4], "little") for i in range(0, usable, 4)]
+    return data, fds
+
+
+def _close(fds: list[int]) -> None:
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+class _Out:
+    """Bytes (and fds) waiting for a socket to take them; never blocks."""
+
+    def __init__(self) -> None:
+        self.items: deque[tuple[bytes, list[int]]] = deque()
+        self.size = 0
+
+    def put(self, data: bytes, fds: list[int] | None = None) -> None:
+        if data or fds:
+            self.items.append((data, fds or []))
+            self.size += len(data)
+
+    def flush(self, sock: _socket.socket) -> bool:
+        """False once the peer is gone."""
+        while self.items:
+            data, fds = self.items[0]
+            anc = []
+            if fds:
+                raw = b"".join(fd.to_bytes(4, "little") for fd in fds)
+                anc = [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, raw)]
+            try:
+                sent = sock.sendmsg([data], anc)
+            except (BlockingIOError, InterruptedError):
+                return True
+            except OSError:
+                return False
+            _close(fds)  # the peer has its own copies now
+            self.size -= sent
+            if sent < len(data):
+                self.items[0] = (data[sent:], [])
+                return True
+            self.items.popleft()
+        return True
+
+    def drop(self) -> None:
+        for _data, fds in self.items:
+            _close(fds)
+        self.items.clear()
+        self.size = 0
+
+
+class _Inflight:
+    __slots__ = ("after", "gen", "hmp", "id", "mine")
+
+    def __init__(self, cmd_id: object, gen: int, after: After | None, mine: bool, hmp: bool) -> None:
+        self.id = cmd_id
+        self.gen = gen
+        self.after = after
+        self.mine = mine  # the guard's own command: its reply goes nowhere
+        self.hmp = hmp
+
+
+class Relay:
+    def __init__(self, qemu: _socket.socket, listener: _socket.socket, pidfd: int,
+                 policy: Policy | None) -> None:  # fmt: skip
+        self.qemu = qemu
+        self.listener = listener
+        self.pidfd = pidfd
+        self.policy = policy
+        self.client: _socket.socket | None = None
+        self.gen = 0
+        self.greeting: bytes | None = None
+        self.qemu_ready = False  # QEMU's session negotiated
+        self.client_ready = False
+        self.q_split = frame.Splitter(stream=True)
+        self.c_split = frame.Splitter(stream=False)
+        self.q_out = _Out()
+        self.c_out = _Out()
+        self.queue: deque[frame.Unit] = deque()
+        self.mine: deque[tuple[bytes, list[int], _Inflight]] = deque()
+        self.inflight: _Inflight | None = None
+        self.qemu_open = True
+        self._serial = 0
+        self._to_client = False  # where QEMU's whitespace and oversized pieces go
+        for s in (qemu, listener):
+            s.setblocking(False)
+
+    # -- the loop ---------------------------------------------------------------------
+
+    def run(self) -> None:
+        """Until QEMU exits."""
+        poller = select.poll()
+        while True:
+            self._process()
+            fds = {self.pidfd: _POLLIN}
+            if self.qemu_open:
+                fds[self.qemu.fileno()] = (_POLLIN if self.c_out.size < _MAX_OUT else 0) | (
+                    _POLLOUT if self.q_out.items else 0)  # fmt: skip
+            if self.client is None:
+                fds[self.listener.fileno()] = _POLLIN
+            else:
+                fds[self.client.fileno()] = (_POLLIN if len(self.queue) < _MAX_QUEUED else 0) | (
+                    _POLLOUT if self.c_out.items else 0)  # fmt: skip
+            poller = select.poll()
+            for fd, ev in fds.items():
+                poller.register(fd, ev)
+            due = self.policy is not None and self.policy.due
+            ready = poller.poll(1000 if due else None)
+            if not ready and due:
+                self._sweep()
+            for fd, ev in ready:
+                if fd == self.pidfd:
+                    return
+                if self.qemu_open and fd == self.qemu.fileno():
+                    self._qemu_event(ev)
+                elif self.client is not None and fd == self.client.fileno():
+                    self._client_event(ev)
+                elif fd == self.listener.fileno():
+                    self._accept()
+
+    def _qemu_event(self, ev: int) -> None:
+        if ev & _POLLOUT and not self.q_out.flush(self.qemu):
+            self._qemu_gone()
+            return
+        if ev & (_POLLIN | _ERRS):
+            try:
+                data, fds = _recv(self.qemu)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                data, fds = b"", []
+            _close(fds)  # QMP never passes fds to the client; QEMU's side is not trusted
+            if not data:
+                self._qemu_gone()
+                return
+            for unit in self.q_split.feed(data):
+                self._from_qemu(unit)
+            self._flush_client()
+
+    def _qemu_gone(self) -> None:
+        """QEMU closed its monitor: it is exiting.  The client sees the close as from QEMU."""
+        self.qemu_open = False
+        self._drop_client()
+
+    def _client_event(self, ev: int) -> None:
+        assert self.client is not None
+        if ev & _POLLOUT:
+            self._flush_client()
+        if self.client is not None and ev & (_POLLIN | _ERRS):
+            try:
+                data, fds = _recv(self.client)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                data, fds = b"", []
+            if not data:
+                _close(fds)
+                self._drop_client()
+                return
+            self.queue.extend(self.c_split.feed(data, fds))
+
+    def _accept(self) -> None:
+        try:
+            sock, _addr = self.listener._accept()
+        except OSError:
+            return
+        self.client = _socket.socket(fileno=sock)
+        self.client.setblocking(False)
+        self.gen += 1
+        self.client_ready = False
+        self.c_split = frame.Splitter(stream=False)
+        if self.greeting is not None:
+            self.c_out.put(self.greeting + b"\r\n")
+            self._flush_client()
+
+    def _drop_client(self) -> None:
+        if self.client is not None:
+            self.client.close()
+            self.client = None
+        self.c_out.drop()
+        for unit in self.queue:
+            _close(unit.fds)
+        self.queue.clear()
+        _close(self.c_split.take_fds())
+        self.client_ready = False
+
+    def _flush_client(self) -> None:
+        if self.client is not None and not self.c_out.flush(self.client):
+            self._drop_client()
+
+    # -- QEMU to client ---------------------------------------------------------------
+
+    def _from_qemu(self, unit: frame.Unit) -> None:
+        if unit.kind == frame.OBJECT:
+            obj = _parse(unit.data)
+            self._to_client = self._qemu_object(obj, unit)
+        elif unit.kind == frame.OVERSIZE:
+            self._to_client = self._qemu_object({k.decode("utf-8", "replace"): None
+                                                 for k in unit.keys}, unit)  # fmt: skip
+            return
+        elif unit.kind == frame.PIECE:
+            if self.client is not None and self.client_ready:
+                self.c_out.put(unit.data)
+            return
+        if self._to_client and self.client is not None:
+            self.c_out.put(unit.data)
+
+    def _qemu_object(self, obj: dict[str, Any], unit: frame.Unit) -> bool:
+        """Handle one object from QEMU; True if the client gets its bytes."""
+        if "QMP" in obj and self.greeting is None:
+            self.greeting = unit.data[: 1 << 16]
+            return self.client is not None
+        if "event" in obj:
+            if self.policy is not None:
+                name, data = obj.get("event"), obj.get("data")
+                if isinstance(name, str) and isinstance(data, dict):
+                    self.policy.event(name, data)
+                    self._sweep()
+            return self.client is not None and self.client_ready
+        if "return" not in obj and "error" not in obj:
+            return self.client is not None and self.client_ready
+        cur = self.inflight
+        if cur is None or (cur.id is not None and obj.get("id") != cur.id):
+            return self.client is not None  # a reply to input QEMU could not parse
+        self.inflight = None
+        ok = "return" in obj
+        if ok and cur.hmp:
+            from qemu_locked.beside.guard_hmp import hmp_ok
+
+            ok = hmp_ok(obj.get("return"))
+        if cur.after is not None:
+            cur.after(ok)
+        self._sweep()
+        return not cur.mine and cur.gen == self.gen and self.client is not None
+
+    # -- client to QEMU ---------------------------------------------------------------
+
+    def _process(self) -> None:
+        while self.inflight is None and self.qemu_open:
+            if self.mine:
+                data, fds, self.inflight = self.mine.popleft()
+                self.q_out.put(data, fds)
+            elif self.queue:
+                self._from_client(self.queue.popleft())
+            else:
+                break
+        if self.qemu_open and not self.q_out.flush(self.qemu):
+            self._qemu_gone()
+        self._flush_client()
+
+    def _from_client(self, unit: frame.Unit) -> None:
+        if unit.kind == frame.SPACE:
+            self.q_out.put(unit.data, unit.fds)
+            return
+        if unit.kind == frame.OVERSIZE:
+            _close(unit.fds)
+            self._reply(None, "GenericError", "qemu-locked: a QMP command over 1 MiB is not "
+                        "forwarded (the monitor guard cannot check it)")  # fmt: skip
+            return
+        obj = _parse(unit.data) if unit.kind == frame.OBJECT else {}
+        cmd = obj.get("execute", obj.get("exec-oob"))
+        if not obj or not isinstance(cmd, str):
+            if any(word in unit.data for word in _GUARDED):
+                _close(unit.fds)
+                self._reply(obj.get("id"), "GenericError", "qemu-locked: the monitor guard "
+                            "could not read this command, so it is not forwarded")  # fmt: skip
+                return
+            self.q_out.put(unit.data, unit.fds)
+            if obj:
+                self.inflight = _Inflight(obj.get("id"), self.gen, None, False, False)
+            return
+        cmd_id = obj.get("id")
+        if not self.client_ready:
+            if cmd == "qmp_capabilities" and self.qemu_ready:
+                _close(unit.fds)
+                self.client_ready = True
+                self._say({"return": {}}, cmd_id)
+                return
+            if cmd != "qmp_capabilities" and self.qemu_ready:
+                _close(unit.fds)
+                self._reply(cmd_id, "CommandNotFound",
+                            "Expecting capabilities negotiation with 'qmp_capabilities'")
+                return
+            if cmd == "qmp_capabilities":
+                self.q_out.put(unit.data, unit.fds)
+                self.inflight = _Inflight(cmd_id, self.gen, self._negotiated, False, False)
+                return
+        args = obj.get("arguments")
+        after = None
+        if self.policy is not None:
+            try:
+                after = self.policy.before(cmd, args if isinstance(args, dict) else {})
+            except Refused as exc:
+                _close(unit.fds)
+                self._reply(cmd_id, "GenericError", exc.line)
+                return
+        self._hand_over()
+        hmp = cmd == "human-monitor-command"
+        sending = _Inflight(cmd_id, self.gen, after, False, hmp)
+        if self.mine:  # after the getfds that hand QEMU its new locks
+            self.mine.append((unit.data, unit.fds, sending))
+            return
+        self.q_out.put(unit.data, unit.fds)
+        self.inflight = sending
+
+    def _negotiated(self, ok: bool) -> None:
+        if ok:
+            self.qemu_ready = self.client_ready = True
+
+    def _hand_over(self) -> None:
+        """getfd / closefd for the lock fds the policy took or let go."""
+        if self.policy is None:
+            return
+        locks = self.policy.locks
+        for name, fd in locks.give:
+            self._mine("getfd", name, [fd])
+        for name in locks.take_back:
+            self._mine("closefd", name, [])
+        locks.give.clear()
+        locks.take_back.clear()
+
+    def _mine(self, cmd: str, name: str, fds: list[int]) -> None:
+        self._serial += 1
+        cmd_id = f"qemu-locked-guard-{self._serial}"
+        text = f'{{"execute": "{cmd}", "arguments": {{"fdname": "{name}"}}, "id": "{cmd_id}"}}'
+        # our own copy of the fd stays with the guard: send a duplicate
+        self.mine.append((text.encode(), [os.dup(fd) for fd in fds],
+                          _Inflight(cmd_id, self.gen, _mine_done(cmd, name), True, False)))
+
+    def _sweep(self) -> None:
+        if self.policy is not None:
+            self.policy.sweep()
+            self._hand_over()
+
+    def _say(self, obj: dict[str, Any], cmd_id: object) -> None:
+        if cmd_id is not None:
+            obj["id"] = cmd_id
+        if self.client is not None:
+            self.c_out.put(frame.dumps(obj).encode() + b"\r\n")
+
+    def _reply(self, cmd_id: object, cls: str, desc: str) -> None:
+        self._say({"error": {"class": cls, "desc": desc}}, cmd_id)
+
+
+def _mine_done(cmd: str, name: str) -> After:
+    def after(ok: bool) -> None:
+        if not ok:
+            from qemu_locked.beside.spawn import say
+
+            say(f"monitor guard: QEMU refused {cmd} {name}")
+
+    return after
+
+
+def _parse(data: bytes) -> dict[str, Any]:
+    from qemu_locked.parse import jsonlite
+
+    try:
+        obj = jsonlite.loads(data.decode("utf-8", "surrogateescape"))
+    except (ValueError, RecursionError):
+        return {}
+    return obj if isinstance(obj, dict) else {}

@@ -1,0 +1,193 @@
+"""The monitor guard under a real libvirtd and a real QEMU: disks that change
+while the VM runs (virsh attach-disk, detach-disk, change-media, snapshots,
+blockcopy) get the same locks as disks on the command line.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+
+import pytest
+
+from e2e.lab import PREFIX, Lab, disk_xml, domain_xml, lock_free, wait_for
+from qemu_locked.lock import procfs
+
+pytestmark = pytest.mark.libvirt
+
+SCSI = "<controller type='scsi' index='0' model='virtio-scsi'/>"
+
+
+def vm(lab: Lab, name: str, disks: list[str], extra: str = "") -> str:
+    dom = lab.define(domain_xml(f"{PREFIX}{name}", disks, devices_extra=SCSI + extra))
+    lab.start(dom)
+    return dom
+
+
+def attach(lab: Lab, dom: str, path: str, target: str, *extra: str,
+           check: bool = False) -> subprocess.CompletedProcess[str]:  # fmt: skip
+    fmt = "raw" if path.startswith("/dev/") or path.endswith(".raw") else "qcow2"
+    args = ["attach-disk", dom, path, target, "--targetbus", "scsi", "--live",
+            "--subdriver", fmt, *extra]  # fmt: skip
+    if path.startswith("/dev/"):
+        args += ["--sourcetype", "block"]
+    return lab.virsh(*args, check=check)
+
+
+def refused(proc: subprocess.CompletedProcess[str], holder: str) -> None:
+    assert proc.returncode != 0, proc.stdout
+    assert "qemu-locked: " in proc.stderr, proc.stderr
+    assert holder in proc.stderr, proc.stderr
+
+
+def guard_of(qemu_pid: int) -> int:
+    """The guard watching this QEMU (its pidfd's Pid: line names it)."""
+    for pid in procfs.pids():
+        if procfs.comm(pid) != procfs.GUARD_COMM:
+            continue
+        for _fd, target, info in procfs.fd_entries(pid):
+            if "pidfd" in target and f"Pid:\t{qemu_pid}\n" in info:
+                return pid
+    raise AssertionError(f"no guard for QEMU pid {qemu_pid}")
+
+
+def test_attach_of_a_disk_another_vm_writes_is_refused_naming_it(lab: Lab) -> None:
+    a, b = lab.image("g-a.qcow2"), lab.image("g-b.qcow2")
+    one = vm(lab, "g1", [disk_xml(a)])
+    two = vm(lab, "g2", [disk_xml(b)])
+    proc = attach(lab, one, b, "sdb")
+    refused(proc, f"guest '{two}'")
+    assert 'Failed to get "write" lock' not in proc.stderr
+    assert "sdb" not in lab.virsh("domblklist", one).stdout
+    # both VMs go on, and vm2 still has its disk to itself
+    assert lab.state(one) == lab.state(two) == "running"
+    assert not lock_free(b, exclusive=False)
+
+
+def test_attach_takes_the_lock_and_detach_frees_it(lab: Lab) -> None:
+    a, b = lab.image("d-a.qcow2"), lab.image("d-b.qcow2")
+    one = vm(lab, "d1", [disk_xml(a)])
+    attach(lab, one, b, "sdb", check=True)
+    pid = lab.qemu_pid(one)
+    st = os.stat(b)
+    held = [lk for lk in procfs.scan({(st.st_dev, st.st_ino)}) if lk.kind == "OFDLCK"]
+    assert [(lk.pid, lk.mode) for lk in held] == [(pid, "exclusive")]  # QEMU's, not the guard's
+    other = vm(lab, "d2", [])
+    refused(attach(lab, other, b, "sdc"), f"guest '{one}'")
+    lab.virsh("detach-disk", one, "sdb", "--live")
+    assert lock_free(b)
+    attach(lab, other, b, "sdc", check=True)  # free again: the other VM may have it
+    assert not lock_free(b, exclusive=False)
+
+
+def test_block_device_either_order(lab: Lab) -> None:
+    dev = lab.loop_device()
+    a = lab.image("blk-a.qcow2")
+    holder = vm(lab, "b1", [disk_xml(dev, kind="block", fmt="raw")])
+    one = vm(lab, "b2", [disk_xml(a)])
+    refused(attach(lab, one, dev, "sdb"), f"guest '{holder}'")
+    lab.destroy(holder)
+    attach(lab, one, dev, "sdb", check=True)  # hot-plug first, then a start on it
+    proc = lab.start(holder, check=False)
+    refused(proc, f"guest '{one}'")
+
+
+def test_disk_held_by_lockctl_run_is_refused(lab: Lab) -> None:
+    a, b = lab.image("r-a.qcow2"), lab.image("r-b.qcow2")
+    one = vm(lab, "r1", [disk_xml(a)])
+    tool = subprocess.Popen(
+        [lab.qemu_lockctl, "run", "--disk", b, "--", "sleep", "600"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        wait_for(lambda: not lock_free(b, exclusive=False), 30, "qemu-lockctl run to lock")
+        refused(attach(lab, one, b, "sdb"), f"pid {tool.pid}")
+    finally:
+        tool.kill()
+        tool.wait()
+    attach(lab, one, b, "sdb", check=True)
+
+
+def test_shareable_and_readonly_hot_plug_are_shared(lab: Lab) -> None:
+    a, c, iso = lab.image("s-a.qcow2"), lab.image("s-c.raw", fmt="raw"), lab.image("s.iso", fmt="raw")
+    holder = vm(lab, "s1", [disk_xml(c, fmt="raw", shareable=True)])
+    one = vm(lab, "s2", [disk_xml(a)])
+    attach(lab, one, c, "sdb", "--mode", "shareable", "--cache", "none", check=True)
+    attach(lab, one, iso, "sdc", "--mode", "readonly", check=True)
+    assert lock_free(c, exclusive=False) and not lock_free(c)
+    assert lock_free(iso, exclusive=False) and not lock_free(iso)
+    assert lab.state(holder) == "running"
+
+
+def test_change_media_locks_the_new_medium_and_frees_the_old(lab: Lab) -> None:
+    a = lab.image("m-a.qcow2")
+    iso1, iso2 = lab.image("m1.iso", fmt="raw"), lab.image("m2.iso", fmt="raw")
+    cd = disk_xml(iso1, "sdz", bus="scsi", fmt="raw", device="cdrom", readonly=True)
+    one = vm(lab, "m1", [disk_xml(a), cd])
+    assert not lock_free(iso1)
+    lab.virsh("change-media", one, "sdz", iso2, "--update", "--live")
+    assert not lock_free(iso2) and lock_free(iso2, exclusive=False)
+    assert lock_free(iso1)
+    lab.virsh("change-media", one, "sdz", "--eject", "--live")
+    assert lock_free(iso2)
+
+
+def test_external_snapshot_overlay_exclusive_old_top_shared(lab: Lab) -> None:
+    a = lab.image("sn-a.qcow2")
+    one = vm(lab, "sn1", [disk_xml(a)])
+    ov = str(lab.images / "sn-ov.qcow2")
+    lab.virsh("snapshot-create-as", one, "--disk-only", "--no-metadata",
+              "--diskspec", f"vda,file={ov}")  # fmt: skip
+    assert not lock_free(ov, exclusive=False)
+    assert lock_free(a, exclusive=False) and not lock_free(a)
+
+
+def test_blockcopy_with_pivot(lab: Lab) -> None:
+    a = lab.image("bc-a.qcow2")
+    one = vm(lab, "bc1", [disk_xml(a)])
+    dest = str(lab.images / "bc-copy.qcow2")
+    lab.virsh("blockcopy", one, "vda", dest, "--transient-job", "--wait", "--pivot", timeout=120)
+    assert not lock_free(dest, exclusive=False)
+    assert lock_free(a)
+
+
+def test_libvirtd_restart_then_hot_plug_is_still_guarded(lab: Lab) -> None:
+    if "libvirtd" not in lab.daemons.started:
+        pytest.fail("libvirtd was not started by the harness: it cannot be restarted")
+    a, b, c = lab.image("lr-a.qcow2"), lab.image("lr-b.qcow2"), lab.image("lr-c.qcow2")
+    one = vm(lab, "lr1", [disk_xml(a)])
+    two = vm(lab, "lr2", [disk_xml(b)])
+    lab.daemons.restart_libvirtd()
+    assert lab.state(one) == lab.state(two) == "running"
+    refused(attach(lab, one, b, "sdb"), f"guest '{two}'")
+    attach(lab, one, c, "sdc", check=True)
+    assert not lock_free(c, exclusive=False)
+
+
+def test_kill_9_of_the_guard_stops_the_vm_and_frees_everything(lab: Lab) -> None:
+    a, b = lab.image("k-a.qcow2"), lab.image("k-b.qcow2")
+    one = vm(lab, "k1", [disk_xml(a)])
+    attach(lab, one, b, "sdb", check=True)
+    os.kill(guard_of(lab.qemu_pid(one)), signal.SIGKILL)
+    wait_for(lambda: lab.state(one) == "shut off", 60, "libvirt to stop the VM")
+    assert lock_free(a) and lock_free(b)
+
+
+def test_fd_passing_through_the_guard(lab: Lab, tmp_path: object) -> None:
+    """virsh dump hands QEMU the output file with getfd; the guard relays the fd."""
+    a = lab.image("fd-a.qcow2")
+    one = vm(lab, "fd1", [disk_xml(a)])
+    out = lab.images / "fd1.core"
+    lab.virsh("dump", one, str(out), "--memory-only", "--format", "elf", timeout=120)
+    assert out.stat().st_size > 32 << 20  # the guest's 64 MiB, written through the passed fd
+    reply = lab.virsh("qemu-monitor-command", one, '{"execute":"query-fdsets"}').stdout
+    assert '"return"' in reply
+
+
+def test_reserved_fd_names_are_refused(lab: Lab) -> None:
+    one = vm(lab, "rs1", [])
+    proc = lab.virsh("qemu-monitor-command", one,
+                     '{"execute":"closefd","arguments":{"fdname":"qemu-locked-1"}}', check=False)  # fmt: skip
+    assert "reserved for the monitor guard" in proc.stdout + proc.stderr
+    assert lab.state(one) == "running"
