@@ -27,6 +27,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import NoReturn
 
+    from qemu_locked.beside.guard_policy import Policy
     from qemu_locked.model.config import Config
     from qemu_locked.model.plan import Plan
 
@@ -163,7 +164,7 @@ def _life(vm_pid: int, pidfd: int, keep: set[int], libvirt: _socket.socket,
 
 
 def _policy(args: list[str], lock_fds: list[int], config: Config, plan: Plan, vm_pid: int,
-            ) -> object:  # fmt: skip
+            ) -> Policy:  # fmt: skip
     from qemu_locked.beside.guard_locks import Locks
     from qemu_locked.beside.guard_nodes import Graph
     from qemu_locked.beside.guard_policy import Policy

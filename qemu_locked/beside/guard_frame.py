@@ -201,7 +201,7 @@ class Splitter:
 def _dump_str(text: str) -> str:
     out = ['"']
     for ch in text:
-        if ch == '"' or ch == "\\":
+        if ch in '"\\':
             out.append("\\" + ch)
         elif ch < " " or ch == "\x7f":
             out.append(f"\\u{ord(ch):04x}")
@@ -226,7 +226,9 @@ def dumps(value: object, depth: int = 0) -> str:
     if isinstance(value, int):
         return str(value)
     if isinstance(value, float):
-        return repr(value) if value == value and value not in (float("inf"), float("-inf")) else "null"
+        import math
+
+        return repr(value) if math.isfinite(value) else "null"
     if isinstance(value, dict):
         items = (f"{_dump_str(str(k))}: {dumps(v, depth + 1)}" for k, v in value.items())
         return "{" + ", ".join(items) + "}"

@@ -16,6 +16,8 @@ def _words(line: str) -> list[str]:
 
 
 def hmp_command(policy: Policy, line: str, tag: str) -> After | None:
+    from qemu_locked.beside.guard_media import medium_path, remove_medium
+
     words = _words(line)
     if not words:
         return None
@@ -26,9 +28,9 @@ def hmp_command(policy: Policy, line: str, tag: str) -> After | None:
         return _drive_del(policy, rest[0])
     if cmd == "change" and len(rest) >= 2:
         ro = len(rest) >= 4 and rest[3] == "read-only"
-        return policy.medium_path(rest[0], rest[1], ro, tag)
+        return medium_path(policy, rest[0], rest[1], ro, tag)
     if cmd == "eject" and rest:
-        return policy.remove_medium({"device": rest[0]}, tag)
+        return remove_medium(policy, {"device": rest[0]}, tag)
     if cmd in ("snapshot_blkdev", "drive_mirror", "drive_backup") and len(rest) >= 2:
         if cmd == "snapshot_blkdev":
             return policy.snapshot_sync({"device": rest[0], "snapshot-file": rest[1]}, tag)

@@ -19,8 +19,7 @@ from __future__ import annotations
 import fcntl
 import os
 
-from qemu_locked.lock import ofd
-from qemu_locked.lock import safeopen
+from qemu_locked.lock import ofd, safeopen
 from qemu_locked.model.errors import QemuLockedError
 from qemu_locked.model.plan import EXCLUSIVE, SHARED, DiskRef, Plan
 
@@ -93,13 +92,11 @@ class Locks:
             except OSError:
                 continue
             key = safeopen.identity_key(st)
-            disk = idents.get(key)
-            if disk is None:
-                found = leases.get(os.path.basename(target))
-                if found is None:
-                    os.close(fd)  # the domain lease: QEMU holds it, the guard never drops it
-                    continue
-                key, disk = found
+            found = (key, idents[key]) if key in idents else leases.get(os.path.basename(target))
+            if found is None:
+                os.close(fd)  # the domain lease: QEMU holds it, the guard never drops it
+                continue
+            key, disk = found
             lock = self.by_key.get(key)
             if lock is None:
                 lock = self.by_key[key] = Lock(key, disk.path, disk.mode, disk.origin)

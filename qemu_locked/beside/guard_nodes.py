@@ -29,8 +29,16 @@ def truthy(value: object) -> bool:
 
 
 class Node:
-    __slots__ = ("auto_ro", "backing", "children", "driver", "filename", "has_backing_key", "name",
-                 "read_only")
+    __slots__ = (
+        "auto_ro",
+        "backing",
+        "children",
+        "driver",
+        "filename",
+        "has_backing_key",
+        "name",
+        "read_only",
+    )
 
     def __init__(self, name: str, driver: str, read_only: bool, auto_ro: bool) -> None:
         self.name = name
@@ -48,7 +56,7 @@ class Node:
 
 
 class Device:
-    __slots__ = ("driver", "drive", "id", "medium", "share")
+    __slots__ = ("drive", "driver", "id", "medium", "share")
 
     def __init__(self, dev_id: str, driver: str, drive: str | None, share: bool) -> None:
         self.id = dev_id
@@ -151,7 +159,7 @@ class Graph:
 
     def device_for_node(self, name: str) -> Device | None:
         for dev in self.devices.values():
-            if dev.drive == name or dev.medium == name:
+            if name in (dev.drive, dev.medium):
                 return dev
         return None
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 
+from qemu_locked.beside import guard_media as media
 from qemu_locked.beside.guard_locks import FD_NAME_PREFIX, Locks, Refused
 from qemu_locked.beside.guard_nodes import IMPLICIT_BACKING, Graph, Node, truthy
 from qemu_locked.model.plan import EXCLUSIVE, SHARED
@@ -48,7 +49,7 @@ class Policy:
         self.release_due: set[str] = set()
         self.downgrade_due: set[str] = set()
         self.legacy: set[str] = set()  # drives that die with their device (drive_add)
-        self._media: dict[str, str] = {}  # device -> user name of its path-given medium
+        self.media: dict[str, str] = {}  # device -> user name of its path-given medium
         self._serial = 0
 
     # -- the users of a lock ----------------------------------------------------------
@@ -305,65 +306,11 @@ class Policy:
 
         return self._tagged(tag, on_ok)
 
-    def _device_id(self, args: dict[str, Any]) -> str:
-        return _str(args.get("id")) or _str(args.get("device")) or ""
-
-    def change_medium(self, args: dict[str, Any], tag: str) -> After:
-        dev_id = self._device_id(args)
-        path = _str(args.get("filename"))
-        return self.medium_path(dev_id, path, args.get("read-only-mode") == "read-only", tag)
-
-    def medium_path(self, dev_id: str, path: str | None, ro: bool, tag: str) -> After:
-        dev = self.graph.devices.get(dev_id)
-        cd = dev.cd if dev is not None else False
-        user = f"medium:{dev_id}:{tag}"
-        if path:
-            self._use(path, SHARED if ro or cd else EXCLUSIVE, user, f"media change {dev_id}")
-            self._chain(path, user, f"media change {dev_id}")
-        old = self._media.get(dev_id)
-
-        def after(ok: bool) -> None:
-            if not ok:
-                self._unuse({user})
-                return
-            self._media[dev_id] = user
-            if old is not None:
-                self._unuse({old})
-
-        return after
-
-    def insert_medium(self, args: dict[str, Any], tag: str) -> After:
-        dev_id = self._device_id(args)
-        node = _str(args.get("node-name"))
-        dev = self.graph.devices.get(dev_id)
-        if node is not None and self.graph.writable(node) and not (dev is not None and dev.cd):
-            self._writer(node, tag, f"media change {dev_id}")
-
-        def on_ok() -> None:
-            if dev is not None:
-                dev.medium = node
-
-        return self._tagged(tag, on_ok)
-
-    def remove_medium(self, args: dict[str, Any], tag: str) -> After:
-        dev_id = self._device_id(args)
-
-        def after(ok: bool) -> None:
-            old = self._media.pop(dev_id, None) if ok else None
-            if old is not None:
-                self._unuse({old})
-            dev = self.graph.devices.get(dev_id)
-            if ok and dev is not None:
-                dev.medium = None
-
-        return after
-
     def getfd(self, args: dict[str, Any], tag: str) -> None:
         name = _str(args.get("fdname")) or ""
         if name.startswith(FD_NAME_PREFIX):
             raise Refused(f"qemu-locked: fd names starting with {FD_NAME_PREFIX!r} are reserved "
                           "for the monitor guard's locks")  # fmt: skip
-        return None
 
     def hmp(self, args: dict[str, Any], tag: str) -> After | None:
         from qemu_locked.beside.guard_hmp import hmp_command
@@ -417,10 +364,10 @@ _HANDLERS: dict[str, Callable[[Policy, dict[str, Any], str], After | None]] = {
     "transaction": Policy.transaction,
     "blockdev-reopen": Policy.reopen,
     "x-blockdev-reopen": Policy.reopen,
-    "blockdev-change-medium": Policy.change_medium,
-    "blockdev-insert-medium": Policy.insert_medium,
-    "blockdev-remove-medium": Policy.remove_medium,
-    "eject": Policy.remove_medium,
+    "blockdev-change-medium": media.change_medium,
+    "blockdev-insert-medium": media.insert_medium,
+    "blockdev-remove-medium": media.remove_medium,
+    "eject": media.remove_medium,
     "getfd": Policy.getfd,
     "closefd": Policy.getfd,
     "human-monitor-command": Policy.hmp,

@@ -19,6 +19,7 @@ import select
 from collections import deque
 
 from qemu_locked.beside import guard_frame as frame
+from qemu_locked.beside.guard_io import Out, close_fds, recv
 from qemu_locked.beside.guard_locks import Refused
 
 TYPE_CHECKING = False
@@ -27,10 +28,6 @@ if TYPE_CHECKING:
 
     from qemu_locked.beside.guard_policy import After, Policy
 
-_READ = 1 << 16
-_MAX_FDS = 32
-_ANC = _socket.CMSG_SPACE(_MAX_FDS * 4)
-_FLAGS = getattr(_socket, "MSG_CMSG_CLOEXEC", 0x40000000)
 _MAX_QUEUED = 64  # client units waiting for their turn
 _MAX_OUT = 8 << 20  # bytes waiting for a slow client before QEMU is read again
 _GUARDED = (
@@ -41,69 +38,11 @@ _POLLIN, _POLLOUT = select.POLLIN, select.POLLOUT
 _ERRS = select.POLLERR | select.POLLHUP | select.POLLNVAL
 
 
-def _recv(sock: _socket.socket) -> tuple[bytes, list[int]]:
-    data, anc, _flags, _addr = sock.recvmsg(_READ, _ANC, _FLAGS)
-    fds: list[int] = []
-    for level, kind, raw in anc:
-        if level == _socket.SOL_SOCKET and kind == _socket.SCM_RIGHTS:
-            usable = len(raw) - len(raw) % 4
-            fds += [int.from_bytes(raw[i : i + 4], "little") for i in range(0, usable, 4)]
-    return data, fds
-
-
-def _close(fds: list[int]) -> None:
-    for fd in fds:
-        try:
-            os.close(fd)
-        except OSError:
-            pass
-
-
-class _Out:
-    """Bytes (and fds) waiting for a socket to take them; never blocks."""
-
-    def __init__(self) -> None:
-        self.items: deque[tuple[bytes, list[int]]] = deque()
-        self.size = 0
-
-    def put(self, data: bytes, fds: list[int] | None = None) -> None:
-        if data or fds:
-            self.items.append((data, fds or []))
-            self.size += len(data)
-
-    def flush(self, sock: _socket.socket) -> bool:
-        """False once the peer is gone."""
-        while self.items:
-            data, fds = self.items[0]
-            anc = []
-            if fds:
-                raw = b"".join(fd.to_bytes(4, "little") for fd in fds)
-                anc = [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, raw)]
-            try:
-                sent = sock.sendmsg([data], anc)
-            except (BlockingIOError, InterruptedError):
-                return True
-            except OSError:
-                return False
-            _close(fds)  # the peer has its own copies now
-            self.size -= sent
-            if sent < len(data):
-                self.items[0] = (data[sent:], [])
-                return True
-            self.items.popleft()
-        return True
-
-    def drop(self) -> None:
-        for _data, fds in self.items:
-            _close(fds)
-        self.items.clear()
-        self.size = 0
-
-
 class _Inflight:
     __slots__ = ("after", "gen", "hmp", "id", "mine")
 
-    def __init__(self, cmd_id: object, gen: int, after: After | None, mine: bool, hmp: bool) -> None:
+    def __init__(self, cmd_id: object, gen: int, after: After | None, mine: bool,
+                 hmp: bool) -> None:  # fmt: skip
         self.id = cmd_id
         self.gen = gen
         self.after = after
@@ -125,8 +64,8 @@ class Relay:
         self.client_ready = False
         self.q_split = frame.Splitter(stream=True)
         self.c_split = frame.Splitter(stream=False)
-        self.q_out = _Out()
-        self.c_out = _Out()
+        self.q_out = Out()
+        self.c_out = Out()
         self.queue: deque[frame.Unit] = deque()
         self.mine: deque[tuple[bytes, list[int], _Inflight]] = deque()
         self.inflight: _Inflight | None = None
@@ -175,12 +114,12 @@ class Relay:
             return
         if ev & (_POLLIN | _ERRS):
             try:
-                data, fds = _recv(self.qemu)
+                data, fds = recv(self.qemu)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError:
                 data, fds = b"", []
-            _close(fds)  # QMP never passes fds to the client; QEMU's side is not trusted
+            close_fds(fds)  # QMP never passes fds to the client; QEMU's side is not trusted
             if not data:
                 self._qemu_gone()
                 return
@@ -199,20 +138,21 @@ class Relay:
             self._flush_client()
         if self.client is not None and ev & (_POLLIN | _ERRS):
             try:
-                data, fds = _recv(self.client)
+                data, fds = recv(self.client)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError:
                 data, fds = b"", []
             if not data:
-                _close(fds)
+                close_fds(fds)
                 self._drop_client()
                 return
             self.queue.extend(self.c_split.feed(data, fds))
 
     def _accept(self) -> None:
         try:
-            sock, _addr = self.listener._accept()
+            # _socket (not socket, which imports enum) names it _accept
+            sock, _addr = self.listener._accept()  # type: ignore[attr-defined]
         except OSError:
             return
         self.client = _socket.socket(fileno=sock)
@@ -230,9 +170,9 @@ class Relay:
             self.client = None
         self.c_out.drop()
         for unit in self.queue:
-            _close(unit.fds)
+            close_fds(unit.fds)
         self.queue.clear()
-        _close(self.c_split.take_fds())
+        close_fds(self.c_split.take_fds())
         self.client_ready = False
 
     def _flush_client(self) -> None:
@@ -304,7 +244,7 @@ class Relay:
             self.q_out.put(unit.data, unit.fds)
             return
         if unit.kind == frame.OVERSIZE:
-            _close(unit.fds)
+            close_fds(unit.fds)
             self._reply(None, "GenericError", "qemu-locked: a QMP command over 1 MiB is not "
                         "forwarded (the monitor guard cannot check it)")  # fmt: skip
             return
@@ -312,7 +252,7 @@ class Relay:
         cmd = obj.get("execute", obj.get("exec-oob"))
         if not obj or not isinstance(cmd, str):
             if any(word in unit.data for word in _GUARDED):
-                _close(unit.fds)
+                close_fds(unit.fds)
                 self._reply(obj.get("id"), "GenericError", "qemu-locked: the monitor guard "
                             "could not read this command, so it is not forwarded")  # fmt: skip
                 return
@@ -323,14 +263,17 @@ class Relay:
         cmd_id = obj.get("id")
         if not self.client_ready:
             if cmd == "qmp_capabilities" and self.qemu_ready:
-                _close(unit.fds)
+                close_fds(unit.fds)
                 self.client_ready = True
                 self._say({"return": {}}, cmd_id)
                 return
             if cmd != "qmp_capabilities" and self.qemu_ready:
-                _close(unit.fds)
-                self._reply(cmd_id, "CommandNotFound",
-                            "Expecting capabilities negotiation with 'qmp_capabilities'")
+                close_fds(unit.fds)
+                self._reply(
+                    cmd_id,
+                    "CommandNotFound",
+                    "Expecting capabilities negotiation with 'qmp_capabilities'",
+                )
                 return
             if cmd == "qmp_capabilities":
                 self.q_out.put(unit.data, unit.fds)
@@ -342,7 +285,7 @@ class Relay:
             try:
                 after = self.policy.before(cmd, args if isinstance(args, dict) else {})
             except Refused as exc:
-                _close(unit.fds)
+                close_fds(unit.fds)
                 self._reply(cmd_id, "GenericError", exc.line)
                 return
         self._hand_over()
@@ -375,8 +318,13 @@ class Relay:
         cmd_id = f"qemu-locked-guard-{self._serial}"
         text = f'{{"execute": "{cmd}", "arguments": {{"fdname": "{name}"}}, "id": "{cmd_id}"}}'
         # our own copy of the fd stays with the guard: send a duplicate
-        self.mine.append((text.encode(), [os.dup(fd) for fd in fds],
-                          _Inflight(cmd_id, self.gen, _mine_done(cmd, name), True, False)))
+        self.mine.append(
+            (
+                text.encode(),
+                [os.dup(fd) for fd in fds],
+                _Inflight(cmd_id, self.gen, _mine_done(cmd, name), True, False),
+            )
+        )
 
     def _sweep(self) -> None:
         if self.policy is not None:

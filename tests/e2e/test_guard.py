@@ -110,7 +110,11 @@ def test_disk_held_by_lockctl_run_is_refused(lab: Lab) -> None:
 
 
 def test_shareable_and_readonly_hot_plug_are_shared(lab: Lab) -> None:
-    a, c, iso = lab.image("s-a.qcow2"), lab.image("s-c.raw", fmt="raw"), lab.image("s.iso", fmt="raw")
+    a, c, iso = (
+        lab.image("s-a.qcow2"),
+        lab.image("s-c.raw", fmt="raw"),
+        lab.image("s.iso", fmt="raw"),
+    )
     holder = vm(lab, "s1", [disk_xml(c, fmt="raw", shareable=True)])
     one = vm(lab, "s2", [disk_xml(a)])
     attach(lab, one, c, "sdb", "--mode", "shareable", "--cache", "none", check=True)

@@ -1,0 +1,73 @@
+"""Socket I/O for the monitor guard: reads that keep the fds passed with the
+bytes (SCM_RIGHTS), and writes that never block (what a slow peer does not
+take yet waits, bounded by the relay)."""
+
+from __future__ import annotations
+
+import _socket
+import os
+from collections import deque
+
+_READ = 1 << 16
+_MAX_FDS = 32
+_ANC = _socket.CMSG_SPACE(_MAX_FDS * 4)
+_FLAGS = getattr(_socket, "MSG_CMSG_CLOEXEC", 0x40000000)
+
+
+def recv(sock: _socket.socket) -> tuple[bytes, list[int]]:
+    data, anc, _flags, _addr = sock.recvmsg(_READ, _ANC, _FLAGS)
+    fds: list[int] = []
+    for level, kind, raw in anc:
+        if level == _socket.SOL_SOCKET and kind == _socket.SCM_RIGHTS:
+            usable = len(raw) - len(raw) % 4
+            fds += [int.from_bytes(raw[i : i + 4], "little") for i in range(0, usable, 4)]
+    return data, fds
+
+
+def close_fds(fds: list[int]) -> None:
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+class Out:
+    """Bytes (and fds) waiting for a socket to take them; never blocks."""
+
+    def __init__(self) -> None:
+        self.items: deque[tuple[bytes, list[int]]] = deque()
+        self.size = 0
+
+    def put(self, data: bytes, fds: list[int] | None = None) -> None:
+        if data or fds:
+            self.items.append((data, fds or []))
+            self.size += len(data)
+
+    def flush(self, sock: _socket.socket) -> bool:
+        """False once the peer is gone."""
+        while self.items:
+            data, fds = self.items[0]
+            anc = []
+            if fds:
+                raw = b"".join(fd.to_bytes(4, "little") for fd in fds)
+                anc = [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, raw)]
+            try:
+                sent = sock.sendmsg([data], anc)
+            except (BlockingIOError, InterruptedError):
+                return True
+            except OSError:
+                return False
+            close_fds(fds)  # the peer has its own copies now
+            self.size -= sent
+            if sent < len(data):
+                self.items[0] = (data[sent:], [])
+                return True
+            self.items.popleft()
+        return True
+
+    def drop(self) -> None:
+        for _data, fds in self.items:
+            close_fds(fds)
+        self.items.clear()
+        self.size = 0
