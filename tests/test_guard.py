@@ -1,0 +1,289 @@
+"""The monitor guard with the real QEMU, started by hand the way libvirt starts it
+(a listening monitor socket passed as fd N), and its QMP framing on its own."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import QEMU_LOCKED, base_env, lock_free
+
+from qemu_locked.beside.guard_frame import OBJECT, OTHER, OVERSIZE, PIECE, SPACE, Splitter
+from qemu_locked.lock import procfs
+
+QEMU = shutil.which("qemu-system-x86_64")
+QEMU_IMG = shutil.which("qemu-img")
+
+needs_qemu = pytest.mark.skipif(
+    (QEMU is None or QEMU_IMG is None) and os.environ.get("CI") != "true",
+    reason="qemu-system-x86_64 / qemu-img not installed (make test installs them)",
+)
+
+
+# -- framing ------------------------------------------------------------------------
+
+STREAM = (
+    b'{"execute": "qmp_capabilities", "id": "a"}\r\n'
+    b'{"x": "}\\"\'", "y": [1, {"z": "]"}]}  [1] 12 "s" }'
+    b"{'execute': 'query-status'}\r\n"
+)
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 7, 64, len(STREAM)])
+def test_splitter_cuts_where_qemu_does_whatever_the_chunks(chunk: int) -> None:
+    split = Splitter(limit=1 << 10)
+    units = []
+    for i in range(0, len(STREAM), chunk):
+        units += split.feed(STREAM[i : i + chunk], [100 + i] if i == 0 else None)
+    assert b"".join(u.data for u in units) == STREAM  # not a byte changed or lost
+    merged: list[tuple[str, bytes]] = []
+    for u in units:
+        if merged and u.kind == SPACE and merged[-1][0] == SPACE:
+            merged[-1] = (SPACE, merged[-1][1] + u.data)
+        else:
+            merged.append((u.kind, u.data))
+    kinds = [k for k, _d in merged if k != SPACE]
+    assert kinds == [OBJECT, OBJECT, OBJECT, OTHER, OTHER, OTHER, OBJECT]
+    assert units[0].fds == [100] and all(not u.fds for u in units[1:])
+    assert units[0].keys == [b"execute", b"id"]
+
+
+def test_splitter_bounds_what_it_keeps() -> None:
+    huge = b'{"execute": "blockdev-add", "arguments": {"x": "' + b"a" * (3 << 20) + b'"}}'
+    dropped = Splitter(limit=1 << 20)
+    units = dropped.feed(huge)
+    assert [u.kind for u in units] == [OVERSIZE] and units[0].data == b""
+    assert dropped.pending() == 0
+    streamed = Splitter(limit=1 << 20, stream=True)
+    units = []
+    for i in range(0, len(huge), 1 << 16):
+        units += streamed.feed(huge[i : i + (1 << 16)])
+        assert streamed.pending() <= 1 << 20
+    assert {u.kind for u in units} == {PIECE, OVERSIZE}
+    assert b"".join(u.data for u in units) == huge
+    assert units[-1].keys == [b"execute", b"arguments"]
+
+
+# -- the guard with the real QEMU -----------------------------------------------------
+
+
+class QMP:
+    def __init__(self, path: str) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.connect(path)
+        self.file = self.sock.makefile("rb")
+        self.greeting = json.loads(self.file.readline())
+        self.serial = 0
+
+    def send(self, raw: bytes, fds: list[int] | None = None) -> None:
+        raw_fds = b"".join(f.to_bytes(4, "little") for f in fds or [])
+        self.sock.sendmsg([raw], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, raw_fds)] if fds else [])
+
+    def reply(self) -> dict[str, object]:
+        while True:
+            line = self.file.readline()
+            assert line, "the monitor closed"
+            obj: dict[str, object] = json.loads(line)
+            if "event" not in obj:
+                return obj
+
+    def cmd(self, name: str, fds: list[int] | None = None, **args: object) -> dict[str, object]:
+        self.serial += 1
+        msg: dict[str, object] = {"execute": name, "id": f"t{self.serial}"}
+        if args:
+            msg["arguments"] = args
+        self.send(json.dumps(msg).encode() + b"\r\n", fds)
+        obj = self.reply()
+        while "id" not in obj:  # QEMU's answer to input it could not parse
+            obj = self.reply()
+        assert obj.get("id") == msg["id"], obj
+        return obj
+
+    def close(self) -> None:
+        self.file.close()
+        self.sock.close()
+
+
+class Domain:
+    """qemu-locked + the real QEMU with a libvirt-style monitor (listening fd N)."""
+
+    def __init__(self, tmp: Path, name: str, disks: list[str], **env: str) -> None:
+        self.path = str(tmp / f"{name}.sock")
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(self.path)
+        listener.listen(4)
+        n = listener.fileno()
+        args = ["-name", f"guest={name}", "-S", "-nodefaults", "-machine", "pc", "-accel", "tcg",
+                "-m", "32", "-display", "none", "-no-user-config",
+                "-chardev", f"socket,id=charmonitor,fd={n},server=on,wait=off",
+                "-mon", "chardev=charmonitor,id=monitor,mode=control",
+                "-device", '{"driver":"virtio-scsi-pci","id":"scsi0"}']  # fmt: skip
+        for i, disk in enumerate(disks):
+            args += ["-blockdev", json.dumps({"driver": "file", "filename": disk,
+                                              "node-name": f"s{i}", "auto-read-only": True}),
+                     "-blockdev", json.dumps({"driver": "qcow2", "node-name": f"f{i}",
+                                              "read-only": False, "file": f"s{i}", "backing": None}),
+                     "-device", json.dumps({"driver": "scsi-hd", "bus": "scsi0.0", "scsi-id": i,
+                                            "drive": f"f{i}", "id": f"d{i}"})]  # fmt: skip
+        self.proc = subprocess.Popen(
+            [QEMU_LOCKED, *args], pass_fds=(n,), stderr=subprocess.PIPE, text=True,
+            env=base_env(QEMU_LOCKED_EMULATOR=str(QEMU), **env),
+        )  # fmt: skip
+        listener.close()
+
+    def qmp(self) -> QMP:
+        q = QMP(self.path)
+        assert q.cmd("qmp_capabilities") == {"return": {}, "id": "t1"}
+        return q
+
+    def guard(self) -> int:
+        for pid in procfs.pids():
+            if procfs.comm(pid) == procfs.GUARD_COMM:
+                for _fd, target, info in procfs.fd_entries(pid):
+                    if "pidfd" in target and f"Pid:\t{self.proc.pid}\n" in info:
+                        return pid
+        raise AssertionError("no guard")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+
+
+@pytest.fixture
+def domains(tmp_path: Path) -> Iterator[list[Domain]]:
+    made: list[Domain] = []
+    yield made
+    for d in made:
+        d.stop()
+
+
+def image(tmp: Path, name: str) -> str:
+    path = str(tmp / name)
+    subprocess.run([str(QEMU_IMG), "create", "-q", "-f", "qcow2", path, "16M"], check=True)
+    return path
+
+
+def add(q: QMP, path: str, node: str) -> dict[str, object]:
+    r = q.cmd("blockdev-add", driver="file", filename=path,
+              **{"node-name": node + "s", "auto-read-only": True})  # fmt: skip
+    if "error" in r:
+        return r
+    return q.cmd("blockdev-add", driver="qcow2", file=node + "s", backing=None,
+                 **{"node-name": node, "read-only": False})  # fmt: skip
+
+
+@needs_qemu
+def test_hot_plug_is_refused_naming_the_holder_and_blockdev_del_frees(
+    tmp_path: Path, domains: list[Domain]
+) -> None:
+    a, b, c = image(tmp_path, "a.qcow2"), image(tmp_path, "b.qcow2"), image(tmp_path, "c.qcow2")
+    one = Domain(tmp_path, "one", [a])
+    two = Domain(tmp_path, "two", [b])
+    domains += [one, two]
+    q = one.qmp()
+    r = q.cmd(
+        "blockdev-add", driver="file", filename=b, **{"node-name": "x", "auto-read-only": True}
+    )
+    assert r["error"] == {  # type: ignore[comparison-overlap]
+        "class": "GenericError",
+        "desc": f"qemu-locked: {b} is locked (exclusive) by pid {two.proc.pid}, guest 'two'; "
+        "this VM needs it shared",
+    }
+    assert add(q, c, "cf")["return"] == {}
+    assert not lock_free(c, exclusive=False)
+    # the lock is QEMU's (handed over with getfd): it outlives the guard
+    os.kill(one.guard(), 9)
+    q.close()
+    assert one.proc.poll() is None and not lock_free(c, exclusive=False)
+    one.stop()
+    assert lock_free(c) and lock_free(a)
+    q2 = two.qmp()
+    assert add(q2, c, "cf")["return"] == {}
+    assert q2.cmd("blockdev-del", **{"node-name": "cf"})["return"] == {}
+    assert not lock_free(c)  # the file node still has it open
+    assert q2.cmd("blockdev-del", **{"node-name": "cfs"})["return"] == {}
+    assert lock_free(c)
+
+
+@needs_qemu
+def test_malformed_and_huge_input_is_survived_and_answered(
+    tmp_path: Path, domains: list[Domain]
+) -> None:
+    one = Domain(tmp_path, "mal", [])
+    domains.append(one)
+    q = one.qmp()
+    q.send(b"}}} nonsense [1,2] \r\n")
+    q.send(b'{"execute": "blockdev-add", "arguments": {"filename": "' + b"x" * (2 << 20) + b'"}}')
+    q.send(b'{"execute": "blockdev\\u002dadd", "arguments": }\r\n')  # unreadable, names a command
+    seen = [str(q.reply()) for _ in range(2)]
+    while not all(any(w in r for r in seen) for w in ("over 1 MiB", "could not read this")):
+        seen.append(str(q.reply()))  # QEMU's own parse errors for the nonsense come too
+        assert len(seen) < 20, seen
+    assert q.cmd("query-status")["return"]["status"] == "prelaunch"  # type: ignore[index]
+    with open(f"/proc/{one.guard()}/status") as f:
+        rss_kib = next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+    assert rss_kib < 32 << 10, rss_kib
+
+
+@needs_qemu
+def test_reconnect_gets_the_greeting_and_a_local_capabilities_answer(
+    tmp_path: Path, domains: list[Domain]
+) -> None:
+    one = Domain(tmp_path, "re", [])
+    domains.append(one)
+    q = one.qmp()
+    greeting = q.greeting
+    q.close()
+    q = QMP(one.path)  # what libvirtd does after a restart
+    assert q.greeting == greeting
+    assert q.cmd("query-status")["error"]["class"] == "CommandNotFound"  # type: ignore[index]
+    assert q.cmd("qmp_capabilities") == {"return": {}, "id": "t2"}
+    assert q.cmd("query-status")["return"]["status"] == "prelaunch"  # type: ignore[index]
+
+
+@needs_qemu
+def test_fds_pass_through_with_their_command(tmp_path: Path, domains: list[Domain]) -> None:
+    one = Domain(tmp_path, "fd", [])
+    domains.append(one)
+    q = one.qmp()
+    r, w = os.pipe()
+    assert q.cmd("add-fd", fds=[r], **{"fdset-id": 7})["return"]["fdset-id"] == 7  # type: ignore[index]
+    assert q.cmd("getfd", fds=[w], fdname="mine")["return"] == {}
+    inode = {os.fstat(r).st_ino, os.fstat(w).st_ino}
+    links = {
+        os.readlink(f"/proc/{one.proc.pid}/fd/{fd}")
+        for fd in os.listdir(f"/proc/{one.proc.pid}/fd")
+    }
+    assert {f"pipe:[{i}]" for i in inode} <= links
+    assert "reserved" in str(q.cmd("getfd", fds=[w], fdname="qemu-locked-9"))
+
+
+@needs_qemu
+def test_a_monitor_given_by_path_is_not_guarded(tmp_path: Path) -> None:
+    sock = tmp_path / "qmp.sock"
+    proc = subprocess.Popen(
+        [QEMU_LOCKED, "-S", "-nodefaults", "-machine", "none", "-display", "none",
+         "-qmp", f"unix:{sock},server=on,wait=off"],
+        env=base_env(QEMU_LOCKED_EMULATOR=str(QEMU)), stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        while not sock.exists():
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.02)
+        q = QMP(str(sock))
+        assert "QMP" in q.greeting
+        q.close()
+        assert not [p for p in procfs.pids() if procfs.comm(p) == procfs.GUARD_COMM
+                    and f"{sock}".encode() in Path(f"/proc/{p}/cmdline").read_bytes()]  # fmt: skip
+    finally:
+        proc.kill()
+        proc.wait()
