@@ -155,7 +155,7 @@ def _life(vm_pid: int, pidfd: int, keep: set[int], libvirt: _socket.socket,
         spawn.set_comm(GUARD_COMM.encode())
         from qemu_locked.beside.guard_relay import Relay
 
-        policy = _policy(args, lock_fds, config, plan, vm_pid) if config.backend != "none" else None
+        policy = _policy(args, lock_fds, config, plan, vm_pid)
         Relay(conn, libvirt, pidfd, policy).run()
     except BaseException as exc:  # never a traceback into the domain log
         spawn.say(f"monitor guard: internal error: {type(exc).__name__}: {exc}")
@@ -172,6 +172,10 @@ def _policy(args: list[str], lock_fds: list[int], config: Config, plan: Plan, vm
     from qemu_locked.model.errors import QemuLockedError
     from qemu_locked.parse.keyval import dict_or_opts
 
+    if config.backend != "sanlock":
+        from qemu_locked.backends.lockspace import leases
+
+        leases.RECORD_PID = vm_pid  # the leases it takes are QEMU's
     graph = Graph()
     locks = Locks(config, plan, vm_pid)
     locks.adopt(list(lock_fds))

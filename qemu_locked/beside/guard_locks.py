@@ -209,8 +209,11 @@ class Locks:
     # -- letting go -------------------------------------------------------------------
 
     def downgrade(self, lock: Lock) -> None:
-        for fd in lock.fds:
-            ofd.try_lock(fd, False)
+        try:
+            for fd in lock.fds:
+                ofd.try_lock(fd, False)
+        except OSError:  # not an OFD lock (a sanlock registration): it stays as it is
+            return
         lock.mode = SHARED
 
     def release(self, lock: Lock) -> None:

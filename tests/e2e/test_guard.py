@@ -196,3 +196,25 @@ def test_reserved_fd_names_are_refused(lab: Lab) -> None:
                      '{"execute":"closefd","arguments":{"fdname":"qemu-locked-1"}}', check=False)  # fmt: skip
     assert "reserved for the monitor guard" in proc.stdout + proc.stderr
     assert lab.state(one) == "running"
+
+
+def test_lockspace_backend_hot_plug(lab: Lab) -> None:
+    """Leases in a lockspace directory (what spans hosts): taken and freed the same way."""
+    space = lab.images / "guard-lockspace"
+    lab.lockctl("lockspace", "init", str(space))
+    env = {"QEMU_LOCKED_BACKEND": "lockspace", "QEMU_LOCKED_LOCKSPACE_DIR": str(space)}
+    a, b, c = lab.image("ls-a.qcow2"), lab.image("ls-b.qcow2"), lab.image("ls-c.qcow2")
+    doms = []
+    for name, disks in (("ls1", [disk_xml(a)]), ("ls2", [disk_xml(b)]), ("ls3", [disk_xml(c)])):
+        doms.append(lab.define(domain_xml(f"{PREFIX}{name}", disks, devices_extra=SCSI), env=env))
+    one, two, three = doms
+    lab.start(one)
+    lab.start(two)
+    refused(attach(lab, one, b, "sdb"), f"guest '{two}'")
+    attach(lab, one, c, "sdc", check=True)
+    proc = lab.start(three, check=False)  # the hot-plugged lease is held: refused
+    refused(proc, f"guest '{one}'")
+    assert f"pid {lab.qemu_pid(one)}" in proc.stderr  # the record names QEMU, not the guard
+    lab.virsh("detach-disk", one, "sdc", "--live")
+    lab.start(three)
+    assert lab.state(three) == "running"

@@ -371,9 +371,14 @@ def conflicts(space: Lockspace, wants: list[Claim]) -> list[Conflict]:
     return out
 
 
+# The pid records name when not our own: the monitor guard takes leases for its
+# QEMU (beside/guard.py), and QEMU is the holder that others must see.
+RECORD_PID: int | None = None
+
+
 def identity_for(plan: Plan, config: Config) -> Identity:
     """This start, as its lease records name it (QEMU keeps our pid after exec)."""
-    return Identity(config.effective_host(), plan.guest, plan.uuid, os.getpid())
+    return Identity(config.effective_host(), plan.guest, plan.uuid, RECORD_PID or os.getpid())
 
 
 def acquire_in(
