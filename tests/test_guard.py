@@ -15,7 +15,16 @@ from pathlib import Path
 import pytest
 from conftest import QEMU_LOCKED, base_env, lock_free
 
-from qemu_locked.beside.guard_frame import OBJECT, OTHER, OVERSIZE, PIECE, SPACE, Splitter
+from qemu_locked.beside.guard_frame import (
+    HEAD,
+    OBJECT,
+    OTHER,
+    OVERSIZE,
+    PIECE,
+    SPACE,
+    Lines,
+    Splitter,
+)
 from qemu_locked.lock import procfs
 
 QEMU = shutil.which("qemu-system-x86_64")
@@ -61,14 +70,16 @@ def test_splitter_bounds_what_it_keeps() -> None:
     units = dropped.feed(huge)
     assert [u.kind for u in units] == [OVERSIZE] and units[0].data == b""
     assert dropped.pending() == 0
-    streamed = Splitter(limit=1 << 20, stream=True)
+    assert units[0].keys == [b"execute", b"arguments"]
+    lines = Lines(limit=1 << 20)  # QEMU's side: streamed on, never kept whole
+    reply = b'{"return": "' + b"a" * (3 << 20) + b'"}\r\n{"return": {}}\r\n'
     units = []
-    for i in range(0, len(huge), 1 << 16):
-        units += streamed.feed(huge[i : i + (1 << 16)])
-        assert streamed.pending() <= 1 << 20
-    assert {u.kind for u in units} == {PIECE, OVERSIZE}
-    assert b"".join(u.data for u in units) == huge
-    assert units[-1].keys == [b"execute", b"arguments"]
+    for i in range(0, len(reply), 1 << 16):
+        units += lines.feed(reply[i : i + (1 << 16)])
+        assert lines.pending() <= 1 << 20
+    assert [u.kind for u in units if u.kind != PIECE] == [HEAD, OBJECT]
+    assert units[-1].data == b'{"return": {}}\r\n'
+    assert b"".join(u.data for u in units) == reply
 
 
 # -- the guard with the real QEMU -----------------------------------------------------

@@ -6,11 +6,10 @@ splitter cuts at the same places, so the guard sees the commands QEMU would.
 Bytes are never changed: a unit's ``data`` is exactly what came in, and the
 file descriptors that arrived with it (SCM_RIGHTS) stay attached to it.
 
-Memory is bounded: a unit is kept only up to ``limit`` bytes.  Past that, the
-splitter either drops the rest (``stream=False``: the guard answers such a
-command itself, it cannot check it) or hands the bytes on in pieces as they
-come (``stream=True``: QEMU's replies, which must reach libvirt whatever their
-size), remembering only the first top-level keys.
+Memory is bounded: a unit is kept only up to ``limit`` bytes; past that the
+splitter drops the rest and reports an OVERSIZE unit with the first top-level
+keys (the guard answers such a command itself: it cannot check it).  QEMU's
+side is cut by :class:`Lines` instead, as libvirt cuts it.
 """
 
 from __future__ import annotations
@@ -18,8 +17,9 @@ from __future__ import annotations
 OBJECT = "object"  # a whole unit, ``data`` holds all of it
 OTHER = "other"  # a top-level value that is not an object, or stray bytes
 SPACE = "space"  # whitespace between units (QEMU ends each line with \r\n)
-PIECE = "piece"  # part of an oversized unit, streamed on
+PIECE = "piece"  # part of an oversized line, streamed on (Lines)
 OVERSIZE = "oversize"  # the end of an oversized unit
+HEAD = "head"  # the start of an oversized line (Lines)
 
 _WS = frozenset(b" \t\r\n")
 _OPEN = frozenset(b"{[")
@@ -43,9 +43,8 @@ class Unit:
 class Splitter:
     """Feed bytes (and the fds that came with them); take complete units out."""
 
-    def __init__(self, limit: int = 1 << 20, stream: bool = False) -> None:
+    def __init__(self, limit: int = 1 << 20) -> None:
         self.limit = limit
-        self.stream = stream
         self._buf = bytearray()
         self._size = 0  # bytes of the current unit seen so far (kept or not)
         self._depth = 0
@@ -169,17 +168,9 @@ class Splitter:
         self._size += end - start
         if not self._over and self._size <= self.limit:
             self._buf += data[start:end]
-            return
-        if not self._over:
+        elif not self._over:
             self._over = True
-            if self.stream:
-                self._buf += data[start:end]
-                out.append(Unit(PIECE, bytes(self._buf), self._fds, []))
-                self._fds = []
             self._buf.clear()
-            return
-        if self.stream:
-            out.append(Unit(PIECE, bytes(data[start:end]), [], []))
 
     def _flush_before(self, data: bytes, start: int, i: int, out: list[Unit]) -> None:
         if i > start:
@@ -235,3 +226,46 @@ def dumps(value: object, depth: int = 0) -> str:
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(dumps(v, depth + 1) for v in value) + "]"
     return _dump_str(str(value))
+
+
+class Lines:
+    """QEMU's side, cut as libvirt cuts it: one message per line (QEMU escapes
+    control characters inside strings, so a message never spans lines).
+
+    A line over ``limit`` is handed on as it comes: a HEAD piece (its first
+    ``limit`` bytes, to judge it by), then PIECEs.
+    """
+
+    def __init__(self, limit: int = 1 << 20) -> None:
+        self.limit = limit
+        self._buf = bytearray()
+        self._long = False
+
+    def pending(self) -> int:
+        return len(self._buf)
+
+    def feed(self, data: bytes) -> list[Unit]:
+        out: list[Unit] = []
+        start = 0
+        while (nl := data.find(b"\n", start)) >= 0:
+            line = data[start : nl + 1]
+            start = nl + 1
+            if self._long:
+                out.append(Unit(PIECE, line, [], []))
+                self._long = False
+            elif self._buf:
+                self._buf += line
+                out.append(Unit(OBJECT, bytes(self._buf), [], []))
+                self._buf.clear()
+            else:
+                out.append(Unit(OBJECT, line, [], []))
+        rest = data[start:]
+        if rest and self._long:
+            out.append(Unit(PIECE, rest, [], []))
+        elif rest:
+            self._buf += rest
+            if len(self._buf) > self.limit:
+                out.append(Unit(HEAD, bytes(self._buf), [], []))
+                self._buf.clear()
+                self._long = True
+        return out

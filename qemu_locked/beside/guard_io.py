@@ -40,7 +40,11 @@ class Out:
         self.size = 0
 
     def put(self, data: bytes, fds: list[int] | None = None) -> None:
-        if data or fds:
+        if self.items and not fds and len(self.items[-1][0]) < 1 << 16:
+            last, last_fds = self.items[-1]  # one write for a reply and its line end
+            self.items[-1] = (last + data, last_fds)
+            self.size += len(data)
+        elif data or fds:
             self.items.append((data, fds or []))
             self.size += len(data)
 

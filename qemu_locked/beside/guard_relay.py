@@ -34,6 +34,8 @@ _GUARDED = (
     b"blockdev", b"device_add", b"drive", b"medium", b"transaction", b"snapshot", b"mirror",
     b"backup", b"human-monitor", b"getfd", b"closefd", b"eject", b"\\u", b"change",
 )  # fmt: skip
+_REPLY_STARTS = (b'{"return"', b'{"error"')
+_ANY = object()  # an unparsed command's id: its reply is the next one
 _POLLIN, _POLLOUT = select.POLLIN, select.POLLOUT
 _ERRS = select.POLLERR | select.POLLHUP | select.POLLNVAL
 
@@ -62,8 +64,8 @@ class Relay:
         self.greeting: bytes | None = None
         self.qemu_ready = False  # QEMU's session negotiated
         self.client_ready = False
-        self.q_split = frame.Splitter(stream=True)
-        self.c_split = frame.Splitter(stream=False)
+        self.q_split = frame.Lines()
+        self.c_split = frame.Splitter()
         self.q_out = Out()
         self.c_out = Out()
         self.queue: deque[frame.Unit] = deque()
@@ -80,6 +82,7 @@ class Relay:
     def run(self) -> None:
         """Until QEMU exits."""
         poller = select.poll()
+        watched: dict[int, int] = {}
         while True:
             self._process()
             fds = {self.pidfd: _POLLIN}
@@ -91,9 +94,12 @@ class Relay:
             else:
                 fds[self.client.fileno()] = (_POLLIN if len(self.queue) < _MAX_QUEUED else 0) | (
                     _POLLOUT if self.c_out.items else 0)  # fmt: skip
-            poller = select.poll()
-            for fd, ev in fds.items():
-                poller.register(fd, ev)
+            if fds != watched:
+                for fd in watched.keys() - fds.keys():
+                    poller.unregister(fd)
+                for fd, ev in fds.items():
+                    poller.register(fd, ev)  # registers or modifies
+                watched = fds
             due = self.policy is not None and self.policy.due
             ready = poller.poll(1000 if due else None)
             if not ready and due:
@@ -159,9 +165,9 @@ class Relay:
         self.client.setblocking(False)
         self.gen += 1
         self.client_ready = False
-        self.c_split = frame.Splitter(stream=False)
+        self.c_split = frame.Splitter()
         if self.greeting is not None:
-            self.c_out.put(self.greeting + b"\r\n")
+            self.c_out.put(self.greeting)
             self._flush_client()
 
     def _drop_client(self) -> None:
@@ -182,19 +188,35 @@ class Relay:
     # -- QEMU to client ---------------------------------------------------------------
 
     def _from_qemu(self, unit: frame.Unit) -> None:
-        if unit.kind == frame.OBJECT:
-            obj = _parse(unit.data)
-            self._to_client = self._qemu_object(obj, unit)
-        elif unit.kind == frame.OVERSIZE:
-            self._to_client = self._qemu_object({k.decode("utf-8", "replace"): None
-                                                 for k in unit.keys}, unit)  # fmt: skip
-            return
-        elif unit.kind == frame.PIECE:
-            if self.client is not None and self.client_ready:
-                self.c_out.put(unit.data)
-            return
-        if self._to_client and self.client is not None:
+        if unit.kind == frame.PIECE:
+            send = self._to_client  # the rest of a long message goes where its head went
+        elif unit.kind == frame.HEAD:
+            send = self._to_client = self._qemu_head(unit.data)
+        elif self._passes(unit.data):
+            send = True
+        else:
+            send = self._qemu_object(_parse(unit.data), unit)
+        if send and self.client is not None:
             self.c_out.put(unit.data)
+
+    def _qemu_head(self, head: bytes) -> bool:
+        """The start of a message too long to keep, judged by how it begins."""
+        cur = self.inflight
+        if head.startswith(_REPLY_STARTS) and cur is not None:
+            self.inflight = None
+            return self._finish(cur, head.startswith(b'{"return"'), None)
+        return self.client is not None and self.client_ready
+
+    def _passes(self, line: bytes) -> bool:
+        """The common case, decided without parsing: the reply to a command the
+        policy does not watch, or an event it does not need."""
+        cur = self.inflight
+        if line.startswith(_REPLY_STARTS) and cur is not None and cur.id is _ANY:
+            self.inflight = None
+            return cur.gen == self.gen and self.client is not None
+        if line.startswith(b'{"timestamp"') and b"DEVICE_DELETED" not in line:
+            return self.client is not None and self.client_ready
+        return False
 
     def _qemu_object(self, obj: dict[str, Any], unit: frame.Unit) -> bool:
         """Handle one object from QEMU; True if the client gets its bytes."""
@@ -211,14 +233,17 @@ class Relay:
         if "return" not in obj and "error" not in obj:
             return self.client is not None and self.client_ready
         cur = self.inflight
-        if cur is None or (cur.id is not None and obj.get("id") != cur.id):
+        if cur is None or (cur.id not in (None, _ANY) and obj.get("id") != cur.id):
             return self.client is not None  # a reply to input QEMU could not parse
         self.inflight = None
-        ok = "return" in obj
+        return self._finish(cur, "return" in obj, obj.get("return"))
+
+    def _finish(self, cur: _Inflight, ok: bool, ret: object) -> bool:
+        """A command answered: the policy learns how; True if the client gets the reply."""
         if ok and cur.hmp:
             from qemu_locked.beside.guard_hmp import hmp_ok
 
-            ok = hmp_ok(obj.get("return"))
+            ok = hmp_ok(ret)
         if cur.after is not None:
             cur.after(ok)
         self._sweep()
@@ -233,6 +258,9 @@ class Relay:
                 self.q_out.put(data, fds)
             elif self.queue:
                 self._from_client(self.queue.popleft())
+                while self.queue and self.queue[0].kind == frame.SPACE:
+                    unit = self.queue.popleft()  # its line end goes with it, in one write
+                    self.q_out.put(unit.data, unit.fds)
             else:
                 break
         if self.qemu_open and not self.q_out.flush(self.qemu):
@@ -247,6 +275,13 @@ class Relay:
             close_fds(unit.fds)
             self._reply(None, "GenericError", "qemu-locked: a QMP command over 1 MiB is not "
                         "forwarded (the monitor guard cannot check it)")  # fmt: skip
+            return
+        if (unit.kind == frame.OBJECT and self.client_ready
+                and not any(word in unit.data for word in _GUARDED)):  # fmt: skip
+            # Names no command the policy watches: on to QEMU unparsed; its reply
+            # is the next one (QEMU answers in order).
+            self.q_out.put(unit.data, unit.fds)
+            self.inflight = _Inflight(_ANY, self.gen, None, False, False)
             return
         obj = _parse(unit.data) if unit.kind == frame.OBJECT else {}
         cmd = obj.get("execute", obj.get("exec-oob"))
