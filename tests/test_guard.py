@@ -176,6 +176,14 @@ def domains(tmp_path: Path) -> Iterator[list[Domain]]:
         d.stop()
 
 
+def running(pid: int) -> bool:
+    """Alive and not a zombie (a zombie has closed every fd)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 def image(tmp: Path, name: str) -> str:
     path = str(tmp / name)
     subprocess.run([str(QEMU_IMG), "create", "-q", "-f", "qcow2", path, "16M"], check=True)
@@ -211,7 +219,10 @@ def test_hot_plug_is_refused_naming_the_holder_and_blockdev_del_frees(
     assert add(q, c, "cf")["return"] == {}
     assert not lock_free(c, exclusive=False)
     # the lock is QEMU's (handed over with getfd): it outlives the guard
-    os.kill(one.guard(), 9)
+    guard = one.guard()
+    os.kill(guard, 9)
+    while running(guard):  # until the kernel has taken it down
+        time.sleep(0.01)
     q.close()
     assert one.proc.poll() is None and not lock_free(c, exclusive=False)
     one.stop()

@@ -216,6 +216,9 @@ def status(
 
     header = ["MODE", "PID", "GUEST", "COMMAND", "UUID", "SINCE", "HOST", "PATH"]
     keys = ["mode", "pid", "guest", "comm", "uuid", "since", "host", "path"]
+    if any("origin" in r for r in rows):  # what the monitor guard saw put it there
+        header.insert(-1, "ORIGIN")
+        keys.insert(-1, "origin")
     if any("state" in r for r in rows):  # lease records (held/stale) and pending migrations
         header.insert(1, "STATE")
         keys.insert(1, "state")

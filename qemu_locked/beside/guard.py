@@ -156,6 +156,7 @@ def _life(vm_pid: int, pidfd: int, keep: set[int], libvirt: _socket.socket,
         from qemu_locked.beside.guard_relay import Relay
 
         policy = _policy(args, lock_fds, config, plan, vm_pid)
+        policy.locks.publish()
         Relay(conn, libvirt, pidfd, policy).run()
     except BaseException as exc:  # never a traceback into the domain log
         spawn.say(f"monitor guard: internal error: {type(exc).__name__}: {exc}")

@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from qemu_locked.model.config import Config
 
 FD_NAME_PREFIX = "qemu-locked-"  # getfd names the guard reserves for itself
+MEMFD_NAME = "qemu-locked-guard"  # what it holds, for qemu-lockctl status (see published())
 _SYS_KCMP = 312  # x86_64
 _KCMP_FILE = 0
 _UNLOCK_ALL = ofd._build_flock(ofd.F_UNLCK, 0, 0)
@@ -73,6 +74,8 @@ class Locks:
         self.take_back: list[str] = []  # names QEMU should closefd
         self._serial = 0
         self._libc: object = None
+        self._memfd = -1
+        self._shown = b""
 
     # -- start-time locks -------------------------------------------------------------
 
@@ -272,6 +275,22 @@ class Locks:
         rc = libc.syscall(_SYS_KCMP, self.qemu_pid, os.getpid(), _KCMP_FILE, qfd, fd)  # type: ignore[attr-defined]
         return int(rc) == 0
 
+    def publish(self) -> None:
+        """What the guard holds and why, in a memfd only it has: ``qemu-lockctl
+        status`` reads it through /proc (no file to leave behind)."""
+        text = "".join(
+            f"{self.qemu_pid}\t{lock.path}\t{lock.origin}\n".replace("\0", "")
+            for lock in self.by_key.values()
+            if lock.fds
+        ).encode("utf-8", "surrogateescape")
+        if text == self._shown:
+            return
+        if self._memfd < 0:
+            self._memfd = os.memfd_create(MEMFD_NAME, os.MFD_CLOEXEC)
+        os.ftruncate(self._memfd, 0)
+        os.pwrite(self._memfd, text, 0)
+        self._shown = text
+
     def close_all(self) -> None:
         for lock in self.by_key.values():
             for fd in lock.fds:
@@ -279,3 +298,27 @@ class Locks:
                     os.close(fd)
                 except OSError:
                     pass
+
+
+def published() -> dict[tuple[int, str], str]:
+    """(QEMU pid, real path) -> origin, from every guard this host lets us read."""
+    from qemu_locked.lock import procfs
+
+    out: dict[tuple[int, str], str] = {}
+    for pid in procfs.pids():
+        if procfs.comm(pid) != procfs.GUARD_COMM:
+            continue
+        for fd, target, _info in procfs.fd_entries(pid):
+            if not target.startswith(f"/memfd:{MEMFD_NAME}"):
+                continue
+            try:
+                with open(f"/proc/{pid}/fd/{fd}", "rb") as f:
+                    text = f.read(1 << 20).decode("utf-8", "surrogateescape")
+            except OSError:
+                continue
+            for line in text.splitlines():
+                qemu, _tab, rest = line.partition("\t")
+                path, _tab, origin = rest.partition("\t")
+                if qemu.isdigit():
+                    out[(int(qemu), os.path.realpath(path))] = origin
+    return out

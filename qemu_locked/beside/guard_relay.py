@@ -365,6 +365,7 @@ class Relay:
         if self.policy is not None:
             self.policy.sweep()
             self._hand_over()
+            self.policy.locks.publish()
 
     def _say(self, obj: dict[str, Any], cmd_id: object) -> None:
         if cmd_id is not None:

@@ -21,6 +21,9 @@ if TYPE_CHECKING:
     T = TypeVar("T")
 
 NO_WAIT = 0.0  # a deadline already past: one attempt
+# A monitor guard keeps copies of its VM's lock fds and closes them the moment it
+# sees its QEMU exit: a start right after a destroy may find one still closing.
+GUARD_GRACE = 2.0
 
 
 def deadline_after(wait: float) -> float:
@@ -39,7 +42,12 @@ def take_all(
     """
     conflicts: list[Conflict] = []
     for item in items:
-        if not take(item, NO_WAIT if conflicts else deadline):
-            conflicts.append(refusal(item))
+        if take(item, NO_WAIT if conflicts else deadline):
+            continue
+        from qemu_locked.lock.procfs import guards_outliving_their_vm
+
+        if guards_outliving_their_vm() and take(item, time.monotonic() + GUARD_GRACE):
+            continue
+        conflicts.append(refusal(item))
     if conflicts:
         raise LockedError(conflicts)

@@ -159,6 +159,29 @@ def pids() -> list[int]:
 GUARD_COMM = "ql-guard"
 
 
+def guards_outliving_their_vm() -> list[int]:
+    """Guards whose QEMU has exited but that have not yet closed what they hold."""
+    out = []
+    for pid in pids():
+        if comm(pid) != GUARD_COMM:
+            continue
+        for _fd, target, info in fd_entries(pid):
+            if "pidfd" not in target:
+                continue
+            line = next((ln for ln in info.splitlines() if ln.startswith("Pid:")), "Pid:\t-1")
+            vm = line.split()[1]
+            if vm == "-1" or _state(int(vm)) in ("Z", "X", ""):
+                out.append(pid)
+    return out
+
+
+def _state(pid: int) -> str:
+    try:
+        return _read(f"/proc/{pid}/stat").decode().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return ""
+
+
 def scan(match: set[tuple[int, int]] | None = None) -> Iterator[FileLock]:
     """Every byte-0 lock held through an fd we can see (optionally only these files)."""
     me = os.getpid()

@@ -37,6 +37,7 @@ class StatusRow:
     keeper: int | None = None
     host_id: int | None = None
     slot: int | None = None
+    origin: str | None = None  # what put it there, as the monitor guard saw it
 
     def to_json(self) -> dict[str, object]:
         out: dict[str, object] = {}
