@@ -5,6 +5,7 @@ blockcopy) get the same locks as disks on the command line.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -73,6 +74,9 @@ def test_attach_takes_the_lock_and_detach_frees_it(lab: Lab) -> None:
     st = os.stat(b)
     held = [lk for lk in procfs.scan({(st.st_dev, st.st_ino)}) if lk.kind == "OFDLCK"]
     assert [(lk.pid, lk.mode) for lk in held] == [(pid, "exclusive")]  # QEMU's, not the guard's
+    rows = json.loads(lab.lockctl("status", "--json", b).stdout)["locks"]
+    assert [(r["pid"], r["guest"], r.get("origin")) for r in rows] == [(pid, one, "hot-plug sdb")]
+    assert "hot-plug sdb" in lab.lockctl("status", b).stdout
     other = vm(lab, "d2", [])
     refused(attach(lab, other, b, "sdc"), f"guest '{one}'")
     lab.virsh("detach-disk", one, "sdb", "--live")
