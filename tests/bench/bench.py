@@ -234,6 +234,9 @@ def main() -> None:
             "",
         ]
     lines += ["## Scale", "", "| what | median |", "|---|---:|", *scale, *probe_rows(), ""]
+    import guard_bench  # beside this script (sys.path[0])
+
+    lines += ["## Monitor guard (real QEMU, libvirt-style fd monitor)", "", *guard_bench.run(), ""]
     lines += [
         "## libvirt: `virsh start` + `virsh destroy` of a 64 MiB TCG domain",
         "",
