@@ -113,7 +113,7 @@ def _private_pair(near: str) -> tuple[_socket.socket, _socket.socket]:
 def attach(args: list[str], lock_fds: list[int], config: Config, plan: Plan) -> bool:
     """Put the guard on libvirt's monitor before exec; False if there is none to guard."""
     n = monitor_fd(args)
-    if n is None:
+    if n is None or plan.daemonize:  # a daemonizing QEMU leaves the pid the guard would watch
         return False
     libvirt = _listening_unix(n)
     if libvirt is None:
