@@ -610,3 +610,40 @@ def test_main_doctor_includes_the_sanlock_findings(cluster: Cluster) -> None:
         "fencing" in f["message"].lower() or "watchdog" in f["message"].lower()
         for f in checks.values()
     )
+
+
+def test_hot_plug_through_the_monitor_guard_takes_a_lease_for_qemu(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    """A disk added over QMP (libvirt's blockdev-add) gets a sanlock lease of its
+    own, held for QEMU: another host is refused it, and it is freed when the
+    nodes go (blockdev-del)."""
+    from guard_helpers import QEMU, Domain
+
+    if QEMU is None:
+        pytest.fail("qemu-system-x86_64 must be installed (make test installs it)")
+    qcow = shutil.which("qemu-img")
+    assert qcow is not None
+    base, extra = str(cluster.images / "gs-base.qcow2"), str(cluster.images / "gs-extra.qcow2")
+    for path in (base, extra):
+        subprocess.run([qcow, "create", "-q", "-f", "qcow2", path, "16M"], check=True)
+    vm = Domain(tmp_path, "gsl", [base], env=cluster.env(1, QEMU_LOCKED_EMULATOR=QEMU))
+    try:
+        q = vm.qmp()
+        r = q.cmd("blockdev-add", driver="file", filename=extra,
+                  **{"node-name": "xs", "auto-read-only": True})  # fmt: skip
+        assert r["return"] == {}, r
+        r = q.cmd("blockdev-add", driver="qcow2", file="xs", backing=None,
+                  **{"node-name": "xf", "read-only": False})  # fmt: skip
+        assert r["return"] == {}, r
+        assert cluster.owners(file_key(extra)) == [(1, "exclusive")]
+        other = run([QEMU_LOCKED, "-name", "guest=gs2", "-drive", f"file={extra}"],
+                    env=cluster.env(2))  # fmt: skip
+        assert other.returncode == 3 and "by host id 1 (host-1)" in other.stderr, other.stderr
+        assert q.cmd("blockdev-del", **{"node-name": "xf"})["return"] == {}
+        assert q.cmd("blockdev-del", **{"node-name": "xs"})["return"] == {}
+        wait_free(cluster, file_key(extra))
+        assert cluster.owners(file_key(base)) == [(1, "exclusive")]  # the start-time lease stays
+        q.close()
+    finally:
+        vm.stop()

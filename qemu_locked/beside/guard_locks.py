@@ -25,6 +25,7 @@ from qemu_locked.model.plan import EXCLUSIVE, SHARED, DiskRef, Plan
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from qemu_locked.lock.held import Held
     from qemu_locked.model.config import Config
 
 FD_NAME_PREFIX = "qemu-locked-"  # getfd names the guard reserves for itself
@@ -38,7 +39,8 @@ _O_ACCMODE = 3
 class Lock:
     """One disk QEMU uses, locked for it."""
 
-    __slots__ = ("deferred", "fds", "key", "mode", "names", "nodes", "origin", "path", "start")
+    __slots__ = ("deferred", "fds", "key", "mode", "names", "nodes", "origin", "path",
+                 "registrations", "start")  # fmt: skip
 
     def __init__(self, key: str, path: str, mode: str, origin: str) -> None:
         self.key = key
@@ -50,6 +52,7 @@ class Lock:
         self.nodes: set[str] = set()  # nodes (or devices) that use this file
         self.start = False  # taken by the wrapper before exec
         self.deferred = False  # held shared; exclusive once a writer attaches
+        self.registrations: list[Held] = []  # sanlock: released through the daemon
 
 
 class Refused(Exception):
@@ -160,7 +163,7 @@ class Locks:
     def _acquire(self, lock: Lock, mode: str) -> None:
         from qemu_locked.backends import load
 
-        plan = Plan((DiskRef(lock.path, mode, lock.origin),), (), self.plan.guest, self.plan.uuid)
+        plan = Plan((DiskRef(lock.path, mode, lock.origin),), (), *self._names())
         try:
             held = load(self.config.backend).acquire(plan, self.config, 0.0)
         except QemuLockedError as exc:
@@ -172,11 +175,23 @@ class Locks:
             lock.fds.append(fd)
             lock.names.append(name)
             self.give.append((name, fd))
-        held.fds = []
+        if self.config.backend == "sanlock":
+            lock.registrations.append(held)  # it closes its fd when released
+        else:
+            held.fds = []
+
+    def _names(self) -> tuple[str | None, str | None]:
+        """The VM's name and uuid for a backend's records; sanlock would take the
+        domain lease again with them (QEMU already holds it)."""
+        if self.config.backend == "sanlock":
+            return None, None
+        return self.plan.guest, self.plan.uuid
 
     def upgrade(self, lock: Lock) -> None:
         """Shared to exclusive on the same descriptions, else anew (raises Refused)."""
         try:
+            if not self._in_place:
+                raise OSError("a sanlock lease changes mode only by taking it anew")
             if all(ofd.try_lock(fd, True) for fd in lock.fds):
                 lock.mode, lock.deferred = EXCLUSIVE, False
                 return
@@ -198,8 +213,7 @@ class Locks:
     def _busy_line(self, lock: Lock) -> str:
         from qemu_locked.backends import load
 
-        plan = Plan((DiskRef(lock.path, EXCLUSIVE, lock.origin),), (), self.plan.guest,
-                    self.plan.uuid)  # fmt: skip
+        plan = Plan((DiskRef(lock.path, EXCLUSIVE, lock.origin),), (), *self._names())
         try:
             found = load(self.config.backend).conflicts(plan, self.config)
         except QemuLockedError as exc:
@@ -212,18 +226,29 @@ class Locks:
     # -- letting go -------------------------------------------------------------------
 
     def downgrade(self, lock: Lock) -> None:
-        try:
-            for fd in lock.fds:
-                ofd.try_lock(fd, False)
-        except OSError:  # not an OFD lock (a sanlock registration): it stays as it is
-            return
+        if not self._in_place:
+            return  # a sanlock lease stays exclusive: stricter than needed, never weaker
+        for fd in lock.fds:
+            ofd.try_lock(fd, False)
         lock.mode = SHARED
+
+    @property
+    def _in_place(self) -> bool:
+        """Whether a lock changes mode on its own fds (OFD locks: image or lease
+        file); a sanlock fd is a registration, not a lock."""
+        return self.config.backend != "sanlock"
 
     def release(self, lock: Lock) -> None:
         self._drop(lock)
         self.by_key.pop(lock.key, None)
 
     def _drop(self, lock: Lock) -> None:
+        if lock.registrations:
+            from qemu_locked.backends.sanlock.start import release
+
+            for held in lock.registrations:
+                release(held, self.config)  # QEMU's copy stays open until closefd
+            lock.registrations, lock.fds = [], []
         for fd in lock.fds:
             try:
                 fcntl.fcntl(fd, ofd.F_OFD_SETLK, _UNLOCK_ALL)  # lease slots too

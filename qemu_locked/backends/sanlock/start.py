@@ -109,6 +109,15 @@ def _release_all(sl: ModuleType, area: Area, held: Held) -> None:
     held.release()
 
 
+def release(held: _held.Held, config: Config) -> None:
+    """Let go of what ``acquire`` took, at once, even while another process (QEMU,
+    given the registration fd by the monitor guard) still has the fd open."""
+    if isinstance(held, Held):
+        _release_all(binding(), Area(config), held)
+    else:
+        held.release()
+
+
 def acquire(plan: Plan, config: Config, deadline: float, defer: bool = False) -> Held:
     """Register with the daemon and take every lease, all or nothing.
 
