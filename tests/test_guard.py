@@ -3,8 +3,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -224,3 +226,105 @@ def test_a_monitor_given_by_path_is_not_guarded(tmp_path: Path) -> None:
     finally:
         proc.kill()
         proc.wait()
+
+
+# -- a hostile QEMU -----------------------------------------------------------------
+
+
+class FakeQemu:
+    """The QEMU side of the guard's relay, played by the test: it says what it likes."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.file = sock.makefile("rb")
+
+    def say(self, text: bytes) -> None:
+        self.sock.sendall(text)
+
+    def command(self) -> tuple[dict[str, object], list[int]]:
+        """The next command the guard sends (its fds too)."""
+        buf = b""
+        fds: list[int] = []
+        while b"\n" not in buf and not buf.rstrip().endswith(b"}"):
+            data, anc, _f, _a = self.sock.recvmsg(1 << 16, socket.CMSG_SPACE(64))
+            assert data, "the guard closed QEMU's monitor"
+            buf += data
+            for _lvl, _typ, raw in anc:
+                fds += [int.from_bytes(raw[i : i + 4], "little") for i in range(0, len(raw), 4)]
+        return json.loads(buf), fds
+
+    def answer(self, cmd: dict[str, object], ret: object = None) -> None:
+        reply = {"return": {} if ret is None else ret, "id": cmd.get("id")}
+        self.say(json.dumps(reply).encode() + b"\r\n")
+
+
+def test_a_hostile_qemu_cannot_make_the_guard_let_go_or_fall_over(tmp_path: Path) -> None:
+    import _socket
+    import threading
+
+    from qemu_locked.beside.guard_locks import Locks
+    from qemu_locked.beside.guard_nodes import Graph
+    from qemu_locked.beside.guard_policy import Policy
+    from qemu_locked.beside.guard_relay import Relay
+    from qemu_locked.model.config import Config
+    from qemu_locked.model.plan import Plan
+
+    disk = tmp_path / "d.img"
+    disk.write_bytes(b"\0" * 65536)
+    config = Config(lockspace_dir=str(tmp_path / "none"))
+    # This test process plays QEMU: its /proc/PID/fd is what the guard inspects.
+    policy = Policy(Graph(), Locks(config, Plan((), (), "hostile", None), os.getpid()))
+    guard_end, qemu_end = socket.socketpair()
+    listener = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+    listener.bind(str(tmp_path / "monitor.sock"))
+    listener.listen(1)
+    stand_in = subprocess.Popen(["sleep", "600"])  # the guard exits when this "VM" does
+    pidfd = os.pidfd_open(stand_in.pid)
+    relay = Relay(_socket.socket(fileno=guard_end.detach()), listener, pidfd, policy)
+    thread = threading.Thread(target=relay.run, daemon=True)
+    thread.start()
+    qemu = FakeQemu(qemu_end)
+    try:
+        qemu.say(b'{"QMP": {"version": {}, "capabilities": []}}\r\n')
+        client = QMP(str(tmp_path / "monitor.sock"))
+        client.send(b'{"execute": "qmp_capabilities", "id": 1}\r\n')
+        cmd, _fds = qemu.command()
+        qemu.answer(cmd)
+        assert client.reply() == {"return": {}, "id": 1}
+        client.send(json.dumps({"execute": "blockdev-add", "id": 2, "arguments": {
+            "driver": "file", "filename": str(disk), "node-name": "n", "read-only": False,
+        }}).encode())  # fmt: skip
+        getfd, fds = qemu.command()  # the lock fd comes first, for QEMU to keep
+        assert getfd["execute"] == "getfd" and len(fds) == 1
+        qemu.answer(getfd)
+        add, _ = qemu.command()
+        assert add["execute"] == "blockdev-add"
+        own = os.open(disk, os.O_RDWR)  # QEMU opens the image itself
+        qemu.answer(add)
+        assert client.reply() == {"return": {}, "id": 2}
+        assert not lock_free(str(disk), exclusive=False)
+        # Lies, garbage and a 3 MiB line: passed on, and nothing is let go.
+        huge = b'{"return": "' + b"x" * (3 << 20) + b'"}\r\n'
+        qemu.say(b'{"timestamp": {}, "event": "DEVICE_DELETED", "data": {"device": "n"}}\r\n')
+        qemu.say(b"}{][ not json at all\r\n" + huge)
+        client.send(b'{"execute": "blockdev-del", "id": 3, "arguments": {"node-name": "n"}}')
+        seen = [client.file.readline() for _ in range(3)]
+        assert seen[1] == b"}{][ not json at all\r\n" and seen[2] == huge
+        dele, _ = qemu.command()
+        assert dele["execute"] == "blockdev-del"
+        qemu.answer(dele)  # "done" - but QEMU still has the image open
+        assert client.reply() == {"return": {}, "id": 3}
+        assert not lock_free(str(disk), exclusive=False)
+        os.close(own)  # now it really lets go: the guard's next look frees it
+        closefd, _ = qemu.command()
+        assert closefd["execute"] == "closefd"
+        qemu.answer(closefd)
+        assert lock_free(str(disk))
+        client.close()
+    finally:
+        stand_in.kill()
+        stand_in.wait()
+        thread.join(10)
+        for fd in fds:
+            os.close(fd)
+    assert not thread.is_alive()
