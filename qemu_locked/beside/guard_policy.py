@@ -80,12 +80,13 @@ class Policy:
 
     def _chain(self, path: str, user: str, origin: str) -> None:
         """Backing files QEMU opens from an image header (no ``backing`` given)."""
-        from qemu_locked.start.chains import qcow2_backing
+        from qemu_locked.lock.safeopen import qcow2_names
 
         cur = path
         for _ in range(_MAX_CHAIN):
-            name = qcow2_backing(cur)
-            if not name or ":" in name.split("/", 1)[0]:
+            found = qcow2_names(cur)
+            name = found.backing if found is not None else None
+            if not name or name.startswith("json:") or ":" in name.split("/", 1)[0]:
                 return
             cur = name if name.startswith("/") else os.path.join(os.path.dirname(cur), name)
             self._use(cur, SHARED, user, origin)

@@ -18,6 +18,8 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable
 
+    from qemu_locked.parse.qcow2 import Names
+
 _OPEN_FLAGS = os.O_NOCTTY | os.O_NONBLOCK | os.O_CLOEXEC
 
 _KIND_NAMES = (
@@ -100,3 +102,21 @@ def open_regular(path: str) -> int:
             raise OSError(21 if stat.S_ISDIR(st.st_mode) else 22, "not a regular file")
 
     return reopen(path, os.O_RDONLY | _OPEN_FLAGS, accept)
+
+
+def qcow2_names(path: str) -> Names | None:
+    """The backing and data file names in a qcow2 header, or None (read by the
+    wrapper for chains on the command line, by the monitor guard for hot-plugs)."""
+    from qemu_locked.parse import qcow2
+
+    try:
+        fd = open_regular(path)
+    except (OSError, ValueError):
+        return None  # the lock step reports unusable paths
+    try:
+        size = qcow2.cluster_size(os.pread(fd, 104, 0))
+        return qcow2.names(os.pread(fd, size, 0)) if size else None
+    except OSError:
+        return None
+    finally:
+        os.close(fd)

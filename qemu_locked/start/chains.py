@@ -14,27 +14,11 @@ from __future__ import annotations
 
 import os
 
-from qemu_locked.lock import safeopen
+from qemu_locked.lock.safeopen import qcow2_names
 from qemu_locked.model.plan import BACKING, SHARED, DiskRef, Plan, Skipped, merge_by_path
 from qemu_locked.model.value import replace
-from qemu_locked.parse import qcow2
 
 _MAX_CHAIN = 64
-
-
-def qcow2_names(path: str) -> qcow2.Names | None:
-    """The backing and data file names in a qcow2 header, or None."""
-    try:
-        fd = safeopen.open_regular(path)
-    except (OSError, ValueError):
-        return None  # the lock step reports unusable paths
-    try:
-        size = qcow2.cluster_size(os.pread(fd, 104, 0))
-        return qcow2.names(os.pread(fd, size, 0)) if size else None
-    except OSError:
-        return None
-    finally:
-        os.close(fd)
 
 
 def _plain(name: str) -> bool:

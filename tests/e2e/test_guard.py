@@ -132,7 +132,9 @@ def test_change_media_locks_the_new_medium_and_frees_the_old(lab: Lab) -> None:
     a = lab.image("m-a.qcow2")
     iso1, iso2 = lab.image("m1.iso", fmt="raw"), lab.image("m2.iso", fmt="raw")
     cd = disk_xml(None, "sdz", bus="scsi", fmt="raw", device="cdrom", readonly=True)
-    one = vm(lab, "m1", [disk_xml(a), cd])
+    # Paused: a booting firmware may lock the tray, and then libvirt's open-tray waits in vain.
+    one = lab.define(domain_xml(f"{PREFIX}m1", [disk_xml(a), cd], devices_extra=SCSI))
+    lab.virsh("start", "--paused", one)
     lab.virsh("change-media", one, "sdz", iso1, "--insert", "--live")
     assert not lock_free(iso1) and lock_free(iso1, exclusive=False)
     lab.virsh("change-media", one, "sdz", iso2, "--update", "--live")
