@@ -79,6 +79,13 @@ def test_attach_takes_the_lock_and_detach_frees_it(lab: Lab) -> None:
     assert "hot-plug sdb" in lab.lockctl("status", b).stdout
     other = vm(lab, "d2", [])
     refused(attach(lab, other, b, "sdc"), f"guest '{one}'")
+    # check sees the hot-plugged disk as held by the VM it was added to
+    check = lab.lockctl("check", "--", "-drive", f"file={b}", check=False)
+    assert check.returncode == 1 and f"guest '{one}'" in check.stdout + check.stderr, check
+    # HMP through libvirt's monitor is guarded too
+    hmp = lab.virsh("qemu-monitor-command", other, "--hmp",
+                    f"drive_add 0 file={b},if=none,id=x9", check=False)  # fmt: skip
+    refused(hmp, f"guest '{one}'")
     lab.virsh("detach-disk", one, "sdb", "--live")
     assert lock_free(b)
     attach(lab, other, b, "sdc", check=True)  # free again: the other VM may have it
