@@ -328,3 +328,31 @@ def test_a_hostile_qemu_cannot_make_the_guard_let_go_or_fall_over(tmp_path: Path
         for fd in fds:
             os.close(fd)
     assert not thread.is_alive()
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        b'{"execute": "query-status", "id": "libvirt-1"}\r\n',
+        b'{"execute": "qom-list", "arguments": {"path": "/machine"}, "id": 2}\r\n',
+        b'{"execute": "x", "id": "a}{b"}\r\n',
+        b"{'execute': 'query-status'}\r\n",
+        b'{"execute": "x", "id": "\\"}"}\n',
+        b'{"a": 1}{"b": 2}\r\n',
+        b'{"a": [1, 2]}',
+        b'{"execute": "x"',
+    ],
+)
+def test_splitter_fast_path_agrees_with_the_byte_by_byte_walk(text: bytes) -> None:
+    whole = [(u.kind, u.data, u.keys) for u in Splitter().feed(text)]
+    slow = Splitter()
+    bytewise = [
+        (u.kind, u.data, u.keys) for i in range(len(text)) for u in slow.feed(text[i : i + 1])
+    ]
+    merged: list[tuple[str, bytes, list[bytes]]] = []
+    for kind, data, keys in bytewise:  # whitespace comes a byte at a time here
+        if merged and kind == SPACE and merged[-1][0] == SPACE:
+            merged[-1] = (SPACE, merged[-1][1] + data, [])
+        else:
+            merged.append((kind, data, keys))
+    assert whole == merged
