@@ -371,9 +371,7 @@ def conflicts(space: Lockspace, wants: list[Claim]) -> list[Conflict]:
     return out
 
 
-# The pid records name when not our own: the monitor guard takes leases for its
-# QEMU (beside/guard.py), and QEMU is the holder that others must see.
-RECORD_PID: int | None = None
+RECORD_PID: int | None = None  # set by the monitor guard: its leases are its QEMU's
 
 
 def identity_for(plan: Plan, config: Config) -> Identity:
