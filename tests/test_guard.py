@@ -173,6 +173,32 @@ def test_malformed_and_huge_input_is_survived_and_answered(
 
 
 @needs_qemu
+def test_a_client_that_reads_no_answers_is_held_back_not_buffered(
+    tmp_path: Path, domains: list[Domain]
+) -> None:
+    one = Domain(tmp_path, "slow", [])
+    domains.append(one)
+    q = one.qmp()
+    q.sock.setblocking(False)
+    line = b'{"execute": "closefd", "arguments": {"fdname": "qemu-locked-1"}}\r\n' * 256
+    sent = 0
+    try:
+        while sent < 256 << 20:  # answered by the guard itself, never read by us
+            sent += q.sock.send(line)
+    except BlockingIOError:
+        pass  # the guard stopped reading: back-pressure, not an ever-growing buffer
+    assert sent < 256 << 20
+    with open(f"/proc/{one.guard()}/status") as f:
+        rss_kib = next(int(ln.split()[1]) for ln in f if ln.startswith("VmRSS:"))
+    assert rss_kib < 64 << 10, rss_kib
+    q.sock.setblocking(True)
+    q.close()
+    q = QMP(one.path)  # the next session is served at once
+    assert q.cmd("qmp_capabilities")["return"] == {}
+    assert q.cmd("query-status")["return"]["status"] == "prelaunch"  # type: ignore[index]
+
+
+@needs_qemu
 def test_reconnect_gets_the_greeting_and_a_local_capabilities_answer(
     tmp_path: Path, domains: list[Domain]
 ) -> None:

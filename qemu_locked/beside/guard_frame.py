@@ -14,6 +14,10 @@ side is cut by :class:`Lines` instead, as libvirt cuts it.
 
 from __future__ import annotations
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
+
 OBJECT = "object"  # a whole unit, ``data`` holds all of it
 OTHER = "other"  # a top-level value that is not an object, or stray bytes
 SPACE = "space"  # whitespace between units (QEMU ends each line with \r\n)
@@ -306,3 +310,14 @@ class Lines:
                 self._buf.clear()
                 self._long = True
         return out
+
+
+def parse_object(data: bytes) -> dict[str, Any]:
+    """A unit as a JSON object (QEMU's dialect: single quotes too); {} if it is not one."""
+    from qemu_locked.parse import jsonlite
+
+    try:
+        obj = jsonlite.loads(data.decode("utf-8", "surrogateescape"))
+    except (ValueError, RecursionError):
+        return {}
+    return obj if isinstance(obj, dict) else {}

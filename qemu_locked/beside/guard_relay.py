@@ -28,7 +28,8 @@ if TYPE_CHECKING:
 
     from qemu_locked.beside.guard_policy import After, Policy
 
-_MAX_QUEUED = 64  # client units waiting for their turn
+_MAX_QUEUED = 64  # client units waiting for their turn...
+_MAX_QUEUED_BYTES = 2 << 20  # ...and their bytes
 _MAX_OUT = 8 << 20  # bytes waiting for a slow client before QEMU is read again
 _GUARDED = (
     b"blockdev", b"device_add", b"drive", b"medium", b"transaction", b"snapshot", b"mirror",
@@ -92,7 +93,7 @@ class Relay:
             if self.client is None:
                 fds[self.listener.fileno()] = _POLLIN
             else:
-                fds[self.client.fileno()] = (_POLLIN if len(self.queue) < _MAX_QUEUED else 0) | (
+                fds[self.client.fileno()] = (_POLLIN if self._room() else 0) | (
                     _POLLOUT if self.c_out.items else 0)  # fmt: skip
             if fds != watched:
                 for fd in watched.keys() - fds.keys():
@@ -155,6 +156,12 @@ class Relay:
                 return
             self.queue.extend(self.c_split.feed(data, fds))
 
+    def _room(self) -> bool:
+        """May more of the client's input be read?  (Bounded by count and bytes.)"""
+        return len(self.queue) < _MAX_QUEUED and (
+            sum(len(u.data) for u in self.queue) < _MAX_QUEUED_BYTES
+        )
+
     def _accept(self) -> None:
         try:
             # _socket (not socket, which imports enum) names it _accept
@@ -195,7 +202,7 @@ class Relay:
         elif self._passes(unit.data):
             send = True
         else:
-            send = self._qemu_object(_parse(unit.data), unit)
+            send = self._qemu_object(frame.parse_object(unit.data), unit)
         if send and self.client is not None:
             self.c_out.put(unit.data)
 
@@ -256,7 +263,7 @@ class Relay:
             if self.mine:
                 data, fds, self.inflight = self.mine.popleft()
                 self.q_out.put(data, fds)
-            elif self.queue:
+            elif self.queue and self.c_out.size < _MAX_OUT:  # a client that reads no answers waits
                 self._from_client(self.queue.popleft())
                 while self.queue and self.queue[0].kind == frame.SPACE:
                     unit = self.queue.popleft()  # its line end goes with it, in one write
@@ -283,7 +290,7 @@ class Relay:
             self.q_out.put(unit.data, unit.fds)
             self.inflight = _Inflight(_ANY, self.gen, None, False, False)
             return
-        obj = _parse(unit.data) if unit.kind == frame.OBJECT else {}
+        obj = frame.parse_object(unit.data) if unit.kind == frame.OBJECT else {}
         cmd = obj.get("execute", obj.get("exec-oob"))
         if not obj or not isinstance(cmd, str):
             if any(word in unit.data for word in _GUARDED):
@@ -385,13 +392,3 @@ def _mine_done(cmd: str, name: str) -> After:
             say(f"monitor guard: QEMU refused {cmd} {name}")
 
     return after
-
-
-def _parse(data: bytes) -> dict[str, Any]:
-    from qemu_locked.parse import jsonlite
-
-    try:
-        obj = jsonlite.loads(data.decode("utf-8", "surrogateescape"))
-    except (ValueError, RecursionError):
-        return {}
-    return obj if isinstance(obj, dict) else {}
