@@ -211,6 +211,17 @@ class Locks:
         lock.deferred = False
 
     def _busy_line(self, lock: Lock) -> str:
+        """Who keeps this disk from being exclusive: its other holders (this VM's
+        own shared lock would conflict too, and is not news)."""
+        from qemu_locked.model.errors import LockedError
+
+        if lock.key.startswith("f:"):  # an image's own byte 0 (direct): read from /proc
+            from qemu_locked.lock import procfs
+
+            st = os.stat(lock.path)
+            who = [h for h in procfs.holders_of(st.st_dev, st.st_ino) if h.pid != self.qemu_pid]
+            if who:
+                return _line(LockedError([(lock.path, EXCLUSIVE, procfs.describe(who, SHARED))]))
         from qemu_locked.backends import load
 
         plan = Plan((DiskRef(lock.path, EXCLUSIVE, lock.origin),), (), *self._names())
@@ -218,10 +229,7 @@ class Locks:
             found = load(self.config.backend).conflicts(plan, self.config)
         except QemuLockedError as exc:
             return _line(exc)
-        from qemu_locked.model.errors import LockedError
-
-        found = [c for c in found] or [(lock.path, EXCLUSIVE, "by another holder")]
-        return _line(LockedError(found))
+        return _line(LockedError(found or [(lock.path, EXCLUSIVE, "by another holder")]))
 
     # -- letting go -------------------------------------------------------------------
 

@@ -133,6 +133,12 @@ def test_shareable_and_readonly_hot_plug_are_shared(lab: Lab) -> None:
     assert lock_free(c, exclusive=False) and not lock_free(c)
     assert lock_free(iso, exclusive=False) and not lock_free(iso)
     assert lab.state(holder) == "running"
+    # a writer that does not share: refused when its device comes (libvirt adds the nodes first)
+    writer = vm(lab, "s3", [])
+    proc = attach(lab, writer, c, "sdb", "--cache", "none")
+    refused(proc, f"guest '{holder}'")
+    assert "device_add" in proc.stderr and f"guest '{writer}'" not in proc.stderr, proc.stderr
+    assert lock_free(c, exclusive=False)  # nothing left behind by the refused attach
 
 
 def test_change_media_locks_the_new_medium_and_frees_the_old(lab: Lab) -> None:
