@@ -382,3 +382,13 @@ def test_splitter_fast_path_agrees_with_the_byte_by_byte_walk(text: bytes) -> No
         else:
             merged.append((kind, data, keys))
     assert whole == merged
+
+
+def test_every_watched_command_is_caught_before_the_unparsed_pass() -> None:
+    """Commands the policy watches must never take the relay's parse-free path."""
+    from qemu_locked.beside.guard_policy import _HANDLERS, _TX
+    from qemu_locked.beside.guard_relay import _GUARDED
+
+    for name in [*_HANDLERS, *_TX]:
+        raw = b'{"execute": "%s", "id": 1}' % name.encode()
+        assert any(word in raw for word in _GUARDED), name

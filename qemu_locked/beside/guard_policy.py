@@ -131,8 +131,24 @@ class Policy:
             new = self.graph.parse(args)
         except ValueError:
             raise Refused("qemu-locked: blockdev-add: block graph too deep to check") from None
-        top = new[0].name if new else None
-        origin = f"blockdev-add {top}"
+        origin = f"blockdev-add {new[0].name if new else None}"
+        fresh = [n for n in new if n.name not in self.graph.nodes]  # a duplicate name fails in QEMU
+        names = {n.name for n in fresh} | {n.name + "#backing" for n in fresh}
+        try:
+            self._add_nodes(new, origin)
+        except Refused:
+            self._unuse(names)
+            raise
+
+        def after(ok: bool) -> None:
+            if ok:
+                self.graph.commit(new)
+            else:
+                self._unuse(names)
+
+        return after
+
+    def _add_nodes(self, new: list[Node], origin: str) -> None:
         for node in new:
             if node.protocol:
                 assert node.filename is not None
@@ -148,15 +164,15 @@ class Policy:
                 for leaf in self._files(node.name, new):
                     assert leaf.filename is not None
                     self._chain(leaf.filename, node.name + "#backing", origin)
-        names = {n.name for n in new} | {n.name + "#backing" for n in new}
 
-        def after(ok: bool) -> None:
-            if ok:
-                self.graph.commit(new)
-            else:
-                self._unuse(names)
-
-        return after
+    def block_commit(self, args: dict[str, Any], tag: str) -> After:
+        """A commit writes into its base, which was a read-only backing file."""
+        base = _str(args.get("base-node"))
+        if base is not None:
+            self._writer(base, tag, f"block-commit into {base}")
+        elif _str(args.get("base")):
+            self._use(str(args["base"]), EXCLUSIVE, tag, "block-commit base")
+        return self._tagged(tag)
 
     def blockdev_del(self, args: dict[str, Any], tag: str) -> After:
         name = _str(args.get("node-name"))
@@ -357,6 +373,7 @@ _HANDLERS: dict[str, Callable[[Policy, dict[str, Any], str], After | None]] = {
     "device_add": Policy.device_add,
     "blockdev-create": Policy.blockdev_create,
     "blockdev-mirror": Policy.blockdev_mirror,
+    "block-commit": Policy.block_commit,
     "drive-mirror": Policy.drive_mirror,
     "blockdev-snapshot": Policy.snapshot,
     "blockdev-snapshot-sync": Policy.snapshot_sync,

@@ -33,7 +33,7 @@ _MAX_QUEUED_BYTES = 2 << 20  # ...and their bytes
 _MAX_OUT = 8 << 20  # bytes waiting for a slow client before QEMU is read again
 _GUARDED = (
     b"blockdev", b"device_add", b"drive", b"medium", b"transaction", b"snapshot", b"mirror",
-    b"backup", b"human-monitor", b"getfd", b"closefd", b"eject", b"\\u", b"change",
+    b"backup", b"human-monitor", b"getfd", b"closefd", b"eject", b"\\u", b"change", b"commit",
 )  # fmt: skip
 _REPLY_STARTS = (b'{"return"', b'{"error"')
 _ANY = object()  # an unparsed command's id: its reply is the next one

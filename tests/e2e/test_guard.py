@@ -167,6 +167,18 @@ def test_external_snapshot_overlay_exclusive_old_top_shared(lab: Lab) -> None:
     assert lock_free(a, exclusive=False) and not lock_free(a)
 
 
+def test_active_block_commit_makes_the_base_exclusive_again(lab: Lab) -> None:
+    a = lab.image("cm-a.qcow2")
+    one = vm(lab, "cm1", [disk_xml(a)])
+    ov = str(lab.images / "cm-ov.qcow2")
+    lab.virsh("snapshot-create-as", one, "--disk-only", "--no-metadata",
+              "--diskspec", f"vda,file={ov}")  # fmt: skip
+    assert lock_free(a, exclusive=False)
+    lab.virsh("blockcommit", one, "vda", "--active", "--pivot", "--wait", timeout=120)
+    assert not lock_free(a, exclusive=False)  # written again: exclusive
+    assert lock_free(ov)
+
+
 def test_blockcopy_with_pivot(lab: Lab) -> None:
     a = lab.image("bc-a.qcow2")
     one = vm(lab, "bc1", [disk_xml(a)])
