@@ -5,14 +5,17 @@ blockcopy) get the same locks as disks on the command line.
 
 from __future__ import annotations
 
+import grp
 import json
 import os
+import pwd
 import signal
 import subprocess
+from collections.abc import Iterator
 
 import pytest
 
-from e2e.lab import PREFIX, Lab, disk_xml, domain_xml, lock_free, wait_for
+from e2e.lab import PREFIX, QEMU_USER, Lab, disk_xml, domain_xml, lock_free, run, wait_for
 from qemu_locked.lock import procfs
 
 pytestmark = pytest.mark.libvirt
@@ -246,6 +249,72 @@ def test_lockspace_backend_hot_plug(lab: Lab) -> None:
     proc = lab.start(three, check=False)  # the hot-plugged lease is held: refused
     refused(proc, f"guest '{one}'")
     assert f"pid {lab.qemu_pid(one)}" in proc.stderr  # the record names QEMU, not the guard
+    lab.virsh("detach-disk", one, "sdc", "--live")
+    lab.start(three)
+    assert lab.state(three) == "running"
+
+
+@pytest.fixture
+def sanlock_env(lab: Lab) -> Iterator[tuple[dict[str, str], dict[str, str]]]:
+    """A sanlock daemon the VM user reaches (socket group = QEMU's group), a
+    lockspace joined as host 1: (domain env, admin env).  Stopped by pid."""
+    from sanlock_helpers import install_sanlock
+
+    why = install_sanlock()
+    if why is not None:
+        pytest.fail(f"sanlock unavailable: {why}")
+    base = lab.images / "sanlock"
+    run_dir = base / "run"
+    run_dir.mkdir(parents=True)
+    for d in (base, run_dir):
+        d.chmod(0o755)
+    qemu_group = grp.getgrgid(pwd.getpwnam(QEMU_USER).pw_gid).gr_name
+    log = open(base / "daemon.log", "ab")
+    daemon = subprocess.Popen(
+        ["sanlock", "daemon", "-D", "-w", "0", "-l", "0", "-h", "0", "-U", "root",
+         "-G", qemu_group, "-L", "-1", "-S", "-1", "-e", "host-1"],
+        env=dict(os.environ, SANLOCK_RUN_DIR=str(run_dir), SANLOCK_PRIVILEGED="0"),
+        stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    try:
+        wait_for((run_dir / "sanlock.sock").exists, 10, "the sanlock socket")
+        space, leases, cfg = base / "lockspace.img", base / "leases.img", base / "sanlock.toml"
+        cfg.write_text(f'backend = "sanlock"\nsanlock_lockspace = "qlk"\nsanlock_path = "{space}"\n'
+                       f'sanlock_resources = "{leases}"\nsanlock_host_id = 1\n'
+                       "sanlock_io_timeout = 2\n")  # fmt: skip
+        cfg.chmod(0o644)
+        dom_env = {"QEMU_LOCKED_CONFIG": str(cfg), "SANLOCK_RUN_DIR": str(run_dir)}
+        admin = dict(os.environ, **dom_env)
+        run([lab.qemu_lockctl, "sanlock", "init", "--slots", "64"], env=admin)
+        user = pwd.getpwnam(QEMU_USER)
+        for f in (space, leases):  # the VM user takes leases there
+            os.chown(f, user.pw_uid, user.pw_gid)
+            f.chmod(0o660)
+        run([lab.qemu_lockctl, "sanlock", "join"], env=admin, timeout=120)
+        yield dom_env, admin
+    finally:
+        lab.cleanup()  # the VMs first: their registrations end with them
+        daemon.kill()
+        daemon.wait(10)
+        log.close()
+
+
+def test_sanlock_backend_under_libvirt(
+    lab: Lab, sanlock_env: tuple[dict[str, str], dict[str, str]]
+) -> None:
+    """The wrapper and the guard run as the VM user and reach the sanlock daemon:
+    start, hot-plug refused naming the holder's host, hot-plug lease held, freed on detach."""
+    dom_env, _admin = sanlock_env
+    a, b, c = lab.image("sl-a.qcow2"), lab.image("sl-b.qcow2"), lab.image("sl-c.qcow2")
+    doms = [lab.define(domain_xml(f"{PREFIX}{name}", disks, devices_extra=SCSI), env=dom_env)
+            for name, disks in (("sl1", [disk_xml(a)]), ("sl2", [disk_xml(b)]),
+                                ("sl3", [disk_xml(c)]))]  # fmt: skip
+    one, two, three = doms
+    lab.start(one)
+    lab.start(two)
+    refused(attach(lab, one, b, "sdb"), "by host id 1 (host-1)")
+    attach(lab, one, c, "sdc", check=True)
+    refused(lab.start(three, check=False), "by host id 1 (host-1)")  # the hot-plug lease is held
     lab.virsh("detach-disk", one, "sdc", "--live")
     lab.start(three)
     assert lab.state(three) == "running"
