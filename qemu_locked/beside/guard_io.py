@@ -52,12 +52,12 @@ class Out:
         """False once the peer is gone."""
         while self.items:
             data, fds = self.items[0]
-            anc = []
-            if fds:
-                raw = b"".join(fd.to_bytes(4, "little") for fd in fds)
-                anc = [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, raw)]
             try:
-                sent = sock.sendmsg([data], anc)
+                if fds:
+                    raw = b"".join(fd.to_bytes(4, "little") for fd in fds)
+                    sent = sock.sendmsg([data], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, raw)])
+                else:
+                    sent = sock.send(data)
             except (BlockingIOError, InterruptedError):
                 return True
             except OSError:

@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 
     from qemu_locked.beside.guard_policy import After, Policy
 
+_READ = 1 << 16
 _MAX_QUEUED = 64  # client units waiting for their turn...
 _MAX_QUEUED_BYTES = 2 << 20  # ...and their bytes
 _MAX_OUT = 8 << 20  # bytes waiting for a slow client before QEMU is read again
@@ -121,12 +122,13 @@ class Relay:
             return
         if ev & (_POLLIN | _ERRS):
             try:
-                data, fds = recv(self.qemu)
+                # A plain recv: QMP passes no fds to the client, and any QEMU sends
+                # (its side is not trusted) is discarded by the kernel unseen.
+                data = self.qemu.recv(_READ)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError:
-                data, fds = b"", []
-            close_fds(fds)  # QMP never passes fds to the client; QEMU's side is not trusted
+                data = b""
             if not data:
                 self._qemu_gone()
                 return
