@@ -82,7 +82,7 @@ def pss_kib(pid: int) -> int:
     return 0
 
 
-def run(rounds: int = 1000, block: int = 100, vms: int = 20) -> list[str]:
+def run(rounds: int = 1000, block: int = 20, vms: int = 20) -> list[str]:
     with tempfile.TemporaryDirectory() as tmp:
         cfg = os.path.join(tmp, "empty.toml")
         Path(cfg).write_text(f'lockspace_dir = "{tmp}/none"\n')
