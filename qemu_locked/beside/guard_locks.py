@@ -198,8 +198,8 @@ class Locks:
             for fd in lock.fds:
                 ofd.try_lock(fd, False)  # back to what it was: never weaker than shared
             busy = True
-        except OSError:  # EBADF: opened read-only for a shared lock; take it anew
-            busy = False
+        except (OSError, QemuLockedError):  # EBADF: opened read-only for a shared lock
+            busy = False  # take it anew
         if busy:
             raise Refused(self._busy_line(lock))
         self._drop(lock)

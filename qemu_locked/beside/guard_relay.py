@@ -21,12 +21,13 @@ from collections import deque
 from qemu_locked.beside import guard_frame as frame
 from qemu_locked.beside.guard_io import Out, close_fds, recv
 from qemu_locked.beside.guard_locks import Refused
+from qemu_locked.beside.guard_reply import Inflight, mine_done, oops
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
 
-    from qemu_locked.beside.guard_policy import After, Policy
+    from qemu_locked.beside.guard_policy import Policy
 
 _READ = 1 << 16
 _MAX_QUEUED = 64  # client units waiting for their turn...
@@ -40,18 +41,6 @@ _REPLY_STARTS = (b'{"return"', b'{"error"')
 _ANY = object()  # an unparsed command's id: its reply is the next one
 _POLLIN, _POLLOUT = select.POLLIN, select.POLLOUT
 _ERRS = select.POLLERR | select.POLLHUP | select.POLLNVAL
-
-
-class _Inflight:
-    __slots__ = ("after", "gen", "hmp", "id", "mine")
-
-    def __init__(self, cmd_id: object, gen: int, after: After | None, mine: bool,
-                 hmp: bool) -> None:  # fmt: skip
-        self.id = cmd_id
-        self.gen = gen
-        self.after = after
-        self.mine = mine  # the guard's own command: its reply goes nowhere
-        self.hmp = hmp
 
 
 class Relay:
@@ -71,8 +60,8 @@ class Relay:
         self.q_out = Out()
         self.c_out = Out()
         self.queue: deque[frame.Unit] = deque()
-        self.mine: deque[tuple[bytes, list[int], _Inflight]] = deque()
-        self.inflight: _Inflight | None = None
+        self.mine: deque[tuple[bytes, list[int], Inflight]] = deque()
+        self.inflight: Inflight | None = None
         self.qemu_open = True
         self._serial = 0
         self._to_client = False  # where QEMU's whitespace and oversized pieces go
@@ -247,14 +236,17 @@ class Relay:
         self.inflight = None
         return self._finish(cur, "return" in obj, obj.get("return"))
 
-    def _finish(self, cur: _Inflight, ok: bool, ret: object) -> bool:
+    def _finish(self, cur: Inflight, ok: bool, ret: object) -> bool:
         """A command answered: the policy learns how; True if the client gets the reply."""
         if ok and cur.hmp:
             from qemu_locked.beside.guard_hmp import hmp_ok
 
             ok = hmp_ok(ret)
         if cur.after is not None:
-            cur.after(ok)
+            try:
+                cur.after(ok)
+            except Exception as exc:  # what it held stays held: stricter, never weaker
+                oops("after a reply", exc)
         self._sweep()
         return not cur.mine and cur.gen == self.gen and self.client is not None
 
@@ -290,7 +282,7 @@ class Relay:
             # Names no command the policy watches: on to QEMU unparsed; its reply
             # is the next one (QEMU answers in order).
             self.q_out.put(unit.data, unit.fds)
-            self.inflight = _Inflight(_ANY, self.gen, None, False, False)
+            self.inflight = Inflight(_ANY, self.gen, None, False, False)
             return
         obj = frame.parse_object(unit.data) if unit.kind == frame.OBJECT else {}
         cmd = obj.get("execute", obj.get("exec-oob"))
@@ -302,7 +294,7 @@ class Relay:
                 return
             self.q_out.put(unit.data, unit.fds)
             if obj:
-                self.inflight = _Inflight(obj.get("id"), self.gen, None, False, False)
+                self.inflight = Inflight(obj.get("id"), self.gen, None, False, False)
             return
         cmd_id = obj.get("id")
         if not self.client_ready:
@@ -321,7 +313,7 @@ class Relay:
                 return
             if cmd == "qmp_capabilities":
                 self.q_out.put(unit.data, unit.fds)
-                self.inflight = _Inflight(cmd_id, self.gen, self._negotiated, False, False)
+                self.inflight = Inflight(cmd_id, self.gen, self._negotiated, False, False)
                 return
         args = obj.get("arguments")
         after = None
@@ -332,9 +324,13 @@ class Relay:
                 close_fds(unit.fds)
                 self._reply(cmd_id, "GenericError", exc.line)
                 return
+            except Exception as exc:  # a bug of ours: the command is refused, the VM goes on
+                close_fds(unit.fds)
+                self._reply(cmd_id, "GenericError", oops(f"cannot check {cmd}", exc))
+                return
         self._hand_over()
         hmp = cmd == "human-monitor-command"
-        sending = _Inflight(cmd_id, self.gen, after, False, hmp)
+        sending = Inflight(cmd_id, self.gen, after, False, hmp)
         if self.mine:  # after the getfds that hand QEMU its new locks
             self.mine.append((unit.data, unit.fds, sending))
             return
@@ -366,15 +362,20 @@ class Relay:
             (
                 text.encode(),
                 [os.dup(fd) for fd in fds],
-                _Inflight(cmd_id, self.gen, _mine_done(cmd, name), True, False),
+                Inflight(cmd_id, self.gen, mine_done(cmd, name), True, False),
             )
         )
 
     def _sweep(self) -> None:
         if self.policy is not None:
-            self.policy.sweep()
+            try:
+                self.policy.sweep()
+                self.policy.locks.publish()
+            except Exception as exc:  # keep what is held rather than retry forever
+                self.policy.release_due.clear()
+                self.policy.downgrade_due.clear()
+                oops("letting go", exc)
             self._hand_over()
-            self.policy.locks.publish()
 
     def _say(self, obj: dict[str, Any], cmd_id: object) -> None:
         if cmd_id is not None:
@@ -384,13 +385,3 @@ class Relay:
 
     def _reply(self, cmd_id: object, cls: str, desc: str) -> None:
         self._say({"error": {"class": cls, "desc": desc}}, cmd_id)
-
-
-def _mine_done(cmd: str, name: str) -> After:
-    def after(ok: bool) -> None:
-        if not ok:
-            from qemu_locked.beside.spawn import say
-
-            say(f"monitor guard: QEMU refused {cmd} {name}")
-
-    return after
