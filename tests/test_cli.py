@@ -425,13 +425,17 @@ def test_ctrl_c_while_waiting_leaves_nothing_held(start, images: tuple[str, str]
     # b is free and comes first or second in lock order: either way it must not stay held
     vm = started(start, "-name", "guest=hold-a", "-drive", f"file={a},format=raw")
     # A shell without job control starts background commands with SIGINT ignored
-    # (POSIX), and an ignored SIGINT is inherited: Ctrl-C is delivered by a terminal
-    # to a process whose SIGINT is at its default, so give the waiter that.
-    waiter = subprocess.Popen(
-        [QEMU_LOCKCTL, "run", "--wait", "60", "--disk", a, "--disk", b, "--", "true"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=base_env(),
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
-    )  # fmt: skip
+    # (POSIX), and an ignored SIGINT is inherited: Ctrl-C comes from a terminal to a
+    # process whose SIGINT is at its default.  A handler (unlike SIG_IGN) is reset to
+    # the default by exec, so the waiter gets that while this one is installed.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        waiter = subprocess.Popen(
+            [QEMU_LOCKCTL, "run", "--wait", "60", "--disk", a, "--disk", b, "--", "true"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=base_env(),
+        )  # fmt: skip
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert waiter.stderr is not None
     assert "waiting" in waiter.stderr.readline()  # the event: it is waiting on a
     waiter.send_signal(signal.SIGINT)
