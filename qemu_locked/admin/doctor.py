@@ -19,7 +19,7 @@ from pathlib import Path
 
 from qemu_locked.admin.doctor_libvirt import check_libvirt
 from qemu_locked.admin.finding import FAIL, OK, WARN, Finding
-from qemu_locked.admin.probe import INSTALL_FIX, check_start
+from qemu_locked.admin.trial_start import INSTALL_FIX, check_start
 from qemu_locked.admin.vmuser import QEMU_USER, User, launcher_denied, vm_user_name
 from qemu_locked.model import config as _config
 from qemu_locked.model.errors import QemuLockedError
