@@ -117,3 +117,21 @@ def test_missing_value_and_bad_values() -> None:
         parse_argv(["-drive"])
     with pytest.raises(ArgumentError, match="not on/off"):
         parse_argv(["-drive", "file=a.img,readonly=bogus"])
+
+
+def test_the_monitor_libvirt_hands_over_is_found_by_the_one_argv_walk() -> None:
+    def monitor(*args: str) -> int | None:
+        return parse_argv(list(args)).monitor_fd
+
+    libvirt = ["-chardev", "socket,id=charmonitor,fd=27,server=on,wait=off",
+               "-mon", "chardev=charmonitor,id=monitor,mode=control"]  # fmt: skip
+    assert monitor(*libvirt) == 27
+    # the value of an option is never an option: a -chardev word inside -name is no monitor
+    assert monitor("-name", "-chardev", *libvirt[2:]) is None
+    assert monitor(libvirt[0], libvirt[1].replace("server=on", "server=off"), *libvirt[2:]) is None
+    assert monitor(*libvirt[:2], "-mon", "chardev=charmonitor,mode=readline") is None
+    assert (
+        monitor("-qmp", "unix:/run/q.sock,server=on,wait=off") is None
+    )  # by path: not handed over
+    # the roles the config drops keep it (the plan is rebuilt with replace)
+    assert parse_argv(libvirt).apply_roles(("readonly",)).monitor_fd == 27

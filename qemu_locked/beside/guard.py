@@ -31,39 +31,6 @@ if TYPE_CHECKING:
     from qemu_locked.model.config import Config
     from qemu_locked.model.plan import Plan
 
-_ON = ("on", "yes", "true", "y")
-
-
-def monitor_fd(args: list[str]) -> int | None:
-    """fd N of the QMP monitor libvirt passes (``-mon`` on a ``-chardev socket,fd=N,server``)."""
-    from qemu_locked.parse.keyval import split_opts
-    from qemu_locked.parse.options import ARG_OPTIONS
-
-    sockets: dict[str, int] = {}
-    control: list[str] = []
-    i = 0
-    while i < len(args):
-        arg = args[i]
-        name = arg[2:] if arg.startswith("--") else arg[1:] if arg.startswith("-") else ""
-        if name not in ARG_OPTIONS or i + 1 >= len(args):
-            i += 1
-            continue
-        value = args[i + 1]
-        i += 2
-        if name == "chardev":
-            kv = dict(split_opts(value, "backend"))
-            fd = kv.get("fd", "")
-            if kv.get("backend") == "socket" and fd.isdigit() and kv.get("server", "off") in _ON:
-                sockets[kv.get("id", "")] = int(fd)
-        elif name == "mon":
-            kv = dict(split_opts(value, "chardev"))
-            if kv.get("mode") == "control":
-                control.append(kv.get("chardev", ""))
-    for chardev in control:
-        if chardev in sockets:
-            return sockets[chardev]
-    return None
-
 
 def _listening_unix(fd: int) -> _socket.socket | None:
     try:
@@ -112,7 +79,7 @@ def _private_pair(near: str) -> tuple[_socket.socket, _socket.socket]:
 
 def attach(args: list[str], lock_fds: list[int], config: Config, plan: Plan) -> bool:
     """Put the guard on libvirt's monitor before exec; False if there is none to guard."""
-    n = monitor_fd(args)
+    n = plan.monitor_fd
     if n is None or plan.daemonize:  # a daemonizing QEMU leaves the pid the guard would watch
         return False
     libvirt = _listening_unix(n)

@@ -3,7 +3,7 @@ the lockers and the admin CLI."""
 
 from __future__ import annotations
 
-from qemu_locked.model.value import frozen
+from qemu_locked.model.value import frozen, replace
 
 EXCLUSIVE = "exclusive"
 SHARED = "shared"
@@ -68,6 +68,8 @@ class Plan:
     uuid: str | None = None
     incoming: str | None = None
     daemonize: bool = False
+    # A QMP monitor QEMU inherits as a listening socket (fd N): where the monitor guard sits.
+    monitor_fd: int | None = None
 
     def apply_roles(self, none_roles: tuple[str, ...]) -> Plan:
         """Drop the disks of roles the config maps to ``none`` (noted as skipped)."""
@@ -79,9 +81,7 @@ class Plan:
             for d in self.disks
             if d.role in none_roles
         )
-        return Plan(
-            keep, self.skipped + dropped, self.guest, self.uuid, self.incoming, self.daemonize
-        )
+        return replace(self, disks=keep, skipped=self.skipped + dropped)
 
     def to_json_obj(self) -> dict[str, object]:
         return {

@@ -12,7 +12,7 @@ from __future__ import annotations
 from qemu_locked.model.errors import ArgumentError
 from qemu_locked.model.plan import Plan, Skipped, merge_by_path
 from qemu_locked.parse.blockgraph import Graph
-from qemu_locked.parse.keyval import dict_or_opts, nest, split_opts
+from qemu_locked.parse.keyval import TRUE, dict_or_opts, nest, split_opts
 from qemu_locked.parse.options import ARG_OPTIONS, IMAGE_OPTIONS, NO_ARG_OPTIONS
 
 TYPE_CHECKING = False
@@ -41,6 +41,8 @@ class _Walk:
         self.uuid: str | None = None
         self.incoming: str | None = None
         self.readconfig_depth = 0
+        self.server_sockets: dict[str, int] = {}  # -chardev socket,fd=N,server=on by id
+        self.control_mons: list[str] = []  # chardev ids of -mon ...,mode=control
 
     def parse(self, args: Sequence[str]) -> None:
         i, n = 0, len(args)
@@ -95,6 +97,22 @@ class _Walk:
             self._set(arg, value)
         elif name == "readconfig":
             self._readconfig(arg, value)
+        elif name == "chardev":
+            kv = dict(split_opts(value, "backend"))
+            fd = kv.get("fd", "")
+            if kv.get("backend") == "socket" and fd.isdigit() and kv.get("server", "off") in TRUE:
+                self.server_sockets[kv.get("id", "")] = int(fd)
+        elif name == "mon":
+            kv = dict(split_opts(value, "chardev"))
+            if kv.get("mode") == "control":
+                self.control_mons.append(kv.get("chardev", ""))
+
+    def monitor_fd(self) -> int | None:
+        """fd N of a QMP monitor handed over as a listening socket (libvirt's way)."""
+        for chardev in self.control_mons:
+            if chardev in self.server_sockets:
+                return self.server_sockets[chardev]
+        return None
 
     def _takes_value(self, arg: str) -> bool:
         """An option no table knows: never guess, ask the binary to be exec'd."""
@@ -168,4 +186,5 @@ def parse_argv(
         uuid=walk.uuid,
         incoming=walk.incoming,
         daemonize=walk.daemonize,
+        monitor_fd=walk.monitor_fd(),
     )

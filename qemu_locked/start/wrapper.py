@@ -178,7 +178,7 @@ def main() -> NoReturn:
                     from qemu_locked.beside import keeper
 
                     keeper.start(held.pending, cfg, plan, held.fds[0] if held.fds else -1)
-        if cfg.monitor_guard:
+        if cfg.monitor_guard and plan.monitor_fd is not None:
             from qemu_locked.beside import guard
 
             guard.attach(args, held.fds if held is not None else [], cfg, plan)
