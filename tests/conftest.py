@@ -154,19 +154,11 @@ def byte0_modes(pid: int, path: str) -> list[str]:
     ``lock:\t1: OFDLCK  ADVISORY  WRITE -1 fd:01:1234 0 0`` (type, advisory,
     access, pid, device:inode, start, end).
     """
-    want = os.stat(path)
     out: list[str] = []
-    try:
-        fds = os.listdir(f"/proc/{pid}/fd")
-    except OSError:
-        return out
-    for fd in fds:
+    for fd in _fds_on(pid, path):
         try:
-            st = os.stat(f"/proc/{pid}/fd/{fd}")
             text = Path(f"/proc/{pid}/fdinfo/{fd}").read_text()
         except OSError:
-            continue
-        if (st.st_dev, st.st_ino) != (want.st_dev, want.st_ino):
             continue
         for line in text.splitlines():
             if line.startswith("lock:"):
@@ -178,19 +170,23 @@ def byte0_modes(pid: int, path: str) -> list[str]:
 
 def has_open(pid: int, path: str) -> bool:
     """Whether pid has an fd on path's inode (observable from outside)."""
+    return any(True for _fd in _fds_on(pid, path))
+
+
+def _fds_on(pid: int, path: str) -> Iterator[str]:
+    """pid's fds that reach path's inode (the tests' own /proc walk, apart from the product's)."""
     want = os.stat(path)
     try:
         fds = os.listdir(f"/proc/{pid}/fd")
     except OSError:
-        return False
+        return
     for fd in fds:
         try:
             st = os.stat(f"/proc/{pid}/fd/{fd}")
         except OSError:
             continue
         if (st.st_dev, st.st_ino) == (want.st_dev, want.st_ino):
-            return True
-    return False
+            yield fd
 
 
 def wait_for(cond, what: str, timeout: float = 60.0) -> None:  # type: ignore[no-untyped-def]

@@ -11,6 +11,8 @@ import os
 import signal
 import socket
 import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -38,12 +40,19 @@ def _pid_in(pidfile: Path) -> int:
         return 0
 
 
-def test_daemonized_incoming_takes_the_lock_once_the_source_lets_go(tmp_path: Path) -> None:
+@contextmanager
+def source_and_daemonized_destination(
+    tmp_path: Path, **env_extra: str
+) -> Iterator[tuple[str, subprocess.Popen[bytes], int, Path]]:
+    """A "source" (``qemu-lockctl run`` holding the image until killed), then a
+    daemonizing ``-incoming`` QEMU under qemu-locked: (image, source, daemon pid,
+    the wrapper's stderr).  Kills both at the end."""
     img = str(tmp_path / "vm.qcow2")
     qemu_img("create", "-q", "-f", "qcow2", img, "16M")
-    env = env_for(None, QEMU_LOCKED_EMULATOR=REAL_QEMU, QEMU_LOCKED_DOMAIN_LEASE="false")
+    env = env_for(
+        None, QEMU_LOCKED_EMULATOR=REAL_QEMU, QEMU_LOCKED_DOMAIN_LEASE="false", **env_extra
+    )
     ready = tmp_path / "holder.ready"
-    # the "source": holds the disk until killed
     holder = subprocess.Popen([QEMU_LOCKCTL, "run", "--disk", img, "--", "/usr/bin/python3", "-c",
                                f"open({str(ready)!r}, 'w').close(); import time; time.sleep(600)"],
                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
@@ -61,53 +70,33 @@ def test_daemonized_incoming_takes_the_lock_once_the_source_lets_go(tmp_path: Pa
             env=env, stdout=subprocess.DEVNULL, stderr=log.open("w"), timeout=60)  # fmt: skip
         assert r.returncode == 0, log.read_text()
         daemon = int(pidfile.read_text())
+        yield img, holder, daemon, log
+    finally:
+        holder.kill()
+        holder.wait()
+        daemon = daemon or _pid_in(pidfile)
+        if daemon and alive(daemon):
+            os.kill(daemon, signal.SIGKILL)
+
+
+def test_daemonized_incoming_takes_the_lock_once_the_source_lets_go(tmp_path: Path) -> None:
+    with source_and_daemonized_destination(tmp_path) as (img, holder, daemon, _log):
         assert byte0_modes(daemon, img) == []  # the source still has it
         holder.send_signal(signal.SIGTERM)
         holder.wait(30)
         wait_for(
             lambda: byte0_modes(daemon, img) == ["exclusive"], "the daemon to hold the disk", 30
         )
-    finally:
-        holder.kill()
-        holder.wait()
-        daemon = daemon or _pid_in(pidfile)
-        if daemon:
-            os.kill(daemon, signal.SIGKILL)
 
 
 def test_daemonized_incoming_timeout_applies_the_action(tmp_path: Path) -> None:
     """The source never lets go: the daemonized VM is killed (the default action)."""
-    img = str(tmp_path / "vm.qcow2")
-    qemu_img("create", "-q", "-f", "qcow2", img, "16M")
-    env = env_for(
-        None,
-        QEMU_LOCKED_EMULATOR=REAL_QEMU,
-        QEMU_LOCKED_DOMAIN_LEASE="false",
-        QEMU_LOCKED_INCOMING_WAIT="1",
-    )
-    ready = tmp_path / "holder.ready"
-    holder = subprocess.Popen([QEMU_LOCKCTL, "run", "--disk", img, "--", "/usr/bin/python3", "-c",
-                               f"open({str(ready)!r}, 'w').close(); import time; time.sleep(600)"],
-                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
-    pidfile = tmp_path / "qemu.pid"
-    log = tmp_path / "wrapper.err"
-    daemon = 0
-    try:
-        wait_for(lambda: ready.exists() or holder.poll() is not None, "the holder to start")
-        # stderr to a file: the keeper keeps QEMU's stderr, a pipe would not reach EOF
-        r = subprocess.run(
-            [QEMU_LOCKED, "-name", "guest=dst", "-machine", "none", "-display", "none", "-nodefaults",
-             "-daemonize", "-pidfile", str(pidfile),
-             "-incoming", f"tcp:127.0.0.1:{_port()}",
-             "-drive", f"file={img},if=none,format=qcow2,id=d0"],
-            env=env, stdout=subprocess.DEVNULL, stderr=log.open("w"), timeout=60)  # fmt: skip
-        assert r.returncode == 0, log.read_text()
-        daemon = int(pidfile.read_text())
+    with source_and_daemonized_destination(tmp_path, QEMU_LOCKED_INCOMING_WAIT="1") as (
+        img,
+        _holder,
+        daemon,
+        log,
+    ):
         wait_for(lambda: not alive(daemon), "the daemonized VM to be killed", 30)
         wait_for(lambda: "killing the VM" in log.read_text(), "the keeper's line")
         assert log.read_text().startswith(f"qemu-locked: {img} is still locked (exclusive)")
-    finally:
-        holder.kill()
-        holder.wait()
-        if daemon and os.path.exists(f"/proc/{daemon}"):
-            os.kill(daemon, signal.SIGKILL)
