@@ -7,7 +7,6 @@ Under CI=true the lab must come up: a reason to skip becomes a failure.
 from __future__ import annotations
 
 import os
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -30,10 +29,7 @@ def lab_env() -> Iterator[tuple[_lab.Daemons, Path]]:
     try:
         yield daemons, images
     finally:
-        _lab.remove_leftover_domains()
-        daemons.stop_all()
-        _lab.teardown()
-        shutil.rmtree(images, ignore_errors=True)
+        _lab.shutdown(daemons, images)
 
 
 @pytest.fixture

@@ -679,6 +679,17 @@ def teardown() -> None:
         shutil.rmtree(CREATED.pop(), ignore_errors=True)
 
 
+def shutdown(daemons: Daemons, images: Path) -> None:
+    """The end of a lab session, in the one safe order: leftover test domains,
+    the daemons the lab started, what setup() created, the images directory."""
+    import shutil
+
+    remove_leftover_domains()
+    daemons.stop_all()
+    teardown()
+    shutil.rmtree(images, ignore_errors=True)
+
+
 def setup() -> tuple[Daemons, Path]:
     """Everything before the first test.  Raises LabUnavailable with the reason."""
     if sys.platform != "linux":

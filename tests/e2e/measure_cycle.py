@@ -66,12 +66,7 @@ def main(n: int) -> dict[str, object]:
             L.log("libvirtd not started by the lab: lockd not measured")
     finally:
         lab.cleanup()
-        L.remove_leftover_domains()
-        daemons.stop_all()
-        L.teardown()
-        import shutil
-
-        shutil.rmtree(images, ignore_errors=True)
+        L.shutdown(daemons, images)
     med = {k: statistics.median(v) for k, v in times.items() if v}
     paired = [q / p for p, q in zip(times["plain"], times["qemu-locked"], strict=False)]
     result: dict[str, object] = {

@@ -10,7 +10,6 @@ Run (root): flock /tmp/qemu-locked-e2e.lock .venv/bin/python tests/e2e/measure_g
 from __future__ import annotations
 
 import json
-import shutil
 import statistics
 import sys
 import time
@@ -60,10 +59,7 @@ def main(n: int) -> dict[str, object]:
                 times[f"hot-plug {key}"].append(timed(attach, detach, lab=lab))
     finally:
         lab.cleanup()
-        L.remove_leftover_domains()
-        daemons.stop_all()
-        L.teardown()
-        shutil.rmtree(images, ignore_errors=True)
+        L.shutdown(daemons, images)
     med = {k: statistics.median(v) for k, v in times.items()}
     return {
         "cycles": n,

@@ -162,29 +162,21 @@ def test_second_writer_is_refused_with_our_line(lab: Lab, images: Path) -> None:
     assert "qlk-w1" in r.stderr  # the holder is named
 
 
-def test_shareable_disks_start_side_by_side(lab: Lab, images: Path) -> None:
-    qemu_img("create", "-q", "-f", "raw", str(images / "s.img"), "16M")
-    shared = disk_xml(f"{IMAGES}/s.img", "raw", extra="<shareable/>")
-    define(lab, "qlk-s1", [shared])
-    define(lab, "qlk-s2", [shared])
-    define(lab, "qlk-s3", [disk_xml(f"{IMAGES}/s.img", "raw")])
-    assert start(lab, "qlk-s1").returncode == 0
-    r = start(lab, "qlk-s2")
+@pytest.mark.parametrize("flag", ["shareable", "readonly"])
+def test_shared_disks_start_side_by_side_and_keep_writers_out(
+    lab: Lab, images: Path, flag: str
+) -> None:
+    """<shareable/> and <readonly/> disks are locked shared: two such VMs run, a writer is refused."""
+    name = f"{flag[0]}.img"
+    qemu_img("create", "-q", "-f", "raw", str(images / name), "16M")
+    shared = disk_xml(f"{IMAGES}/{name}", "raw", extra=f"<{flag}/>")
+    define(lab, f"qlk-{flag[0]}1", [shared])
+    define(lab, f"qlk-{flag[0]}2", [shared])
+    define(lab, f"qlk-{flag[0]}3", [disk_xml(f"{IMAGES}/{name}", "raw")])
+    assert start(lab, f"qlk-{flag[0]}1").returncode == 0
+    r = start(lab, f"qlk-{flag[0]}2")
     assert r.returncode == 0, r.stderr
-    r = start(lab, "qlk-s3")
-    assert r.returncode != 0 and "qemu-locked: " in r.stderr
-
-
-def test_readonly_disks_start_side_by_side_and_keep_writers_out(lab: Lab, images: Path) -> None:
-    qemu_img("create", "-q", "-f", "raw", str(images / "r.img"), "16M")
-    ro = disk_xml(f"{IMAGES}/r.img", "raw", extra="<readonly/>")
-    define(lab, "qlk-r1", [ro])
-    define(lab, "qlk-r2", [ro])
-    define(lab, "qlk-r3", [disk_xml(f"{IMAGES}/r.img", "raw")])
-    assert start(lab, "qlk-r1").returncode == 0
-    r = start(lab, "qlk-r2")
-    assert r.returncode == 0, r.stderr
-    r = start(lab, "qlk-r3")
+    r = start(lab, f"qlk-{flag[0]}3")
     assert r.returncode != 0 and "qemu-locked: " in r.stderr
 
 
