@@ -1,17 +1,28 @@
-"""QMP client and a hand-started guarded QEMU, shared by the guard tests
-(test_guard.py, test_sanlock.py)."""
+"""QMP client, a hand-started guarded QEMU and a relay whose QEMU is played by
+the test, shared by the guard tests (test_guard.py, test_guard_steady.py,
+test_sanlock.py)."""
 
 from __future__ import annotations
 
+import _socket
 import json
+import os
 import shutil
 import socket
 import subprocess
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from conftest import QEMU_LOCKED, base_env
 
 from qemu_locked.lock import procfs
+
+if TYPE_CHECKING:
+    from qemu_locked.beside.guard_policy import Policy
+    from qemu_locked.beside.guard_relay import Relay
 
 QEMU = shutil.which("qemu-system-x86_64")
 
@@ -98,3 +109,77 @@ class Domain:
         if self.proc.poll() is None:
             self.proc.kill()
         self.proc.wait()
+
+
+class FakeQemu:
+    """The QEMU side of the guard's relay, played by the test: it says what it likes."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.file = sock.makefile("rb")
+
+    def say(self, text: bytes) -> None:
+        self.sock.sendall(text)
+
+    def command(self) -> tuple[dict[str, object], list[int]]:
+        """The next command the guard sends (its fds too)."""
+        buf = b""
+        fds: list[int] = []
+        while b"\n" not in buf and not buf.rstrip().endswith(b"}"):
+            data, anc, _f, _a = self.sock.recvmsg(1 << 16, socket.CMSG_SPACE(64))
+            assert data, "the guard closed QEMU's monitor"
+            buf += data
+            for _lvl, _typ, raw in anc:
+                fds += [int.from_bytes(raw[i : i + 4], "little") for i in range(0, len(raw), 4)]
+        return json.loads(buf), fds
+
+    def raw(self) -> bytes:
+        """The next command's bytes as they came, from its first byte to its line
+        end (the line end of a command the guard answered itself, whitespace to
+        QEMU, is skipped)."""
+        buf = b""
+        while not buf.strip() or not buf.endswith(b"\n"):
+            data = self.sock.recv(1 << 16)
+            assert data, "the guard closed QEMU's monitor"
+            buf += data
+        return buf.lstrip()
+
+    def answer(self, cmd: dict[str, object], ret: object = None) -> None:
+        reply = {"return": {} if ret is None else ret, "id": cmd.get("id")}
+        self.say(json.dumps(reply).encode() + b"\r\n")
+
+    def close(self) -> None:
+        self.file.close()
+        self.sock.close()
+
+
+@contextmanager
+def played_qemu(tmp: Path, policy: Policy | None = None) -> Iterator[tuple[Relay, FakeQemu, str]]:
+    """The guard's relay in a thread, its QEMU played by the test (this process:
+    its /proc/PID/fd is what the policy inspects) and a stand-in "VM" whose exit
+    ends the relay.  Yields the relay, QEMU's side and libvirt's socket path,
+    after QEMU's greeting was said."""
+    from qemu_locked.beside.guard_relay import Relay
+
+    path = str(tmp / "monitor.sock")
+    guard_end, qemu_end = socket.socketpair()
+    listener = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(1)
+    stand_in = subprocess.Popen(["sleep", "600"])
+    pidfd = os.pidfd_open(stand_in.pid)
+    relay = Relay(_socket.socket(fileno=guard_end.detach()), listener, pidfd, policy)
+    thread = threading.Thread(target=relay.run, daemon=True)
+    thread.start()
+    qemu = FakeQemu(qemu_end)
+    qemu.say(b'{"QMP": {"version": {}, "capabilities": []}}\r\n')
+    try:
+        yield relay, qemu, path
+    finally:
+        stand_in.kill()
+        stand_in.wait()
+        thread.join(10)
+        os.close(pidfd)
+        qemu.close()
+        listener.close()
+    assert not thread.is_alive(), "the relay outlived its VM"

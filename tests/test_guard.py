@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -14,7 +13,7 @@ from pathlib import Path
 
 import pytest
 from conftest import QEMU_LOCKED, base_env, lock_free
-from guard_helpers import QEMU, QMP, Domain
+from guard_helpers import QEMU, QMP, Domain, played_qemu
 
 from qemu_locked.beside.guard_frame import (
     HEAD,
@@ -61,7 +60,6 @@ def test_splitter_cuts_where_qemu_does_whatever_the_chunks(chunk: int) -> None:
     kinds = [k for k, _d in merged if k != SPACE]
     assert kinds == [OBJECT, OBJECT, OBJECT, OTHER, OTHER, OTHER, OBJECT]
     assert units[0].fds == [100] and all(not u.fds for u in units[1:])
-    assert units[0].keys == [b"execute", b"id"]
 
 
 def test_splitter_bounds_what_it_keeps() -> None:
@@ -70,7 +68,6 @@ def test_splitter_bounds_what_it_keeps() -> None:
     units = dropped.feed(huge)
     assert [u.kind for u in units] == [OVERSIZE] and units[0].data == b""
     assert dropped.pending() == 0
-    assert units[0].keys == [b"execute", b"arguments"]
     lines = Lines(limit=1 << 20)  # QEMU's side: streamed on, never kept whole
     reply = b'{"return": "' + b"a" * (3 << 20) + b'"}\r\n{"return": {}}\r\n'
     units = []
@@ -257,62 +254,20 @@ def test_a_monitor_given_by_path_is_not_guarded(tmp_path: Path) -> None:
 # -- a hostile QEMU -----------------------------------------------------------------
 
 
-class FakeQemu:
-    """The QEMU side of the guard's relay, played by the test: it says what it likes."""
-
-    def __init__(self, sock: socket.socket) -> None:
-        self.sock = sock
-        self.file = sock.makefile("rb")
-
-    def say(self, text: bytes) -> None:
-        self.sock.sendall(text)
-
-    def command(self) -> tuple[dict[str, object], list[int]]:
-        """The next command the guard sends (its fds too)."""
-        buf = b""
-        fds: list[int] = []
-        while b"\n" not in buf and not buf.rstrip().endswith(b"}"):
-            data, anc, _f, _a = self.sock.recvmsg(1 << 16, socket.CMSG_SPACE(64))
-            assert data, "the guard closed QEMU's monitor"
-            buf += data
-            for _lvl, _typ, raw in anc:
-                fds += [int.from_bytes(raw[i : i + 4], "little") for i in range(0, len(raw), 4)]
-        return json.loads(buf), fds
-
-    def answer(self, cmd: dict[str, object], ret: object = None) -> None:
-        reply = {"return": {} if ret is None else ret, "id": cmd.get("id")}
-        self.say(json.dumps(reply).encode() + b"\r\n")
-
-
 def test_a_hostile_qemu_cannot_make_the_guard_let_go_or_fall_over(tmp_path: Path) -> None:
-    import _socket
-    import threading
-
     from qemu_locked.beside.guard_locks import Locks
     from qemu_locked.beside.guard_nodes import Graph
     from qemu_locked.beside.guard_policy import Policy
-    from qemu_locked.beside.guard_relay import Relay
     from qemu_locked.model.config import Config
     from qemu_locked.model.plan import Plan
 
     disk = tmp_path / "d.img"
     disk.write_bytes(b"\0" * 65536)
     config = Config(lockspace_dir=str(tmp_path / "none"))
-    # This test process plays QEMU: its /proc/PID/fd is what the guard inspects.
     policy = Policy(Graph(), Locks(config, Plan((), (), "hostile", None), os.getpid()))
-    guard_end, qemu_end = socket.socketpair()
-    listener = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
-    listener.bind(str(tmp_path / "monitor.sock"))
-    listener.listen(1)
-    stand_in = subprocess.Popen(["sleep", "600"])  # the guard exits when this "VM" does
-    pidfd = os.pidfd_open(stand_in.pid)
-    relay = Relay(_socket.socket(fileno=guard_end.detach()), listener, pidfd, policy)
-    thread = threading.Thread(target=relay.run, daemon=True)
-    thread.start()
-    qemu = FakeQemu(qemu_end)
-    try:
-        qemu.say(b'{"QMP": {"version": {}, "capabilities": []}}\r\n')
-        client = QMP(str(tmp_path / "monitor.sock"))
+    fds: list[int] = []
+    with played_qemu(tmp_path, policy) as (_relay, qemu, path):
+        client = QMP(path)
         client.send(b'{"execute": "qmp_capabilities", "id": 1}\r\n')
         cmd, _fds = qemu.command()
         qemu.answer(cmd)
@@ -347,13 +302,8 @@ def test_a_hostile_qemu_cannot_make_the_guard_let_go_or_fall_over(tmp_path: Path
         qemu.answer(closefd)
         assert lock_free(str(disk))
         client.close()
-    finally:
-        stand_in.kill()
-        stand_in.wait()
-        thread.join(10)
-        for fd in fds:
-            os.close(fd)
-    assert not thread.is_alive()
+    for fd in fds:
+        os.close(fd)
 
 
 @pytest.mark.parametrize(
@@ -370,25 +320,23 @@ def test_a_hostile_qemu_cannot_make_the_guard_let_go_or_fall_over(tmp_path: Path
     ],
 )
 def test_splitter_fast_path_agrees_with_the_byte_by_byte_walk(text: bytes) -> None:
-    whole = [(u.kind, u.data, u.keys) for u in Splitter().feed(text)]
+    whole = [(u.kind, u.data) for u in Splitter().feed(text)]
     slow = Splitter()
-    bytewise = [
-        (u.kind, u.data, u.keys) for i in range(len(text)) for u in slow.feed(text[i : i + 1])
-    ]
-    merged: list[tuple[str, bytes, list[bytes]]] = []
-    for kind, data, keys in bytewise:  # whitespace comes a byte at a time here
+    bytewise = [(u.kind, u.data) for i in range(len(text)) for u in slow.feed(text[i : i + 1])]
+    merged: list[tuple[str, bytes]] = []
+    for kind, data in bytewise:  # whitespace comes a byte at a time here
         if merged and kind == SPACE and merged[-1][0] == SPACE:
-            merged[-1] = (SPACE, merged[-1][1] + data, [])
+            merged[-1] = (SPACE, merged[-1][1] + data)
         else:
-            merged.append((kind, data, keys))
+            merged.append((kind, data))
     assert whole == merged
 
 
 def test_every_watched_command_is_caught_before_the_unparsed_pass() -> None:
     """Commands the policy watches must never take the relay's parse-free path."""
     from qemu_locked.beside.guard_policy import _HANDLERS, _TX
-    from qemu_locked.beside.guard_relay import _GUARDED
+    from qemu_locked.beside.guard_steady import GUARDED
 
     for name in [*_HANDLERS, *_TX]:
         raw = b'{"execute": "%s", "id": 1}' % name.encode()
-        assert any(word in raw for word in _GUARDED), name
+        assert any(word in raw for word in GUARDED), name

@@ -10,18 +10,26 @@ from collections import deque
 
 _READ = 1 << 16
 _MAX_FDS = 32
-_ANC = _socket.CMSG_SPACE(_MAX_FDS * 4)
-_FLAGS = getattr(_socket, "MSG_CMSG_CLOEXEC", 0x40000000)
+ANC = _socket.CMSG_SPACE(_MAX_FDS * 4)
+FLAGS = getattr(_socket, "MSG_CMSG_CLOEXEC", 0x40000000)
+# Every read and write but one names MSG_DONTWAIT: QEMU's socket is left in
+# blocking mode so that the relay can wait for a reply inside recv itself.
+DONTWAIT = _socket.MSG_DONTWAIT
 
 
 def recv(sock: _socket.socket) -> tuple[bytes, list[int]]:
-    data, anc, _flags, _addr = sock.recvmsg(_READ, _ANC, _FLAGS)
+    data, anc, _flags, _addr = sock.recvmsg(_READ, ANC, FLAGS | DONTWAIT)
+    return data, fds_of(anc)
+
+
+def fds_of(anc: list[tuple[int, int, bytes]]) -> list[int]:
+    """The fds in ``recvmsg``'s ancillary data (SCM_RIGHTS)."""
     fds: list[int] = []
     for level, kind, raw in anc:
         if level == _socket.SOL_SOCKET and kind == _socket.SCM_RIGHTS:
             usable = len(raw) - len(raw) % 4
             fds += [int.from_bytes(raw[i : i + 4], "little") for i in range(0, usable, 4)]
-    return data, fds
+    return fds
 
 
 def close_fds(fds: list[int]) -> None:
@@ -55,9 +63,11 @@ class Out:
             try:
                 if fds:
                     raw = b"".join(fd.to_bytes(4, "little") for fd in fds)
-                    sent = sock.sendmsg([data], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, raw)])
+                    sent = sock.sendmsg(
+                        [data], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, raw)], DONTWAIT
+                    )
                 else:
-                    sent = sock.send(data)
+                    sent = sock.send(data, DONTWAIT)
             except (BlockingIOError, InterruptedError):
                 return True
             except OSError:

@@ -8,20 +8,30 @@ session is already negotiated.  Commands go to QEMU one at a time, in order,
 each with the fds it arrived with; the next is read only once the previous
 one was answered, so every reply is matched to its command and the lock
 policy learns whether it succeeded (QEMU's own monitor runs them one at a
-time too).  Replies and events go back byte for byte.
+time too).  Replies and events go back byte for byte.  Plain traffic
+(libvirt's queries) takes guard_steady's short loop instead of this one.
 """
 
 from __future__ import annotations
 
 import _socket
-import os
 import select
+import struct
 from collections import deque
 
 from qemu_locked.beside import guard_frame as frame
-from qemu_locked.beside.guard_io import Out, close_fds, recv
+from qemu_locked.beside.guard_io import DONTWAIT, Out, close_fds, recv
 from qemu_locked.beside.guard_locks import Refused
-from qemu_locked.beside.guard_reply import Inflight, mine_done, oops
+from qemu_locked.beside.guard_reply import Inflight, oops, own_command
+from qemu_locked.beside.guard_steady import (
+    ANY,
+    REPLY_STARTS,
+    WAIT_S,
+    Verdicts,
+    is_steady,
+    steady_loop,
+    watched,
+)
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -33,12 +43,6 @@ _READ = 1 << 16
 _MAX_QUEUED = 64  # client units waiting for their turn...
 _MAX_QUEUED_BYTES = 2 << 20  # ...and their bytes
 _MAX_OUT = 8 << 20  # bytes waiting for a slow client before QEMU is read again
-_GUARDED = (
-    b"blockdev", b"device_add", b"drive", b"medium", b"transaction", b"snapshot", b"mirror",
-    b"backup", b"human-monitor", b"getfd", b"closefd", b"eject", b"\\u", b"change", b"commit",
-)  # fmt: skip
-_REPLY_STARTS = (b'{"return"', b'{"error"')
-_ANY = object()  # an unparsed command's id: its reply is the next one
 _POLLIN, _POLLOUT = select.POLLIN, select.POLLOUT
 _ERRS = select.POLLERR | select.POLLHUP | select.POLLNVAL
 
@@ -65,15 +69,18 @@ class Relay:
         self.qemu_open = True
         self._serial = 0
         self._to_client = False  # where QEMU's whitespace and oversized pieces go
-        for s in (qemu, listener):
-            s.setblocking(False)
+        self.passing = Inflight(ANY, self.gen, None, False, False)  # an unparsed command in flight
+        self.verdicts = Verdicts()
+        listener.setblocking(False)
+        qemu.setblocking(True)  # see guard_io.DONTWAIT and guard_steady
+        qemu.setsockopt(_socket.SOL_SOCKET, _socket.SO_RCVTIMEO, struct.pack("@ll", WAIT_S, 0))
 
     # -- the loop ---------------------------------------------------------------------
 
     def run(self) -> None:
         """Until QEMU exits."""
         poller = select.poll()
-        watched: dict[int, int] = {}
+        registered: dict[int, int] = {}
         while True:
             self._process()
             fds = {self.pidfd: _POLLIN}
@@ -85,16 +92,18 @@ class Relay:
             else:
                 fds[self.client.fileno()] = (_POLLIN if self._room() else 0) | (
                     _POLLOUT if self.c_out.items else 0)  # fmt: skip
-            if fds != watched:
-                for fd in watched.keys() - fds.keys():
+            if fds != registered:
+                for fd in registered.keys() - fds.keys():
                     poller.unregister(fd)
                 for fd, ev in fds.items():
                     poller.register(fd, ev)  # registers or modifies
-                watched = fds
+                registered = fds
             due = self.policy is not None and self.policy.due
             ready = poller.poll(1000 if due else None)
-            if not ready and due:
-                self._sweep()
+            if is_steady(self):
+                ready = steady_loop(self, poller, ready, 1000 if due else None)
+            elif not ready and due:
+                self.sweep()
             for fd, ev in ready:
                 if fd == self.pidfd:
                     return
@@ -113,17 +122,20 @@ class Relay:
             try:
                 # A plain recv: QMP passes no fds to the client, and any QEMU sends
                 # (its side is not trusted) is discarded by the kernel unseen.
-                data = self.qemu.recv(_READ)
+                data = self.qemu.recv(_READ, DONTWAIT)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError:
                 data = b""
-            if not data:
-                self._qemu_gone()
-                return
-            for unit in self.q_split.feed(data):
-                self._from_qemu(unit)
-            self._flush_client()
+            self.qemu_data(data)
+
+    def qemu_data(self, data: bytes) -> None:
+        if not data:
+            self._qemu_gone()
+            return
+        for unit in self.q_split.feed(data):
+            self._from_qemu(unit)
+        self._flush_client()
 
     def _qemu_gone(self) -> None:
         """QEMU closed its monitor: it is exiting.  The client sees the close as from QEMU."""
@@ -141,11 +153,14 @@ class Relay:
                 return
             except OSError:
                 data, fds = b"", []
-            if not data:
-                close_fds(fds)
-                self._drop_client()
-                return
-            self.queue.extend(self.c_split.feed(data, fds))
+            self.client_data(data, fds)
+
+    def client_data(self, data: bytes, fds: list[int]) -> None:
+        if not data:
+            close_fds(fds)
+            self._drop_client()
+            return
+        self.queue.extend(self.c_split.feed(data, fds))
 
     def _room(self) -> bool:
         """May more of the client's input be read?  (Bounded by count and bytes.)"""
@@ -162,6 +177,7 @@ class Relay:
         self.client = _socket.socket(fileno=sock)
         self.client.setblocking(False)
         self.gen += 1
+        self.passing = Inflight(ANY, self.gen, None, False, False)
         self.client_ready = False
         self.c_split = frame.Splitter()
         if self.greeting is not None:
@@ -190,31 +206,35 @@ class Relay:
             send = self._to_client  # the rest of a long message goes where its head went
         elif unit.kind == frame.HEAD:
             send = self._to_client = self._qemu_head(unit.data)
-        elif self._passes(unit.data):
-            send = True
         else:
-            send = self._qemu_object(frame.parse_object(unit.data), unit)
+            decided = self._passes(unit.data)
+            send = (
+                self._qemu_object(frame.parse_object(unit.data), unit)
+                if decided is None
+                else decided
+            )
         if send and self.client is not None:
             self.c_out.put(unit.data)
 
     def _qemu_head(self, head: bytes) -> bool:
         """The start of a message too long to keep, judged by how it begins."""
         cur = self.inflight
-        if head.startswith(_REPLY_STARTS) and cur is not None:
+        if head.startswith(REPLY_STARTS) and cur is not None:
             self.inflight = None
             return self._finish(cur, head.startswith(b'{"return"'), None)
         return self.client is not None and self.client_ready
 
-    def _passes(self, line: bytes) -> bool:
+    def _passes(self, line: bytes) -> bool | None:
         """The common case, decided without parsing: the reply to a command the
-        policy does not watch, or an event it does not need."""
+        policy does not watch (for the client that sent it, if still there), or
+        an event it does not need.  None: parse it."""
         cur = self.inflight
-        if line.startswith(_REPLY_STARTS) and cur is not None and cur.id is _ANY:
+        if line.startswith(REPLY_STARTS) and cur is not None and cur.id is ANY:
             self.inflight = None
             return cur.gen == self.gen and self.client is not None
         if line.startswith(b'{"timestamp"') and b"DEVICE_DELETED" not in line:
             return self.client is not None and self.client_ready
-        return False
+        return None
 
     def _qemu_object(self, obj: dict[str, Any], unit: frame.Unit) -> bool:
         """Handle one object from QEMU; True if the client gets its bytes."""
@@ -226,12 +246,12 @@ class Relay:
                 name, data = obj.get("event"), obj.get("data")
                 if isinstance(name, str) and isinstance(data, dict):
                     self.policy.event(name, data)
-                    self._sweep()
+                    self.sweep()
             return self.client is not None and self.client_ready
         if "return" not in obj and "error" not in obj:
             return self.client is not None and self.client_ready
         cur = self.inflight
-        if cur is None or (cur.id not in (None, _ANY) and obj.get("id") != cur.id):
+        if cur is None or (cur.id not in (None, ANY) and obj.get("id") != cur.id):
             return self.client is not None  # a reply to input QEMU could not parse
         self.inflight = None
         return self._finish(cur, "return" in obj, obj.get("return"))
@@ -247,7 +267,7 @@ class Relay:
                 cur.after(ok)
             except Exception as exc:  # what it held stays held: stricter, never weaker
                 oops("after a reply", exc)
-        self._sweep()
+        self.sweep()
         return not cur.mine and cur.gen == self.gen and self.client is not None
 
     # -- client to QEMU ---------------------------------------------------------------
@@ -278,16 +298,16 @@ class Relay:
                         "forwarded (the monitor guard cannot check it)")  # fmt: skip
             return
         if (unit.kind == frame.OBJECT and self.client_ready
-                and not any(word in unit.data for word in _GUARDED)):  # fmt: skip
+                and not watched(unit.data)):  # fmt: skip
             # Names no command the policy watches: on to QEMU unparsed; its reply
             # is the next one (QEMU answers in order).
             self.q_out.put(unit.data, unit.fds)
-            self.inflight = Inflight(_ANY, self.gen, None, False, False)
+            self.inflight = self.passing
             return
         obj = frame.parse_object(unit.data) if unit.kind == frame.OBJECT else {}
         cmd = obj.get("execute", obj.get("exec-oob"))
         if not obj or not isinstance(cmd, str):
-            if any(word in unit.data for word in _GUARDED):
+            if watched(unit.data):
                 close_fds(unit.fds)
                 self._reply(obj.get("id"), "GenericError", "qemu-locked: the monitor guard "
                             "could not read this command, so it is not forwarded")  # fmt: skip
@@ -355,18 +375,9 @@ class Relay:
 
     def _mine(self, cmd: str, name: str, fds: list[int]) -> None:
         self._serial += 1
-        cmd_id = f"qemu-locked-guard-{self._serial}"
-        text = f'{{"execute": "{cmd}", "arguments": {{"fdname": "{name}"}}, "id": "{cmd_id}"}}'
-        # our own copy of the fd stays with the guard: send a duplicate
-        self.mine.append(
-            (
-                text.encode(),
-                [os.dup(fd) for fd in fds],
-                Inflight(cmd_id, self.gen, mine_done(cmd, name), True, False),
-            )
-        )
+        self.mine.append(own_command(cmd, name, fds, self._serial, self.gen))
 
-    def _sweep(self) -> None:
+    def sweep(self) -> None:
         if self.policy is not None:
             try:
                 self.policy.sweep()

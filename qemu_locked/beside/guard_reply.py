@@ -1,6 +1,6 @@
 """What the monitor guard says and tracks on its own: the command in flight
-(whose reply it waits for), its one-line log entries, its answers to its own
-getfd/closefd."""
+(whose reply it waits for), its one-line log entries, its own getfd/closefd
+and what it makes of their answers."""
 
 from __future__ import annotations
 
@@ -33,6 +33,18 @@ def oops(what: str, exc: Exception) -> str:
     )
     say(f"monitor guard: {what}: {text}")
     return f"qemu-locked: monitor guard: {what}: {text}"
+
+
+def own_command(cmd: str, name: str, fds: list[int], serial: int,
+                gen: int) -> tuple[bytes, list[int], Inflight]:  # fmt: skip
+    """The guard's own getfd/closefd: its text, the fds to pass and what is in flight."""
+    import os
+
+    cmd_id = f"qemu-locked-guard-{serial}"
+    text = f'{{"execute": "{cmd}", "arguments": {{"fdname": "{name}"}}, "id": "{cmd_id}"}}'
+    # the guard keeps its own copy of each fd: QEMU gets a duplicate
+    dups = [os.dup(fd) for fd in fds]
+    return text.encode(), dups, Inflight(cmd_id, gen, mine_done(cmd, name), True, False)
 
 
 def mine_done(cmd: str, name: str) -> After:

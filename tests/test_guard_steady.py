@@ -1,0 +1,197 @@
+"""The monitor guard's steady state (guard_steady): plain commands relayed with
+as little work as a bare relay, and everything else handed to the general loop
+without a byte, an fd or the one-at-a-time order lost.  QEMU is played by the
+test, so it can answer late, in pieces, or not at all."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from pathlib import Path
+
+import pytest
+from guard_helpers import QMP, FakeQemu, played_qemu
+
+from qemu_locked.beside.guard_frame import plain
+from qemu_locked.beside.guard_steady import WAIT_S, Verdicts, watched
+
+QUERY = b'{"execute": "query-status", "id": 7}\r\n'
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        (b'{"execute": "query-status", "id": "libvirt-12"}\r\n', True),
+        (b'{"execute":"cont"}', True),
+        (b'{"execute": "x", "id": "a}{b"}\r\n', False),  # a brace in a string: counted
+        (b'{"execute": "x", "arguments": {}}\r\n', False),  # nested
+        (b'{"a": 1}{"b": 2}\r\n', False),  # two units
+        (b'{"a": [1]}\r\n', False),
+        (b'{"execute": "x}\r\n', False),  # an open string: QEMU would wait for more
+        (b'{"execute": "x\\"}"}\r\n', False),
+        (b"{'execute': 'query-status'}\r\n", False),
+        (b' {"execute": "cont"}', False),  # leading whitespace: the long way
+        (b'{"execute": "cont"', False),
+        (b"", False),
+    ],
+)
+def test_plain_is_one_flat_object_for_certain(data: bytes, expected: bool) -> None:
+    assert plain(data) is expected
+
+
+def test_a_remembered_verdict_never_lets_more_through() -> None:
+    verdicts = Verdicts()
+    digits = bytes(range(0x30, 0x3A))
+    samples = [b'{"execute": "query-status", "id": "libvirt-%d"}\r\n' % n for n in range(3)] + [
+        b'{"execute": "blockdev-del", "id": 1}\r\n',
+        b'{"execute": "bl0ockdev-del", "id": 1}\r\n',  # a watched word once digits go
+        b'{"execute": "eject", "id": 2}\r\n',
+        b'{"execute": "x", "arguments": {"id": 1}}\r\n',
+    ]
+    for data in samples:
+        verdict = verdicts.judge(data.translate(None, digits))
+        assert not verdict or (plain(data) and not watched(data)), data
+    assert len(verdicts.known) == 4  # libvirt's ids collapse; bl0ockdev is blockdev
+    assert verdicts.judge(samples[4].translate(None, digits)) is False
+    for n in range(2000):  # a client sending ever new commands: bounded
+        verdicts.judge(b'{"execute": "q-%s"}' % (b"x" * (n % 997) + b"y" * (n // 997)))
+    assert len(verdicts.known) <= 512
+
+
+def _negotiated(qemu: FakeQemu, path: str) -> QMP:
+    client = QMP(path)
+    client.send(b'{"execute": "qmp_capabilities", "id": 1}\r\n')
+    cmd, _fds = qemu.command()
+    qemu.answer(cmd)
+    assert client.reply() == {"return": {}, "id": 1}
+    return client
+
+
+def _nothing_more(qemu: FakeQemu) -> bool:
+    """Does QEMU's side stay silent for a while?  (The guard holds a command back.)"""
+    qemu.sock.settimeout(0.3)
+    try:
+        qemu.sock.recv(1 << 16)
+    except TimeoutError:
+        return True
+    finally:
+        qemu.sock.settimeout(None)
+    return False
+
+
+def test_plain_traffic_is_relayed_byte_for_byte(tmp_path: Path) -> None:
+    with played_qemu(tmp_path) as (_relay, qemu, path):
+        client = _negotiated(qemu, path)
+        for _ in range(3):  # the steady loop's own path, several times over
+            client.send(QUERY)
+            assert qemu.raw() == QUERY
+            reply = b'{"return": {"status": "running", "running": true}, "id": 7}\r\n'
+            qemu.say(reply)
+            assert client.file.readline() == reply
+        # An answer in two writes, an event before it: each line whole, in order.
+        client.send(QUERY)
+        assert qemu.raw() == QUERY
+        event = b'{"timestamp": {"seconds": 1, "microseconds": 2}, "event": "STOP"}\r\n'
+        qemu.say(event)
+        assert client.file.readline() == event
+        qemu.say(b'{"return": {}')
+        assert _nothing_more(qemu)
+        qemu.say(b', "id": 7}\r\n')
+        assert client.file.readline() == b'{"return": {}, "id": 7}\r\n'
+        client.close()
+
+
+def test_commands_still_wait_their_turn(tmp_path: Path) -> None:
+    with played_qemu(tmp_path) as (_relay, qemu, path):
+        client = _negotiated(qemu, path)
+        client.send(QUERY)
+        client.send(b'{"execute": "query-name", "id": 8}\r\n')  # before the first is answered
+        assert qemu.raw() == QUERY
+        assert _nothing_more(qemu)
+        qemu.say(b'{"return": {}, "id": 7}\r\n')
+        assert qemu.raw() == b'{"execute": "query-name", "id": 8}\r\n'
+        qemu.say(b'{"return": {}, "id": 8}\r\n')
+        assert client.reply() == {"return": {}, "id": 7}
+        assert client.reply() == {"return": {}, "id": 8}
+        client.send(b'{"execute": "a", "id": 9}{"execute": "b", "id": 10}\r\n')  # one write
+        first, _ = qemu.command()
+        assert first == {"execute": "a", "id": 9}
+        assert _nothing_more(qemu)
+        qemu.answer(first)
+        second, _ = qemu.command()
+        assert second == {"execute": "b", "id": 10}
+        qemu.answer(second)
+        assert [client.reply(), client.reply()] == [
+            {"return": {}, "id": 9},
+            {"return": {}, "id": 10},
+        ]
+        client.close()
+
+
+def test_a_slow_answer_does_not_keep_a_reconnecting_client_waiting(tmp_path: Path) -> None:
+    """The answer to a plain command is awaited in recv, but only for WAIT_S:
+    after that the guard polls again, so a client that gave up and a new one
+    (libvirtd restarted) are seen while QEMU still works on the command.  The new
+    client's commands then wait for that answer, as they would in QEMU itself."""
+    with played_qemu(tmp_path) as (_relay, qemu, path):
+        client = _negotiated(qemu, path)
+        client.send(QUERY)
+        assert qemu.raw() == QUERY
+        client.close()
+        again = QMP(path)  # reads the greeting: the guard took the new client
+        assert "QMP" in again.greeting
+        again.send(b'{"execute": "qmp_capabilities", "id": "c"}\r\n')
+        qemu.say(b'{"return": {}, "id": 7}\r\n')  # the old client's answer: not for this one
+        assert again.reply() == {"return": {}, "id": "c"}  # answered by the guard itself
+        again.send(b'{"execute": "query-name", "id": "n"}\r\n')
+        assert qemu.raw() == b'{"execute": "query-name", "id": "n"}\r\n'
+        qemu.say(b'{"return": {"name": "vm"}, "id": "n"}\r\n')
+        assert again.reply() == {"return": {"name": "vm"}, "id": "n"}
+        again.send(QUERY)
+        assert qemu.raw() == QUERY
+        # Left unanswered: the VM's exit still ends the relay (played_qemu checks).
+    assert WAIT_S <= 1
+
+
+def test_an_fd_with_a_plain_command_reaches_qemu_with_it(tmp_path: Path) -> None:
+    target = tmp_path / "passed"
+    target.write_bytes(b"x")
+    with played_qemu(tmp_path) as (_relay, qemu, path):
+        client = _negotiated(qemu, path)
+        fd = os.open(target, os.O_RDONLY)
+        try:
+            client.send(QUERY, [fd])
+        finally:
+            os.close(fd)
+        cmd, fds = qemu.command()
+        assert cmd == json.loads(QUERY) and len(fds) == 1
+        assert os.fstat(fds[0]).st_ino == target.stat().st_ino
+        os.close(fds[0])
+        qemu.answer(cmd)
+        assert client.reply() == {"return": {}, "id": 7}
+        client.close()
+
+
+def test_a_client_gone_before_the_answer_leaves_the_relay_working(tmp_path: Path) -> None:
+    with played_qemu(tmp_path) as (_relay, qemu, path):
+        client = _negotiated(qemu, path)
+        client.send(QUERY)
+        assert qemu.raw() == QUERY
+        client.sock.shutdown(socket.SHUT_RDWR)
+        client.close()
+        qemu.say(b'{"return": {}, "id": 7}\r\n' * 2)  # one answer, one stray: nowhere to go
+        again = _negotiated_again(qemu, path)
+        again.send(QUERY)
+        assert qemu.raw() == QUERY
+        qemu.say(b'{"return": {}, "id": 7}\r\n')
+        assert again.reply() == {"return": {}, "id": 7}
+        again.close()
+
+
+def _negotiated_again(qemu: FakeQemu, path: str) -> QMP:
+    """A later client: QEMU's session is negotiated already, the guard answers."""
+    client = QMP(path)
+    client.send(b'{"execute": "qmp_capabilities", "id": 1}\r\n')
+    assert client.reply() == {"return": {}, "id": 1}
+    return client
