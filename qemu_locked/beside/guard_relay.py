@@ -17,27 +17,22 @@ from __future__ import annotations
 import _socket
 import select
 import struct
-from collections import deque
 
 from qemu_locked.beside import guard_frame as frame
+from qemu_locked.beside import guard_steady as steady
 from qemu_locked.beside.guard_io import DONTWAIT, Out, close_fds, recv
 from qemu_locked.beside.guard_locks import Refused
 from qemu_locked.beside.guard_reply import Inflight, oops, own_command
-from qemu_locked.beside.guard_steady import (
-    ANY,
-    REPLY_STARTS,
-    WAIT_S,
-    Verdicts,
-    is_steady,
-    steady_loop,
-    watched,
-)
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from collections import deque
     from typing import Any
 
     from qemu_locked.beside.guard_policy import Policy
+
+else:  # as in guard_io: the C type, without importing `collections`
+    from _collections import deque
 
 _READ = 1 << 16
 _MAX_QUEUED = 64  # client units waiting for their turn...
@@ -69,11 +64,15 @@ class Relay:
         self.qemu_open = True
         self._serial = 0
         self._to_client = False  # where QEMU's whitespace and oversized pieces go
-        self.passing = Inflight(ANY, self.gen, None, False, False)  # an unparsed command in flight
-        self.verdicts = Verdicts()
+        self.passing = Inflight(
+            steady.ANY, self.gen, None, False, False
+        )  # an unparsed command in flight
+        self.verdicts = steady.Verdicts()
         listener.setblocking(False)
         qemu.setblocking(True)  # see guard_io.DONTWAIT and guard_steady
-        qemu.setsockopt(_socket.SOL_SOCKET, _socket.SO_RCVTIMEO, struct.pack("@ll", WAIT_S, 0))
+        qemu.setsockopt(
+            _socket.SOL_SOCKET, _socket.SO_RCVTIMEO, struct.pack("@ll", steady.WAIT_S, 0)
+        )
 
     # -- the loop ---------------------------------------------------------------------
 
@@ -100,8 +99,8 @@ class Relay:
                 registered = fds
             due = self.policy is not None and self.policy.due
             ready = poller.poll(1000 if due else None)
-            if is_steady(self):
-                ready = steady_loop(self, poller, ready, 1000 if due else None)
+            if steady.is_steady(self):
+                ready = steady.steady_loop(self, poller, ready, 1000 if due else None)
             elif not ready and due:
                 self.sweep()
             for fd, ev in ready:
@@ -177,7 +176,7 @@ class Relay:
         self.client = _socket.socket(fileno=sock)
         self.client.setblocking(False)
         self.gen += 1
-        self.passing = Inflight(ANY, self.gen, None, False, False)
+        self.passing = Inflight(steady.ANY, self.gen, None, False, False)
         self.client_ready = False
         self.c_split = frame.Splitter()
         if self.greeting is not None:
@@ -219,7 +218,7 @@ class Relay:
     def _qemu_head(self, head: bytes) -> bool:
         """The start of a message too long to keep, judged by how it begins."""
         cur = self.inflight
-        if head.startswith(REPLY_STARTS) and cur is not None:
+        if head.startswith(steady.REPLY_STARTS) and cur is not None:
             self.inflight = None
             return self._finish(cur, head.startswith(b'{"return"'), None)
         return self.client is not None and self.client_ready
@@ -229,7 +228,7 @@ class Relay:
         policy does not watch (for the client that sent it, if still there), or
         an event it does not need.  None: parse it."""
         cur = self.inflight
-        if line.startswith(REPLY_STARTS) and cur is not None and cur.id is ANY:
+        if line.startswith(steady.REPLY_STARTS) and cur is not None and cur.id is steady.ANY:
             self.inflight = None
             return cur.gen == self.gen and self.client is not None
         if line.startswith(b'{"timestamp"') and b"DEVICE_DELETED" not in line:
@@ -251,7 +250,7 @@ class Relay:
         if "return" not in obj and "error" not in obj:
             return self.client is not None and self.client_ready
         cur = self.inflight
-        if cur is None or (cur.id not in (None, ANY) and obj.get("id") != cur.id):
+        if cur is None or (cur.id not in (None, steady.ANY) and obj.get("id") != cur.id):
             return self.client is not None  # a reply to input QEMU could not parse
         self.inflight = None
         return self._finish(cur, "return" in obj, obj.get("return"))
@@ -298,7 +297,7 @@ class Relay:
                         "forwarded (the monitor guard cannot check it)")  # fmt: skip
             return
         if (unit.kind == frame.OBJECT and self.client_ready
-                and not watched(unit.data)):  # fmt: skip
+                and not steady.watched(unit.data)):  # fmt: skip
             # Names no command the policy watches: on to QEMU unparsed; its reply
             # is the next one (QEMU answers in order).
             self.q_out.put(unit.data, unit.fds)
@@ -307,7 +306,7 @@ class Relay:
         obj = frame.parse_object(unit.data) if unit.kind == frame.OBJECT else {}
         cmd = obj.get("execute", obj.get("exec-oob"))
         if not obj or not isinstance(cmd, str):
-            if watched(unit.data):
+            if steady.watched(unit.data):
                 close_fds(unit.fds)
                 self._reply(obj.get("id"), "GenericError", "qemu-locked: the monitor guard "
                             "could not read this command, so it is not forwarded")  # fmt: skip

@@ -19,15 +19,16 @@ if TYPE_CHECKING:
     from collections.abc import Callable
     from typing import NoReturn
 
-_PR_SET_NAME = 15
-
 
 def set_comm(name: bytes) -> None:
-    """The process name ``ps`` and /proc/PID/comm show (how status finds helpers)."""
-    import ctypes
-
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_NAME, ctypes.c_char_p(name), 0, 0, 0)
+    """The process name ``ps`` and /proc/PID/comm show (how status finds helpers).
+    Written to /proc/self/comm, which is prctl(PR_SET_NAME) without ctypes
+    (~2.5 ms to import, at every VM start)."""
+    fd = os.open("/proc/self/comm", os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        os.write(fd, name[:15])
+    finally:
+        os.close(fd)
 
 
 def close_all_but(keep: set[int]) -> None:
