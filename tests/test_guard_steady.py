@@ -12,8 +12,10 @@ from pathlib import Path
 
 import pytest
 from guard_helpers import QMP, FakeQemu, played_qemu
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from qemu_locked.beside.guard_frame import plain
+from qemu_locked.beside.guard_frame import OBJECT, SPACE, Splitter, plain
 from qemu_locked.beside.guard_steady import WAIT_S, Verdicts, watched
 
 QUERY = b'{"execute": "query-status", "id": 7}\r\n'
@@ -24,20 +26,41 @@ QUERY = b'{"execute": "query-status", "id": 7}\r\n'
     [
         (b'{"execute": "query-status", "id": "libvirt-12"}\r\n', True),
         (b'{"execute":"cont"}', True),
-        (b'{"execute": "x", "id": "a}{b"}\r\n', False),  # a brace in a string: counted
-        (b'{"execute": "x", "arguments": {}}\r\n', False),  # nested
+        (b'{"execute": "qom-get", "arguments": {"path": "/m", "property": "x"}}\r\n', True),
+        (b'{"a": [1, {"b": [2, []]}], "c": "}{]["}\r\n', True),  # braces in strings: not counted
+        (b"{}", True),
         (b'{"a": 1}{"b": 2}\r\n', False),  # two units
-        (b'{"a": [1]}\r\n', False),
-        (b'{"execute": "x}\r\n', False),  # an open string: QEMU would wait for more
-        (b'{"execute": "x\\"}"}\r\n', False),
+        (b'{"a": 1} {"b": 2}', False),
+        (b'{"a": {}}, {}', False),
+        (b"{}}{{}", False),  # below zero
+        (b"{]}", False),  # a bracket below zero: QEMU's streamer resets
+        (b"{][}", False),  # ...even if it comes back
+        (b'{"a": [}', False),  # a bracket left open: QEMU waits for more
+        (b'{"execute": "x}\r\n', False),  # an open string: QEMU waits for more
+        (b'{"execute": "x\\"}"}\r\n', False),  # an escape: the long way
         (b"{'execute': 'query-status'}\r\n", False),
         (b' {"execute": "cont"}', False),  # leading whitespace: the long way
         (b'{"execute": "cont"', False),
+        (b"[]", False),
         (b"", False),
     ],
 )
-def test_plain_is_one_flat_object_for_certain(data: bytes, expected: bool) -> None:
+def test_plain_is_one_object_for_certain(data: bytes, expected: bool) -> None:
     assert plain(data) is expected
+    if data:  # the splitter, QEMU's way of cutting, agrees whenever plain says yes
+        units = [u for u in Splitter().feed(data) if u.kind != SPACE]
+        assert not expected or [u.kind for u in units] == [OBJECT]
+
+
+_TOKENS = [b"{", b"}", b"[", b"]", b'"a"', b'"}"', b",", b":", b"1", b" ", b"\\", b"'", b'"']
+
+
+@settings(max_examples=3000, deadline=None)
+@given(st.lists(st.sampled_from(_TOKENS), max_size=12).map(b"".join))
+def test_plain_never_says_yes_where_qemu_would_cut_differently(data: bytes) -> None:
+    if plain(data):
+        units = [u for u in Splitter().feed(data) if u.kind != SPACE]
+        assert [u.kind for u in units] == [OBJECT] and units[0].data == data.rstrip()
 
 
 def test_a_remembered_verdict_never_lets_more_through() -> None:
@@ -48,11 +71,12 @@ def test_a_remembered_verdict_never_lets_more_through() -> None:
         b'{"execute": "bl0ockdev-del", "id": 1}\r\n',  # a watched word once digits go
         b'{"execute": "eject", "id": 2}\r\n',
         b'{"execute": "x", "arguments": {"id": 1}}\r\n',
+        b'{"execute": "x", "arguments": {"id": 1}}{"execute": "y"}\r\n',
     ]
     for data in samples:
         verdict = verdicts.judge(data.translate(None, digits))
         assert not verdict or (plain(data) and not watched(data)), data
-    assert len(verdicts.known) == 4  # libvirt's ids collapse; bl0ockdev is blockdev
+    assert len(verdicts.known) == 5  # libvirt's ids collapse; bl0ockdev is blockdev
     assert verdicts.judge(samples[4].translate(None, digits)) is False
     for n in range(2000):  # a client sending ever new commands: bounded
         verdicts.judge(b'{"execute": "q-%s"}' % (b"x" * (n % 997) + b"y" * (n // 997)))
@@ -89,6 +113,13 @@ def test_plain_traffic_is_relayed_byte_for_byte(tmp_path: Path) -> None:
             reply = b'{"return": {"status": "running", "running": true}, "id": 7}\r\n'
             qemu.say(reply)
             assert client.file.readline() == reply
+        nested = (
+            b'{"execute": "qom-get", "arguments": {"path": "/m", "property": "t"}, "id": 3}\r\n'
+        )
+        client.send(nested)
+        assert qemu.raw() == nested
+        qemu.say(b'{"return": "x", "id": 3}\r\n')
+        assert client.reply() == {"return": "x", "id": 3}
         # An answer in two writes, an event before it: each line whole, in order.
         client.send(QUERY)
         assert qemu.raw() == QUERY

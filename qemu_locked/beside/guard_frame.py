@@ -206,16 +206,41 @@ class Splitter:
 
 
 def plain(data: bytes) -> bool:
-    """Is ``data`` one flat object and its line end, for certain?  One brace at
-    each end, strings closed, no bracket, escape or single quote that could hide
-    a second unit or leave QEMU waiting for more: a few C-speed scans for the
-    relay's steady state.  False only means: cut it the long way."""
+    """Is ``data`` one object and its line end, for certain?  Strings closed and
+    free of escapes and single quotes, so that the braces and brackets outside
+    them are all there is to count; QEMU's streamer counts each kind apart and
+    hands over a unit when both return to zero, so they may reach zero only at
+    the last byte and never go below.  False only means: cut it the long way.
+    (The relay remembers the verdict; this runs once per kind of command.)"""
     body = data.rstrip(b" \t\r\n")
-    return (
-        body[:1] == b"{" and body[-1:] == b"}"
-        and body.count(b"{") == 1 and body.count(b"}") == 1 and body.count(b'"') % 2 == 0
-        and b"[" not in body and b"]" not in body and b"\\" not in body and b"'" not in body
-    )  # fmt: skip
+    if body[:1] != b"{" or body[-1:] != b"}" or b"\\" in body or b"'" in body:
+        return False
+    parts = body.split(b'"')
+    if len(parts) % 2 == 0:
+        return False
+    braces = brackets = 0
+    last = len(body) - 1
+    at = 0
+    for i, part in enumerate(parts):
+        if i % 2:  # a string, quotes included
+            at += len(part) + 2
+            continue
+        for c in part:
+            if c == 0x7B:
+                braces += 1
+            elif c == 0x7D:
+                braces -= 1
+            elif c == 0x5B:
+                brackets += 1
+            elif c == 0x5D:
+                brackets -= 1
+            else:
+                at += 1
+                continue
+            if brackets < 0 or (braces == brackets == 0 and at != last):  # braces: zero first
+                return False
+            at += 1
+    return braces == brackets == 0
 
 
 def _dump_str(text: str) -> str:
