@@ -6,6 +6,8 @@ VENV ?= .venv
 PYTHON ?= $(shell test -x /usr/bin/python3 && echo /usr/bin/python3 || command -v python3)
 APT_TEST_PKGS := python3-venv qemu-system-x86 qemu-utils procps strace util-linux libvirt-daemon-system libvirt-clients tini sanlock python3-sanlock debootstrap man-db
 APT_DEMO_PKGS := python3-venv
+# The monitor guard's benchmark compiles its reference relay (tests/bench/relay_floor.c).
+APT_BENCH_PKGS := gcc libc6-dev
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
@@ -73,7 +75,8 @@ e2e: apt-test $(STAMP)
 # Benchmarks run from a non-editable install with the launcher's -IS flags,
 # as a host would install it; they write BENCHMARKS.md (not part of make test).
 BENCH_VENV := $(VENV)/bench-env
-bench: $(STAMP)
+bench: apt-test $(STAMP)
+	$(call apt_install,$(APT_BENCH_PKGS))
 	test -x $(BENCH_VENV)/bin/python || $(PYTHON) -m venv $(BENCH_VENV)
 	$(BENCH_VENV)/bin/python -m pip install -q --upgrade --force-reinstall --no-deps .
 	$(BENCH_VENV)/bin/python -m pip install -q lxml portalocker typer matplotlib

@@ -4,11 +4,11 @@ as little work as a bare relay does.
 Most monitor traffic is libvirt's queries and their replies, and each costs the
 VM's management a round trip through the guard.  While nothing is queued,
 half-read or owed (``is_steady``), a command that is one object for certain
-(``guard_frame.plain``) naming no watched word goes straight to QEMU, and QEMU's one-line answer or event
-straight back; anything else is handed to the relay's general loop, which cuts,
-parses and checks.  On a busy host each step here runs with cold caches, so the
-loop is written flat, with local names, and the "may it pass?" verdict is
-remembered (``Verdicts``).
+(``guard_frame.plain``) naming no watched word goes straight to QEMU, and
+QEMU's one-line answer or event straight back; anything else is handed to the
+relay's general loop, which cuts, parses and checks.  On a busy host each step
+here runs with cold caches, so the loop is written flat, with local names, and
+the "may it pass?" verdict is remembered (``Verdicts``).
 """
 
 from __future__ import annotations
