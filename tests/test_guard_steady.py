@@ -133,6 +133,28 @@ def test_plain_traffic_is_relayed_byte_for_byte(tmp_path: Path) -> None:
         client.close()
 
 
+def test_a_long_answer_and_idle_events_arrive_whole(tmp_path: Path) -> None:
+    """An answer longer than one read (query-qmp-schema is ~200 KiB) leaves the
+    short loop half-read and is finished by the general one; events that come
+    while nothing is in flight pass either way."""
+    with played_qemu(tmp_path) as (_relay, qemu, path):
+        client = _negotiated(qemu, path)
+        client.send(QUERY)
+        assert qemu.raw() == QUERY
+        long = b'{"return": "' + b"s" * (200 << 10) + b'", "id": 7}\r\n'
+        qemu.say(long)
+        assert client.file.readline() == long
+        for name in (b"RTC_CHANGE", b"DEVICE_DELETED"):
+            event = b'{"timestamp": {"seconds": 1, "microseconds": 2}, "event": "%s"}\r\n' % name
+            qemu.say(event)
+            assert client.file.readline() == event
+        client.send(QUERY)  # plain traffic goes on after both
+        assert qemu.raw() == QUERY
+        qemu.say(b'{"return": {}, "id": 7}\r\n')
+        assert client.reply() == {"return": {}, "id": 7}
+        client.close()
+
+
 def test_commands_still_wait_their_turn(tmp_path: Path) -> None:
     with played_qemu(tmp_path) as (_relay, qemu, path):
         client = _negotiated(qemu, path)
