@@ -64,15 +64,13 @@ class Relay:
         self.qemu_open = True
         self._serial = 0
         self._to_client = False  # where QEMU's whitespace and oversized pieces go
-        self.passing = Inflight(
-            steady.ANY, self.gen, None, False, False
-        )  # an unparsed command in flight
+        # What is in flight while a command passed unparsed: one per client (gen).
+        self.passing = Inflight(steady.ANY, self.gen, None, False, False)
         self.verdicts = steady.Verdicts()
         listener.setblocking(False)
         qemu.setblocking(True)  # see guard_io.DONTWAIT and guard_steady
-        qemu.setsockopt(
-            _socket.SOL_SOCKET, _socket.SO_RCVTIMEO, struct.pack("@ll", steady.WAIT_S, 0)
-        )
+        wait = struct.pack("@ll", steady.WAIT_S, 0)  # struct timeval
+        qemu.setsockopt(_socket.SOL_SOCKET, _socket.SO_RCVTIMEO, wait)
 
     # -- the loop ---------------------------------------------------------------------
 
