@@ -340,3 +340,53 @@ def test_every_watched_command_is_caught_before_the_unparsed_pass() -> None:
     for name in [*_HANDLERS, *_TX]:
         raw = b'{"execute": "%s", "id": 1}' % name.encode()
         assert any(word in raw for word in GUARDED), name
+
+
+@pytest.mark.parametrize(("driver", "writer"), [("scsi-hd", True), ("scsi-block", True),
+                                                ("scsi-cd", False)])  # fmt: skip
+def test_a_hot_plugged_device_locks_as_at_start(tmp_path: Path, driver: str, writer: bool) -> None:
+    """device_add makes the disk exclusive for a device that writes, as the start
+    path does for -device: scsi-block (a LUN, <disk device='lun'>) writes; only
+    the cd devices do not."""
+    from qemu_locked.beside.guard_locks import Locks
+    from qemu_locked.beside.guard_nodes import Graph
+    from qemu_locked.beside.guard_policy import Policy
+    from qemu_locked.model.config import Config
+    from qemu_locked.model.plan import Plan
+
+    disk = tmp_path / "lun.img"
+    disk.write_bytes(b"\0" * 65536)
+    config = Config(lockspace_dir=str(tmp_path / "none"))
+    policy = Policy(Graph(), Locks(config, Plan((), (), "lun", None), os.getpid()))
+    fds: list[int] = []
+    with played_qemu(tmp_path, policy) as (_relay, qemu, path):
+        client = QMP(path)
+        client.send(b'{"execute": "qmp_capabilities", "id": 1}\r\n')
+        cmd, _ = qemu.command()
+        qemu.answer(cmd)
+        assert client.reply() == {"return": {}, "id": 1}
+        client.send(json.dumps({"execute": "blockdev-add", "id": 2, "arguments": {
+            "driver": "file", "filename": str(disk), "node-name": "n", "auto-read-only": True,
+        }}).encode())  # fmt: skip
+        getfd, got = qemu.command()
+        fds += got
+        qemu.answer(getfd)
+        add, _ = qemu.command()
+        qemu.answer(add)
+        assert client.reply() == {"return": {}, "id": 2}
+        assert lock_free(str(disk), exclusive=False) and not lock_free(str(disk))  # shared
+        client.send(json.dumps({"execute": "device_add", "id": 3, "arguments": {
+            "driver": driver, "drive": "n", "id": "d"}}).encode())  # fmt: skip
+        sent, got = qemu.command()
+        fds += got
+        while sent["execute"] in ("getfd", "closefd"):  # the lock fds, if the mode changed
+            qemu.answer(sent)
+            sent, got = qemu.command()
+            fds += got
+        assert sent["execute"] == "device_add"
+        assert lock_free(str(disk), exclusive=False) is not writer  # taken before forwarding
+        qemu.answer(sent)
+        assert client.reply() == {"return": {}, "id": 3}
+        client.close()
+    for fd in fds:
+        os.close(fd)

@@ -9,15 +9,15 @@ read-only, and which devices use which node with ``share-rw``.
 
 from __future__ import annotations
 
+# The start path's own definitions, so that a disk hot-plugged is locked as the
+# same disk on the command line is.
+from qemu_locked.parse.blockgraph import CD_DEVICES, CHILD_KEYS, FILE_DRIVERS
+from qemu_locked.parse.keyval import TRUE
+
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
 
-PROTOCOL_DRIVERS = frozenset({"file", "host_device", "host_cdrom"})
-CD_DEVICES = frozenset({"ide-cd", "scsi-cd", "usb-cd", "scsi-block"})
-# Child links whose files QEMU writes when the parent is writable; "backing" is apart.
-_CHILD_KEYS = ("file", "data-file", "image", "test", "raw", "target", "log", "children")
-IMPLICIT_BACKING = frozenset({"qcow2", "qed", "vmdk", "qcow"})
 _MAX_NODES = 4096  # a bound on what a (misbehaving) client can make us keep
 _MAX_DEPTH = 32
 
@@ -25,7 +25,7 @@ _MAX_DEPTH = 32
 def truthy(value: object) -> bool:
     if isinstance(value, bool):
         return value
-    return isinstance(value, str) and value.lower() in ("on", "yes", "true", "y")
+    return isinstance(value, str) and value.lower() in TRUE
 
 
 class Node:
@@ -52,7 +52,7 @@ class Node:
 
     @property
     def protocol(self) -> bool:
-        return self.driver in PROTOCOL_DRIVERS and self.filename is not None
+        return self.driver in FILE_DRIVERS and self.filename is not None
 
 
 class Device:
@@ -97,7 +97,7 @@ class Graph:
         fname = args.get("filename")
         if isinstance(fname, str):
             node.filename = fname
-        for key in _CHILD_KEYS:
+        for key in CHILD_KEYS:
             self._link(node, args.get(key), out, ro, depth, node.children)
         if "backing" in args:
             node.has_backing_key = True

@@ -21,8 +21,9 @@ import os
 
 from qemu_locked.beside import guard_media as media
 from qemu_locked.beside.guard_locks import FD_NAME_PREFIX, Locks, Refused
-from qemu_locked.beside.guard_nodes import IMPLICIT_BACKING, Graph, Node, truthy
+from qemu_locked.beside.guard_nodes import Graph, Node, truthy
 from qemu_locked.model.plan import EXCLUSIVE, SHARED
+from qemu_locked.parse.blockgraph import CD_DEVICES, IMPLICIT_BACKING
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -197,8 +198,6 @@ class Policy:
         dev_id = _str(args.get("id")) or drive
         share = truthy(args.get("share-rw", False))
         driver = str(args.get("driver", ""))
-        from qemu_locked.beside.guard_nodes import CD_DEVICES
-
         origin = f"hot-plug {dev_id}"
         writer = not share and driver not in CD_DEVICES and self.graph.writable(drive)
         if writer:

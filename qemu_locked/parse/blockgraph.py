@@ -27,7 +27,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
 
-_FILE_DRIVERS = frozenset({"file", "host_device", "host_cdrom"})
+FILE_DRIVERS = frozenset({"file", "host_device", "host_cdrom"})
 _NETWORK_DRIVERS = frozenset(
     {
         "nbd", "rbd", "iscsi", "iser", "gluster", "ssh", "http", "https", "ftp", "ftps", "nfs",
@@ -42,11 +42,12 @@ _PASSTHROUGH_DRIVERS = frozenset(
 )  # fmt: skip
 _NO_STORAGE_DRIVERS = frozenset({"null-co", "null-aio"})
 # Child links of format and filter drivers; "backing" is handled apart (read-only).
-_CHILD_KEYS = ("file", "data-file", "image", "test", "raw", "target", "log", "children")
-_REF_KEYS = (*_CHILD_KEYS, "backing")
-_IMPLICIT_BACKING = frozenset({"qcow2", "qed", "vmdk", "qcow"})
+CHILD_KEYS = ("file", "data-file", "image", "test", "raw", "target", "log", "children")
+_REF_KEYS = (*CHILD_KEYS, "backing")
+IMPLICIT_BACKING = frozenset({"qcow2", "qed", "vmdk", "qcow"})
 PROBE_BACKING, PROBE_DATA = 1, 2  # what a file's header may name (start/chains.py reads it)
-_CD_DEVICES = frozenset({"ide-cd", "scsi-cd", "usb-cd"})
+# Devices that never write their medium (scsi-block, a LUN, passes writes through).
+CD_DEVICES = frozenset({"ide-cd", "scsi-cd", "usb-cd"})
 _PROTOCOL_PREFIXES = {
     "nbd+tcp": "nbd", "nbd+unix": "nbd", "nbds": "nbd", "gluster+tcp": "gluster",
     "gluster+unix": "gluster", "gluster+rdma": "gluster", "fat": "vvfat",
@@ -119,7 +120,7 @@ class Graph:
             for root in targets:
                 if as_bool(dev.get("share-rw", False), "-device", "share-rw"):
                     root.share = True
-                if dev.get("driver") in _CD_DEVICES:
+                if dev.get("driver") in CD_DEVICES:
                     root.cd = True
         for root in roots:
             writable = root.writable and not root.cd
@@ -237,7 +238,7 @@ class Graph:
             # QEMU passes force-share down to every child: the whole tree is read
             # without its locks, beside any writer (like qemu-img -U).
             nolock = "force-share=on: read without a lock, writers allowed (as QEMU does)"
-        if driver in _FILE_DRIVERS:
+        if driver in FILE_DRIVERS:
             self._leaf(origin, node, writable, role, probe, nolock)
             return
         if driver == "(json)":
@@ -268,10 +269,10 @@ class Graph:
         # A qcow2 node without "backing" opens the backing file named in its header.
         # Bits of what the header may make QEMU open besides the file itself.
         child_probe = (PROBE_BACKING if ("backing" not in node or header_backing) and (
-            driver in _IMPLICIT_BACKING or driver == "(probed)") else 0) | (
+            driver in IMPLICIT_BACKING or driver == "(probed)") else 0) | (
             PROBE_DATA if "data-file" not in node and driver in ("qcow2", "(probed)") else 0
         )  # fmt: skip
-        for key in _CHILD_KEYS:
+        for key in CHILD_KEYS:
             child = node.get(key)
             if child is None:
                 continue
@@ -355,7 +356,7 @@ def _leaf_from_filename(filename: str) -> dict[str, Any]:
     proto, rest = _protocol(filename)
     if proto is None:
         return {"driver": "file", "filename": filename}
-    if proto in _FILE_DRIVERS:
+    if proto in FILE_DRIVERS:
         return {"driver": proto, "filename": rest}
     if proto == "json":
         return {"driver": "(json)", "json": rest}
@@ -363,7 +364,7 @@ def _leaf_from_filename(filename: str) -> dict[str, Any]:
 
 
 def _has_child(node: dict[str, Any]) -> bool:
-    return any(key in node for key in _CHILD_KEYS)
+    return any(key in node for key in CHILD_KEYS)
 
 
 def _driverless(node: dict[str, Any], origin: str, protocol: bool) -> dict[str, Any]:
@@ -376,7 +377,7 @@ def _driverless(node: dict[str, Any], origin: str, protocol: bool) -> dict[str, 
     if not isinstance(filename, str):
         raise ArgumentError(origin, "block node has no driver")
     leaf = {**node, **_leaf_from_filename(filename)}
-    if protocol or leaf.get("driver") not in _FILE_DRIVERS:
+    if protocol or leaf.get("driver") not in FILE_DRIVERS:
         return leaf
     return {"driver": "(probed)", "file": leaf}
 
