@@ -30,6 +30,7 @@ QEMU = shutil.which("qemu-system-x86_64")
 class QMP:
     def __init__(self, path: str) -> None:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(30)  # a guard that stops answering fails the test, not hangs it
         self.sock.connect(path)
         self.file = self.sock.makefile("rb")
         self.greeting = json.loads(self.file.readline())
@@ -37,7 +38,9 @@ class QMP:
 
     def send(self, raw: bytes, fds: list[int] | None = None) -> None:
         raw_fds = b"".join(f.to_bytes(4, "little") for f in fds or [])
-        self.sock.sendmsg([raw], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, raw_fds)] if fds else [])
+        anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, raw_fds)] if fds else []
+        sent = self.sock.sendmsg([raw], anc)  # the fds go with the first bytes
+        self.sock.sendall(raw[sent:])  # (with a timeout, sendmsg may send only part)
 
     def reply(self) -> dict[str, object]:
         while True:
@@ -116,6 +119,7 @@ class FakeQemu:
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
+        self.sock.settimeout(30)
         self.file = sock.makefile("rb")
 
     def say(self, text: bytes) -> None:

@@ -248,7 +248,7 @@ def _dump_str(text: str) -> str:
     for ch in text:
         if ch in '"\\':
             out.append("\\" + ch)
-        elif ch < " " or ch == "\x7f":
+        elif ch < " " or ch == "\x7f" or "\ud800" <= ch <= "\udfff":  # lone surrogates too
             out.append(f"\\u{ord(ch):04x}")
         else:
             out.append(ch)

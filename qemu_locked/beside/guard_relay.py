@@ -27,6 +27,7 @@ from qemu_locked.beside.guard_reply import Inflight, oops, own_command
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections import deque
+    from collections.abc import Callable
     from typing import Any
 
     from qemu_locked.beside.guard_policy import Policy
@@ -185,6 +186,7 @@ class Relay:
         if self.client is not None:
             self.client.close()
             self.client = None
+        self._to_client = False  # the rest of a long answer goes nowhere now
         self.c_out.drop()
         for unit in self.queue:
             close_fds(unit.fds)
@@ -330,7 +332,7 @@ class Relay:
                 return
             if cmd == "qmp_capabilities":
                 self.q_out.put(unit.data, unit.fds)
-                self.inflight = Inflight(cmd_id, self.gen, self._negotiated, False, False)
+                self.inflight = Inflight(cmd_id, self.gen, self._negotiated(self.gen), False, False)
                 return
         args = obj.get("arguments")
         after = None
@@ -354,9 +356,15 @@ class Relay:
         self.q_out.put(unit.data, unit.fds)
         self.inflight = sending
 
-    def _negotiated(self, ok: bool) -> None:
-        if ok:
-            self.qemu_ready = self.client_ready = True
+    def _negotiated(self, gen: int) -> Callable[[bool], None]:
+        """QEMU's session is negotiated; the client is, if it is still the one that asked."""
+
+        def after(ok: bool) -> None:
+            if ok:
+                self.qemu_ready = True
+                self.client_ready = self.client_ready or gen == self.gen
+
+        return after
 
     def _hand_over(self) -> None:
         """getfd / closefd for the lock fds the policy took or let go."""

@@ -1,0 +1,77 @@
+"""The monitor guard's relay across reconnects and odd clients, with QEMU played
+by the test (guard_helpers.played_qemu): what belongs to one client never
+reaches the next, and nothing a client sends can stop the relay (which would
+stop the VM)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from guard_helpers import QMP, played_qemu
+
+from qemu_locked.beside.guard_steady import Verdicts
+
+QUERY = b'{"execute": "query-status", "id": 7}\r\n'
+
+
+def test_an_id_that_is_not_unicode_does_not_stop_the_relay(tmp_path: Path) -> None:
+    with played_qemu(tmp_path) as (_relay, qemu, path):
+        first = QMP(path)
+        first.send(b'{"execute": "qmp_capabilities", "id": 1}\r\n')
+        cmd, _ = qemu.command()
+        qemu.answer(cmd)
+        assert first.reply() == {"return": {}, "id": 1}
+        first.close()
+        again = QMP(path)  # the guard answers this one itself, echoing the id
+        again.send(b'{"execute": "qmp_capabilities", "id": "\\udcff\xff"}\r\n')
+        reply = again.file.readline()
+        assert b'"return": {}' in reply
+        again.send(QUERY)
+        assert qemu.raw() == QUERY
+        qemu.say(b'{"return": {}, "id": 7}\r\n')
+        assert again.reply() == {"return": {}, "id": 7}
+        again.close()
+
+
+def test_capabilities_answered_for_one_client_do_not_negotiate_the_next(tmp_path: Path) -> None:
+    with played_qemu(tmp_path) as (_relay, qemu, path):
+        first = QMP(path)
+        first.send(b'{"execute": "qmp_capabilities", "id": 1}\r\n')
+        cmd, _ = qemu.command()
+        first.close()  # gone before QEMU answered
+        second = QMP(path)
+        qemu.answer(cmd)
+        second.send(b'{"execute": "query-status", "id": 2}\r\n')
+        assert second.reply()["error"]["class"] == "CommandNotFound"  # type: ignore[index]
+        second.send(b'{"execute": "qmp_capabilities", "id": 3}\r\n')
+        assert second.reply() == {"return": {}, "id": 3}  # by the guard: QEMU's is done
+        second.close()
+
+
+def test_the_rest_of_a_long_answer_does_not_reach_the_next_client(tmp_path: Path) -> None:
+    with played_qemu(tmp_path) as (_relay, qemu, path):
+        first = QMP(path)
+        first.send(b'{"execute": "qmp_capabilities", "id": 1}\r\n')
+        cmd, _ = qemu.command()
+        qemu.answer(cmd)
+        assert first.reply() == {"return": {}, "id": 1}
+        first.send(QUERY)
+        assert qemu.raw() == QUERY
+        qemu.say(b'{"return": "' + b"x" * (2 << 20))  # over 1 MiB, and not yet whole
+        first.sock.close()
+        first.file.close()
+        second = QMP(path)
+        qemu.say(b'TAIL-OF-OLD-ANSWER"}\r\n')
+        second.send(b'{"execute": "qmp_capabilities", "id": 2}\r\n')
+        assert second.file.readline() == b'{"return": {}, "id": 2}\r\n'
+        second.close()
+
+
+def test_digits_outside_the_object_are_not_a_plain_command() -> None:
+    """A remembered verdict ignores digits, which only holds inside the object:
+    a number before or after it is a unit of its own to QEMU."""
+    verdicts = Verdicts()
+    assert verdicts.passes(b'{"execute": "query-status", "id": 5}\r\n')
+    for data in (b'5{"execute": "query-status"}\r\n', b'{"execute": "query-status"}7\r\n',
+                 b'{"execute": "query-status"}\r\n7\r\n'):  # fmt: skip
+        assert not verdicts.passes(data), data
