@@ -30,8 +30,6 @@ if TYPE_CHECKING:
 
 FD_NAME_PREFIX = "qemu-locked-"  # getfd names the guard reserves for itself
 MEMFD_NAME = "qemu-locked-guard"  # what it holds, for qemu-lockctl status (see published())
-_SYS_KCMP = 312  # x86_64
-_KCMP_FILE = 0
 _UNLOCK_ALL = ofd._build_flock(ofd.F_UNLCK, 0, 0)
 _O_ACCMODE = 3
 
@@ -76,7 +74,6 @@ class Locks:
         self.give: list[tuple[str, int]] = []  # (name, fd) to hand to QEMU with getfd
         self.take_back: list[str] = []  # names QEMU should closefd
         self._serial = 0
-        self._libc: object = None
         self._memfd = -1
         self._shown = b""
 
@@ -300,13 +297,13 @@ class Locks:
         return True
 
     def _same(self, qfd: int, fd: int) -> bool:
-        import ctypes
+        """Is QEMU's fd one of our lock fds?  No, whenever that cannot be known."""
+        from qemu_locked.lock import procfs
 
-        if self._libc is None:
-            self._libc = ctypes.CDLL(None, use_errno=True)
-        libc = self._libc
-        rc = libc.syscall(_SYS_KCMP, self.qemu_pid, os.getpid(), _KCMP_FILE, qfd, fd)  # type: ignore[attr-defined]
-        return int(rc) == 0
+        try:
+            return procfs.same_description(self.qemu_pid, qfd, os.getpid(), fd)
+        except OSError:
+            return False
 
     def publish(self) -> None:
         """What the guard holds and why, in a memfd only it has: ``qemu-lockctl

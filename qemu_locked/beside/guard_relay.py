@@ -201,17 +201,13 @@ class Relay:
     # -- QEMU to client ---------------------------------------------------------------
 
     def _from_qemu(self, unit: frame.Unit) -> None:
+        send: bool | None
         if unit.kind == frame.PIECE:
             send = self._to_client  # the rest of a long message goes where its head went
         elif unit.kind == frame.HEAD:
             send = self._to_client = self._qemu_head(unit.data)
-        else:
-            decided = self._passes(unit.data)
-            send = (
-                self._qemu_object(frame.parse_object(unit.data), unit)
-                if decided is None
-                else decided
-            )
+        elif (send := self._passes(unit.data)) is None:
+            send = self._qemu_object(frame.parse_object(unit.data), unit)
         if send and self.client is not None:
             self.c_out.put(unit.data)
 

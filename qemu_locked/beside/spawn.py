@@ -56,25 +56,6 @@ def vm_gone(pidfd: int, timeout: float | None) -> bool:
     return bool(ready)
 
 
-_SYS_KCMP = {"x86_64": 312, "aarch64": 272}
-_KCMP_FILE = 0
-
-
-def _kcmp_file(pid1: int, fd1: int, pid2: int, fd2: int) -> bool:
-    """Whether two fds share one open file description (kcmp(2), KCMP_FILE)."""
-    import ctypes
-
-    nr = _SYS_KCMP.get(os.uname().machine)
-    if nr is None:
-        raise OSError(38, "kcmp: unknown syscall number on this machine")
-    libc = ctypes.CDLL(None, use_errno=True)
-    r = libc.syscall(nr, pid1, pid2, _KCMP_FILE, fd1, fd2)
-    if r < 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
-    return bool(r == 0)
-
-
 def sharer(ref_fd: int) -> int | None:
     """The other process holding ``ref_fd``'s open file description, if any.
 
@@ -84,25 +65,17 @@ def sharer(ref_fd: int) -> int | None:
     the same file (a migration source on this host holds the same file through
     a description of its own).
     """
+    from qemu_locked.lock import procfs
+
     me = os.getpid()
     st = os.fstat(ref_fd)
-    for name in os.listdir("/proc"):
-        if not name.isdigit() or int(name) == me:
+    for pid in procfs.pids():
+        if pid == me:
             continue
-        try:
-            fds = os.listdir(f"/proc/{name}/fd")
-        except OSError:
-            continue
-        for fd in fds:
+        for fd, _target, _info in procfs.fd_entries(pid, {(st.st_dev, st.st_ino)}):
             try:
-                other = os.stat(f"/proc/{name}/fd/{fd}")
-            except OSError:
-                continue
-            if (other.st_dev, other.st_ino) != (st.st_dev, st.st_ino):
-                continue
-            try:
-                if _kcmp_file(me, ref_fd, int(name), int(fd)):
-                    return int(name)
+                if procfs.same_description(me, ref_fd, pid, int(fd)):
+                    return pid
             except ProcessLookupError:
                 break
     return None

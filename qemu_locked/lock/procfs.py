@@ -147,6 +147,27 @@ def fd_locks(pid: int) -> dict[str, list[tuple[str, str, int]]]:
     return out
 
 
+_SYS_KCMP = {"x86_64": 312, "aarch64": 272}
+_KCMP_FILE = 0
+
+
+def same_description(pid1: int, fd1: int, pid2: int, fd2: int) -> bool:
+    """Do two fds share one open file description (kcmp(2), KCMP_FILE)?  The
+    same file is not enough: another process may have opened it on its own.
+    OSError when that cannot be known (ProcessLookupError: one is gone)."""
+    import ctypes
+
+    nr = _SYS_KCMP.get(os.uname().machine)
+    if nr is None:
+        raise OSError(38, "kcmp: unknown syscall number on this machine")
+    libc = ctypes.CDLL(None, use_errno=True)
+    r = libc.syscall(nr, pid1, pid2, _KCMP_FILE, fd1, fd2)
+    if r < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    return bool(r == 0)
+
+
 def pids() -> list[int]:
     try:
         return sorted(int(p) for p in os.listdir("/proc") if p.isdigit())
