@@ -75,3 +75,58 @@ def test_digits_outside_the_object_are_not_a_plain_command() -> None:
     for data in (b'5{"execute": "query-status"}\r\n', b'{"execute": "query-status"}7\r\n',
                  b'{"execute": "query-status"}\r\n7\r\n'):  # fmt: skip
         assert not verdicts.passes(data), data
+
+
+def test_a_due_release_happens_under_steady_traffic(tmp_path: Path) -> None:
+    """A disk QEMU let go of is released within a few seconds even while the
+    client keeps the monitor busy (libvirt polls balloon stats every second)."""
+    import json
+    import os
+    import time
+
+    from conftest import lock_free
+
+    from qemu_locked.beside.guard_locks import Locks
+    from qemu_locked.beside.guard_nodes import Graph
+    from qemu_locked.beside.guard_policy import Policy
+    from qemu_locked.model.config import Config
+    from qemu_locked.model.plan import Plan
+
+    disk = tmp_path / "d.img"
+    disk.write_bytes(b"\0" * 65536)
+    config = Config(lockspace_dir=str(tmp_path / "none"))
+    policy = Policy(Graph(), Locks(config, Plan((), (), "busy", None), os.getpid()))
+    fds: list[int] = []
+    with played_qemu(tmp_path, policy) as (_relay, qemu, path):
+        client = QMP(path)
+        client.send(b'{"execute": "qmp_capabilities", "id": 1}\r\n')
+        cmd, _ = qemu.command()
+        qemu.answer(cmd)
+        assert client.reply() == {"return": {}, "id": 1}
+        client.send(json.dumps({"execute": "blockdev-add", "id": 2, "arguments": {
+            "driver": "file", "filename": str(disk), "node-name": "n"}}).encode())  # fmt: skip
+        getfd, fds = qemu.command()
+        qemu.answer(getfd)
+        add, _ = qemu.command()
+        own = os.open(disk, os.O_RDWR)  # QEMU opens the image
+        qemu.answer(add)
+        assert client.reply() == {"return": {}, "id": 2}
+        client.send(b'{"execute": "blockdev-del", "id": 3, "arguments": {"node-name": "n"}}')
+        dele, _ = qemu.command()
+        qemu.answer(dele)  # done, but QEMU still has it open: the release is due
+        assert client.reply() == {"return": {}, "id": 3}
+        os.close(own)
+        released = False
+        end = time.monotonic() + 5
+        while time.monotonic() < end and not released:
+            client.send(QUERY)  # a query every 0.2 s: poll never times out
+            cmd, _ = qemu.command()
+            released = cmd["execute"] == "closefd"
+            qemu.answer(cmd)
+            if not released:
+                assert client.reply() == {"return": {}, "id": 7}
+                time.sleep(0.2)
+        assert released and lock_free(str(disk))
+        client.close()
+    for fd in fds:
+        os.close(fd)

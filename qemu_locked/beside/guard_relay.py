@@ -17,6 +17,7 @@ from __future__ import annotations
 import _socket
 import select
 import struct
+from time import monotonic
 
 from qemu_locked.beside import guard_frame as frame
 from qemu_locked.beside import guard_steady as steady
@@ -39,6 +40,7 @@ _READ = 1 << 16
 _MAX_QUEUED = 64  # client units waiting for their turn...
 _MAX_QUEUED_BYTES = 2 << 20  # ...and their bytes
 _MAX_OUT = 8 << 20  # bytes waiting for a slow client before QEMU is read again
+_UNREADABLE = "qemu-locked: the monitor guard could not read this command, so it is not forwarded"
 _POLLIN, _POLLOUT = select.POLLIN, select.POLLOUT
 _ERRS = select.POLLERR | select.POLLHUP | select.POLLNVAL
 
@@ -68,6 +70,7 @@ class Relay:
         # What is in flight while a command passed unparsed: one per client (gen).
         self.passing = Inflight(steady.ANY, self.gen, None, False, False)
         self.verdicts = steady.Verdicts()
+        self.sweep_at = 0.0  # when due releases are looked at next
         listener.setblocking(False)
         qemu.setblocking(True)  # see guard_io.DONTWAIT and guard_steady
         wait = struct.pack("@ll", steady.WAIT_S, 0)  # struct timeval
@@ -100,7 +103,7 @@ class Relay:
             ready = poller.poll(1000 if due else None)
             if steady.is_steady(self):
                 ready = steady.steady_loop(self, poller, ready, 1000 if due else None)
-            elif not ready and due:
+            if due and (not ready or monotonic() >= self.sweep_at):  # idle or not: each second
                 self.sweep()
             for fd, ev in ready:
                 if fd == self.pidfd:
@@ -288,9 +291,8 @@ class Relay:
             self.q_out.put(unit.data, unit.fds)
             return
         if unit.kind == frame.OVERSIZE:
-            close_fds(unit.fds)
-            self._reply(None, "GenericError", "qemu-locked: a QMP command over 1 MiB is not "
-                        "forwarded (the monitor guard cannot check it)")  # fmt: skip
+            self._refuse(unit, None, "GenericError", "qemu-locked: a QMP command over 1 MiB is "
+                         "not forwarded (the monitor guard cannot check it)")  # fmt: skip
             return
         if (unit.kind == frame.OBJECT and self.client_ready
                 and not steady.watched(unit.data)):  # fmt: skip
@@ -303,9 +305,7 @@ class Relay:
         cmd = obj.get("execute", obj.get("exec-oob"))
         if not obj or not isinstance(cmd, str):
             if steady.watched(unit.data):
-                close_fds(unit.fds)
-                self._reply(obj.get("id"), "GenericError", "qemu-locked: the monitor guard "
-                            "could not read this command, so it is not forwarded")  # fmt: skip
+                self._refuse(unit, obj.get("id"), "GenericError", _UNREADABLE)
                 return
             self.q_out.put(unit.data, unit.fds)
             if obj:
@@ -319,12 +319,8 @@ class Relay:
                 self._say({"return": {}}, cmd_id)
                 return
             if cmd != "qmp_capabilities" and self.qemu_ready:
-                close_fds(unit.fds)
-                self._reply(
-                    cmd_id,
-                    "CommandNotFound",
-                    "Expecting capabilities negotiation with 'qmp_capabilities'",
-                )
+                expect = "Expecting capabilities negotiation with 'qmp_capabilities'"  # QEMU's
+                self._refuse(unit, cmd_id, "CommandNotFound", expect)
                 return
             if cmd == "qmp_capabilities":
                 self.q_out.put(unit.data, unit.fds)
@@ -336,12 +332,10 @@ class Relay:
             try:
                 after = self.policy.before(cmd, args if isinstance(args, dict) else {})
             except Refused as exc:
-                close_fds(unit.fds)
-                self._reply(cmd_id, "GenericError", exc.line)
+                self._refuse(unit, cmd_id, "GenericError", exc.line)
                 return
             except Exception as exc:  # a bug of ours: the command is refused, the VM goes on
-                close_fds(unit.fds)
-                self._reply(cmd_id, "GenericError", oops(f"cannot check {cmd}", exc))
+                self._refuse(unit, cmd_id, "GenericError", oops(f"cannot check {cmd}", exc))
                 return
         self._hand_over()
         hmp = cmd == "human-monitor-command"
@@ -379,6 +373,8 @@ class Relay:
         self.mine.append(own_command(cmd, name, fds, self._serial, self.gen))
 
     def sweep(self) -> None:
+        """Let go of what is due (QEMU no longer uses it); at most once a second."""
+        self.sweep_at = monotonic() + 1
         if self.policy is not None:
             try:
                 self.policy.sweep()
@@ -395,5 +391,7 @@ class Relay:
         if self.client is not None:
             self.c_out.put(frame.dumps(obj).encode() + b"\r\n")
 
-    def _reply(self, cmd_id: object, cls: str, desc: str) -> None:
+    def _refuse(self, unit: frame.Unit, cmd_id: object, cls: str, desc: str) -> None:
+        """Answer a command here, with an error, instead of passing it on."""
+        close_fds(unit.fds)
         self._say({"error": {"class": cls, "desc": desc}}, cmd_id)

@@ -14,6 +14,7 @@ the "may it pass?" verdict is remembered (``Verdicts``).
 from __future__ import annotations
 
 import select
+from time import monotonic
 
 from qemu_locked.beside.guard_frame import plain
 from qemu_locked.beside.guard_io import ANC, DONTWAIT, FLAGS, fds_of
@@ -87,7 +88,8 @@ def steady_loop(relay: Relay, poller: select.poll, ready: list[tuple[int, int]],
     anyway), so the answer is awaited in recv itself: one poll fewer per round
     trip.  QEMU answers every object it reads and its socket closes if it dies;
     an answer slower than ``WAIT_S`` (SO_RCVTIMEO) hands the wait back to poll,
-    where a reconnecting client, QEMU's exit and due releases are seen again.
+    where a client going away and QEMU's exit are seen.  With releases due
+    (``timeout`` set) it hands over to the general loop once a second.
     """
     client, qemu = relay.client, relay.qemu
     assert client is not None
@@ -155,8 +157,8 @@ def steady_loop(relay: Relay, poller: select.poll, ready: list[tuple[int, int]],
             continue
         else:
             return ready
+        if timeout is not None and monotonic() >= relay.sweep_at:
+            return []  # releases are due: the general loop sweeps, even under traffic
         if not waiting:
             ready = poll(timeout)
-    if not ready and timeout is not None:
-        relay.sweep()
     return ready
