@@ -130,3 +130,55 @@ def test_a_due_release_happens_under_steady_traffic(tmp_path: Path) -> None:
         client.close()
     for fd in fds:
         os.close(fd)
+
+
+def test_a_hot_plugged_qcow2s_data_file_is_locked_with_it(tmp_path: Path) -> None:
+    """QEMU opens the external data file a qcow2 header names (and writes the
+    guest's data there): locked like the image, as at start (test_data_file)."""
+    import json
+    import os
+
+    from conftest import lock_free
+    from fail_closed import qemu_img
+
+    from qemu_locked.beside.guard_locks import Locks
+    from qemu_locked.beside.guard_nodes import Graph
+    from qemu_locked.beside.guard_policy import Policy
+    from qemu_locked.model.config import Config
+    from qemu_locked.model.plan import Plan
+
+    image, data = tmp_path / "d.qcow2", tmp_path / "d.raw"
+    qemu_img("create", "-q", "-f", "qcow2", "-o", f"data_file={data}", str(image), "1M")
+    config = Config(lockspace_dir=str(tmp_path / "none"))
+    policy = Policy(Graph(), Locks(config, Plan((), (), "data", None), os.getpid()))
+    fds: list[int] = []
+    with played_qemu(tmp_path, policy) as (_relay, qemu, path):
+        client = QMP(path)
+        client.send(b'{"execute": "qmp_capabilities", "id": 1}\r\n')
+        cmd, _ = qemu.command()
+        qemu.answer(cmd)
+        assert client.reply() == {"return": {}, "id": 1}
+        for i, args in enumerate([  # as libvirt adds a disk
+            {"driver": "file", "filename": str(image), "node-name": "s", "auto-read-only": True},
+            {"node-name": "f", "read-only": False, "driver": "qcow2", "file": "s", "backing": None},
+        ], start=2):  # fmt: skip
+            client.send(
+                json.dumps({"execute": "blockdev-add", "id": i, "arguments": args}).encode()
+            )
+            sent, got = qemu.command()
+            fds += got
+            while sent["execute"] in ("getfd", "closefd"):
+                qemu.answer(sent)
+                sent, got = qemu.command()
+                fds += got
+            assert sent["execute"] == "blockdev-add"
+            qemu.answer(sent)
+            assert client.reply() == {"return": {}, "id": i}
+        assert not lock_free(str(data), exclusive=False)  # the guest writes there
+        client.send(b'{"execute": "blockdev-del", "id": 9, "arguments": {"node-name": "f"}}')
+        dele, _ = qemu.command()
+        qemu.answer(dele)
+        assert client.reply() == {"return": {}, "id": 9}
+        client.close()
+    for fd in fds:
+        os.close(fd)

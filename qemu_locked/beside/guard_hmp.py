@@ -39,18 +39,21 @@ def hmp_command(policy: Policy, line: str, tag: str) -> After | None:
 
 
 def _drive_add(policy: Policy, opts: str, tag: str) -> After | None:
+    from qemu_locked.beside.guard_chain import header_files
     from qemu_locked.beside.guard_nodes import Node, truthy
+    from qemu_locked.lock.safeopen import plain_name
     from qemu_locked.model.plan import EXCLUSIVE, SHARED
     from qemu_locked.parse.keyval import split_opts
 
     kv = dict(split_opts(opts))
     path, drive_id = kv.get("file"), kv.get("id")
-    if not path or not drive_id or ":" in path.split("/", 1)[0]:
+    if not path or not drive_id or not plain_name(path):
         return None
     ro = truthy(kv.get("readonly", "off")) or truthy(kv.get("snapshot", "off"))
     policy._use(path, SHARED if ro else EXCLUSIVE, drive_id, f"drive_add {drive_id}", defer_ok=True)
     if kv.get("format", "qcow2") in ("qcow2", "qcow", "qed", "vmdk"):
-        policy._chain(path, drive_id + "#backing", f"drive_add {drive_id}")
+        header_files(policy, path, SHARED if ro else EXCLUSIVE, drive_id + "#backing",
+                      f"drive_add {drive_id}")  # fmt: skip
     node = Node(drive_id, "file", ro, False)
     node.filename = path
 

@@ -7,6 +7,7 @@ the change succeeded.
 
 from __future__ import annotations
 
+from qemu_locked.beside.guard_chain import header_files
 from qemu_locked.model.plan import EXCLUSIVE, SHARED
 
 TYPE_CHECKING = False
@@ -35,8 +36,9 @@ def medium_path(policy: Policy, dev_id: str, path: str | None, ro: bool, tag: st
     cd = dev.cd if dev is not None else False
     user = f"medium:{dev_id}:{tag}"
     if path:
-        policy._use(path, SHARED if ro or cd else EXCLUSIVE, user, f"media change {dev_id}")
-        policy._chain(path, user, f"media change {dev_id}")
+        mode = SHARED if ro or cd else EXCLUSIVE
+        policy._use(path, mode, user, f"media change {dev_id}")
+        header_files(policy, path, mode, user, f"media change {dev_id}")
     old = policy.media.get(dev_id)
 
     def after(ok: bool) -> None:

@@ -36,6 +36,7 @@ class Node:
         "driver",
         "filename",
         "has_backing_key",
+        "has_data_key",
         "name",
         "read_only",
     )
@@ -49,6 +50,7 @@ class Node:
         self.children: list[str] = []
         self.backing: str | None = None  # a node name; None: none or implicit
         self.has_backing_key = False
+        self.has_data_key = False  # "data-file" given: QEMU reads no name from the header
 
     @property
     def protocol(self) -> bool:
@@ -99,6 +101,7 @@ class Graph:
             node.filename = fname
         for key in CHILD_KEYS:
             self._link(node, args.get(key), out, ro, depth, node.children)
+        node.has_data_key = "data-file" in args
         if "backing" in args:
             node.has_backing_key = True
             refs: list[str] = []

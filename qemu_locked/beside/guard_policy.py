@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 
 from qemu_locked.beside import guard_media as media
+from qemu_locked.beside.guard_chain import header_files
 from qemu_locked.beside.guard_locks import FD_NAME_PREFIX, Locks, Refused
 from qemu_locked.beside.guard_nodes import Graph, Node, truthy
 from qemu_locked.model.plan import EXCLUSIVE, SHARED
@@ -31,8 +32,6 @@ if TYPE_CHECKING:
     from typing import Any
 
     After = Callable[[bool], None]
-
-_MAX_CHAIN = 16
 
 
 def _args(obj: object) -> dict[str, Any]:
@@ -78,19 +77,6 @@ class Policy:
             finally:
                 self.graph.nodes = saved
         return self.graph.files_under(name)
-
-    def _chain(self, path: str, user: str, origin: str) -> None:
-        """Backing files QEMU opens from an image header (no ``backing`` given)."""
-        from qemu_locked.lock.safeopen import qcow2_names
-
-        cur = path
-        for _ in range(_MAX_CHAIN):
-            found = qcow2_names(cur)
-            name = found.backing if found is not None else None
-            if not name or name.startswith("json:") or ":" in name.split("/", 1)[0]:
-                return
-            cur = name if name.startswith("/") else os.path.join(os.path.dirname(cur), name)
-            self._use(cur, SHARED, user, origin)
 
     # -- commands ---------------------------------------------------------------------
 
@@ -161,10 +147,12 @@ class Policy:
             for leaf in self._files(node.name, new):
                 assert leaf.filename is not None
                 self._use(leaf.filename, EXCLUSIVE, leaf.name, origin, defer_ok=True)
-            if node.driver in IMPLICIT_BACKING and not node.has_backing_key:
+            implicit = node.driver in IMPLICIT_BACKING and not node.has_backing_key
+            if implicit or (node.driver == "qcow2" and not node.has_data_key):
                 for leaf in self._files(node.name, new):
                     assert leaf.filename is not None
-                    self._chain(leaf.filename, node.name + "#backing", origin)
+                    header_files(self, leaf.filename, EXCLUSIVE, node.name + "#backing", origin,
+                                backing=implicit, defer_ok=True)  # fmt: skip
 
     def block_commit(self, args: dict[str, Any], tag: str) -> After:
         """A commit writes into its base, which was a read-only backing file."""

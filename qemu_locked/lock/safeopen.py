@@ -104,6 +104,15 @@ def open_regular(path: str) -> int:
     return reopen(path, os.O_RDONLY | _OPEN_FLAGS, accept)
 
 
+MAX_CHAIN = 64  # images followed through headers from one image (a loop ends there)
+
+
+def plain_name(name: str) -> bool:
+    """Is a name from an image header (or HMP) a file QEMU opens by path, not
+    ``json:`` or a protocol (QEMU's rule: a ':' before any '/')?"""
+    return not (name.startswith("json:") or ":" in name.split("/", 1)[0])
+
+
 def qcow2_names(path: str) -> Names | None:
     """The backing and data file names in a qcow2 header, or None (read by the
     wrapper for chains on the command line, by the monitor guard for hot-plugs)."""

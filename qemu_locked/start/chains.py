@@ -14,15 +14,9 @@ from __future__ import annotations
 
 import os
 
-from qemu_locked.lock.safeopen import qcow2_names
+from qemu_locked.lock.safeopen import MAX_CHAIN, plain_name, qcow2_names
 from qemu_locked.model.plan import BACKING, SHARED, DiskRef, Plan, Skipped, merge_by_path
 from qemu_locked.model.value import replace
-
-_MAX_CHAIN = 64
-
-
-def _plain(name: str) -> bool:
-    return not (name.startswith("json:") or ":" in name.split("/", 1)[0])
 
 
 def resolve(plan: Plan) -> Plan:
@@ -33,7 +27,7 @@ def resolve(plan: Plan) -> Plan:
     skipped = list(plan.skipped)
     todo = [d for d in disks if d.probe_backing or d.probe_data]
     steps = 0
-    while todo and steps < _MAX_CHAIN * max(1, len(plan.disks)):
+    while todo and steps < MAX_CHAIN * max(1, len(plan.disks)):
         steps += 1
         disk = todo.pop()
         found = qcow2_names(disk.path)
@@ -41,7 +35,7 @@ def resolve(plan: Plan) -> Plan:
             continue
         if found.data_file is not None and disk.probe_data:
             origin = f"data file of {disk.path}"
-            if _plain(found.data_file):
+            if plain_name(found.data_file):
                 path = os.path.join(os.getcwd(), found.data_file)  # absolute names stay
                 disks.append(DiskRef(path, disk.mode, origin, disk.role, False))
             else:
@@ -51,7 +45,7 @@ def resolve(plan: Plan) -> Plan:
         if name is None or not disk.probe_backing:
             continue
         origin = f"backing file of {disk.path}"
-        if not _plain(name):
+        if not plain_name(name):
             skipped.append(Skipped(origin, f"backing '{name}' is not a plain file name"))
             continue
         path = name if name.startswith("/") else os.path.join(os.path.dirname(disk.path), name)
