@@ -179,6 +179,7 @@ def played_qemu(tmp: Path, policy: Policy | None = None) -> Iterator[tuple[Relay
     qemu.say(b'{"QMP": {"version": {}, "capabilities": []}}\r\n')
     try:
         yield relay, qemu, path
+        assert thread.is_alive(), "the relay stopped while its VM ran (in production: the VM too)"
     finally:
         stand_in.kill()
         stand_in.wait()

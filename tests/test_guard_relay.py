@@ -182,3 +182,53 @@ def test_a_hot_plugged_qcow2s_data_file_is_locked_with_it(tmp_path: Path) -> Non
         client.close()
     for fd in fds:
         os.close(fd)
+
+
+def test_a_refused_command_keeps_nothing_it_took(tmp_path: Path) -> None:
+    """A media change refused halfway (its image is free, its backing file is
+    missing) lets go of the image again: only what the command had taken."""
+    import json
+    import os
+    import time
+
+    from conftest import lock_free
+    from fail_closed import qemu_img
+
+    from qemu_locked.beside.guard_locks import Locks
+    from qemu_locked.beside.guard_nodes import Graph
+    from qemu_locked.beside.guard_policy import Policy
+    from qemu_locked.model.config import Config
+    from qemu_locked.model.plan import Plan
+
+    top = tmp_path / "top.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-u", "-b", str(tmp_path / "gone.qcow2"),
+             "-F", "qcow2", str(top), "1M")  # fmt: skip
+    config = Config(lockspace_dir=str(tmp_path / "none"))
+    policy = Policy(Graph(), Locks(config, Plan((), (), "refused", None), os.getpid()))
+    fds: list[int] = []
+    with played_qemu(tmp_path, policy) as (_relay, qemu, path):
+        client = QMP(path)
+        client.send(b'{"execute": "qmp_capabilities", "id": 1}\r\n')
+        cmd, _ = qemu.command()
+        qemu.answer(cmd)
+        assert client.reply() == {"return": {}, "id": 1}
+        client.send(json.dumps({"execute": "blockdev-change-medium", "id": 2, "arguments": {
+            "id": "cd0", "filename": str(top), "format": "qcow2"}}).encode())  # fmt: skip
+        refused = client.reply()
+        assert "gone.qcow2" in refused["error"]["desc"]  # type: ignore[index]
+        end = time.monotonic() + 5
+        while time.monotonic() < end and not lock_free(str(top)):
+            client.send(QUERY)  # the guard's own getfd/closefd come first, answered here
+            cmd, got = qemu.command()
+            fds += got
+            while cmd["execute"] in ("getfd", "closefd"):
+                qemu.answer(cmd)
+                cmd, got = qemu.command()
+                fds += got
+            qemu.answer(cmd)
+            assert client.reply() == {"return": {}, "id": 7}
+            time.sleep(0.2)
+        assert lock_free(str(top))
+        client.close()
+    for fd in fds:
+        os.close(fd)

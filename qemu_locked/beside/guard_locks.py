@@ -72,6 +72,7 @@ class Locks:
         self.qemu_pid = qemu_pid
         self.by_key: dict[str, Lock] = {}
         self.give: list[tuple[str, int]] = []  # (name, fd) to hand to QEMU with getfd
+        self.added: list[tuple[str, str]] = []  # (key, user) since the policy last cleared it
         self.take_back: list[str] = []  # names QEMU should closefd
         self._serial = 0
         self._memfd = -1
@@ -152,7 +153,9 @@ class Locks:
                 if not defer_ok:
                     raise
                 lock.deferred = True
-        lock.nodes.add(user)
+        if user not in lock.nodes:
+            lock.nodes.add(user)
+            self.added.append((key, user))
         if not lock.start:
             lock.origin = origin
         return lock
@@ -248,6 +251,11 @@ class Locks:
         self.by_key.pop(lock.key, None)
 
     def _drop(self, lock: Lock) -> None:
+        # Fds not handed to QEMU yet (a refused command took them) are just
+        # forgotten: a getfd of a closed fd would fail, and QEMU has no copy.
+        mine = set(lock.names)
+        handed = [name for name in lock.names if name not in {n for n, _ in self.give}]
+        self.give[:] = [(name, fd) for name, fd in self.give if name not in mine]
         if lock.registrations:
             from qemu_locked.backends.sanlock.start import release
 
@@ -260,7 +268,7 @@ class Locks:
             except OSError:
                 pass
             os.close(fd)
-        self.take_back.extend(lock.names)
+        self.take_back.extend(handed)
         lock.fds, lock.names = [], []
 
     # -- what QEMU itself has open ----------------------------------------------------

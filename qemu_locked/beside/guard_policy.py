@@ -88,10 +88,16 @@ class Policy:
             return None
         self._serial += 1
         tag = f"#cmd{self._serial}"
+        self.locks.added.clear()
         try:
             return handler(self, args, tag)
-        except Refused:
-            self._unuse({tag})
+        except Refused:  # a command refused keeps nothing it took, whatever its users' names
+            for key, user in self.locks.added:
+                lock = self.locks.by_key.get(key)
+                if lock is not None and user in lock.nodes:
+                    lock.nodes.discard(user)
+                    if not lock.nodes:
+                        self.release_due.add(key)
             raise
 
     def _tagged(self, tag: str, on_ok: Callable[[], None] | None = None) -> After:
@@ -121,11 +127,7 @@ class Policy:
         origin = f"blockdev-add {new[0].name if new else None}"
         fresh = [n for n in new if n.name not in self.graph.nodes]  # a duplicate name fails in QEMU
         names = {n.name for n in fresh} | {n.name + "#backing" for n in fresh}
-        try:
-            self._add_nodes(new, origin)
-        except Refused:
-            self._unuse(names)
-            raise
+        self._add_nodes(new, origin)
 
         def after(ok: bool) -> None:
             if ok:
