@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from guard_helpers import QMP, played_qemu
 
 from qemu_locked.beside.guard_steady import Verdicts
@@ -232,3 +233,33 @@ def test_a_refused_command_keeps_nothing_it_took(tmp_path: Path) -> None:
         client.close()
     for fd in fds:
         os.close(fd)
+
+
+def test_an_upgrade_that_loses_the_lock_is_a_refusal(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Shared to exclusive may need the lock taken anew; if another process
+    takes it in that gap, neither mode can be had again: 'shared for now'
+    (defer_ok) must not pass for a disk with no lock at all."""
+    import os
+
+    from conftest import lock_free
+
+    from qemu_locked.beside.guard_locks import Locks, Refused
+    from qemu_locked.model.config import Config
+    from qemu_locked.model.plan import EXCLUSIVE, SHARED, Plan
+
+    disk = tmp_path / "d.img"
+    disk.write_bytes(b"\0" * 4096)
+    locks = Locks(Config(lockspace_dir=str(tmp_path / "none")), Plan((), (), "up", None),
+                  os.getpid())  # fmt: skip
+    held = locks.want(str(disk), SHARED, "a", "test")
+    assert held.fds and not lock_free(str(disk))
+
+    def taken_meanwhile(self: Locks, lock: object, mode: str) -> None:
+        raise Refused(f"qemu-locked: {disk} is locked (exclusive) by someone else")
+
+    monkeypatch.setattr(Locks, "_acquire", taken_meanwhile)  # the race's outcome, injected
+    with pytest.raises(Refused):
+        locks.want(str(disk), EXCLUSIVE, "b", "test", defer_ok=True)
+    assert not held.fds and held.key not in locks.by_key  # the next want takes it anew

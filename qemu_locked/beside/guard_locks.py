@@ -150,6 +150,9 @@ class Locks:
             try:
                 self.upgrade(lock)
             except Refused:
+                if not lock.fds:  # lost while taking it anew: not even shared any more
+                    del self.by_key[key]
+                    raise
                 if not defer_ok:
                     raise
                 lock.deferred = True
