@@ -37,8 +37,8 @@ _O_ACCMODE = 3
 class Lock:
     """One disk QEMU uses, locked for it."""
 
-    __slots__ = ("deferred", "fds", "key", "mode", "names", "nodes", "origin", "path",
-                 "registrations", "start")  # fmt: skip
+    __slots__ = ("fds", "key", "mode", "names", "nodes", "origin", "path", "registrations",
+                 "start")  # fmt: skip
 
     def __init__(self, key: str, path: str, mode: str, origin: str) -> None:
         self.key = key
@@ -49,7 +49,6 @@ class Lock:
         self.names: list[str] = []  # their names in QEMU (getfd); none for start-time fds
         self.nodes: set[str] = set()  # nodes (or devices) that use this file
         self.start = False  # taken by the wrapper before exec
-        self.deferred = False  # held shared; exclusive once a writer attaches
         self.registrations: list[Held] = []  # sanlock: released through the daemon
 
 
@@ -143,8 +142,7 @@ class Locks:
             except Refused:
                 if not (defer_ok and mode == EXCLUSIVE):
                     raise
-                self._acquire(lock, SHARED)
-                lock.deferred = True
+                self._acquire(lock, SHARED)  # exclusive once a writer attaches
             self.by_key[key] = lock
         elif mode == EXCLUSIVE and lock.mode != EXCLUSIVE:
             try:
@@ -155,7 +153,6 @@ class Locks:
                     raise
                 if not defer_ok:
                     raise
-                lock.deferred = True
         if user not in lock.nodes:
             lock.nodes.add(user)
             self.added.append((key, user))
@@ -196,7 +193,7 @@ class Locks:
             if not self._in_place:
                 raise OSError("a sanlock lease changes mode only by taking it anew")
             if all(ofd.try_lock(fd, True) for fd in lock.fds):
-                lock.mode, lock.deferred = EXCLUSIVE, False
+                lock.mode = EXCLUSIVE
                 return
             for fd in lock.fds:
                 ofd.try_lock(fd, False)  # back to what it was: never weaker than shared
@@ -211,7 +208,6 @@ class Locks:
         except Refused:
             self._acquire(lock, SHARED)  # may be refused too: then it is not held at all
             raise
-        lock.deferred = False
 
     def _busy_line(self, lock: Lock) -> str:
         """Who keeps this disk from being exclusive: its other holders (this VM's
@@ -331,14 +327,6 @@ class Locks:
         os.ftruncate(self._memfd, 0)
         os.pwrite(self._memfd, text, 0)
         self._shown = text
-
-    def close_all(self) -> None:
-        for lock in self.by_key.values():
-            for fd in lock.fds:
-                try:
-                    os.close(fd)
-                except OSError:
-                    pass
 
 
 def published() -> dict[tuple[int, str], str]:

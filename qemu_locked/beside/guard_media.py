@@ -58,12 +58,7 @@ def insert_medium(policy: Policy, args: dict[str, Any], tag: str) -> After:
     dev = policy.graph.devices.get(dev_id)
     if node is not None and policy.graph.writable(node) and not (dev is not None and dev.cd):
         policy._writer(node, tag, f"media change {dev_id}")
-
-    def on_ok() -> None:
-        if dev is not None:
-            dev.medium = node
-
-    return policy._tagged(tag, on_ok)
+    return policy._tagged(tag)
 
 
 def remove_medium(policy: Policy, args: dict[str, Any], tag: str) -> After:
@@ -73,8 +68,5 @@ def remove_medium(policy: Policy, args: dict[str, Any], tag: str) -> After:
         old = policy.media.pop(dev_id, None) if ok else None
         if old is not None:
             policy._unuse({old})
-        dev = policy.graph.devices.get(dev_id)
-        if ok and dev is not None:
-            dev.medium = None
 
     return after

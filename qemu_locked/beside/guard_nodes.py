@@ -4,7 +4,7 @@ Nodes come from the command line (``-blockdev``) and from ``blockdev-add``;
 devices from ``-device`` and ``device_add``.  Only what the lock policy needs
 is kept: which protocol nodes open which file, which nodes are children of
 which (``file``, ``data-file``... and apart from them ``backing``), which are
-read-only, and which devices use which node with ``share-rw``.
+read-only, and which devices (of which kind) use which node.
 """
 
 from __future__ import annotations
@@ -31,7 +31,6 @@ def truthy(value: object) -> bool:
 class Node:
     __slots__ = (
         "auto_ro",
-        "backing",
         "children",
         "driver",
         "filename",
@@ -48,7 +47,6 @@ class Node:
         self.auto_ro = auto_ro
         self.filename: str | None = None
         self.children: list[str] = []
-        self.backing: str | None = None  # a node name; None: none or implicit
         self.has_backing_key = False
         self.has_data_key = False  # "data-file" given: QEMU reads no name from the header
 
@@ -58,14 +56,11 @@ class Node:
 
 
 class Device:
-    __slots__ = ("drive", "driver", "id", "medium", "share")
+    __slots__ = ("drive", "driver")
 
-    def __init__(self, dev_id: str, driver: str, drive: str | None, share: bool) -> None:
-        self.id = dev_id
+    def __init__(self, driver: str, drive: str | None) -> None:
         self.driver = driver
         self.drive = drive
-        self.share = share
-        self.medium: str | None = None  # node inserted with blockdev-insert-medium
 
     @property
     def cd(self) -> bool:
@@ -104,9 +99,9 @@ class Graph:
         node.has_data_key = "data-file" in args
         if "backing" in args:
             node.has_backing_key = True
-            refs: list[str] = []
-            self._link(node, args["backing"], out, True, depth, refs)
-            node.backing = refs[0] if refs else None
+            # inline backing nodes are parsed (read-only); their files are locked
+            # apart from the children's, shared
+            self._link(node, args["backing"], out, True, depth, [])
         return name
 
     def _link(self, node: Node, value: object, out: list[Node], ro: bool, depth: int,
@@ -124,9 +119,9 @@ class Graph:
             if len(self.nodes) < _MAX_NODES or node.name in self.nodes:
                 self.nodes[node.name] = node
 
-    def files_under(self, name: str, with_backing: bool = False) -> list[Node]:
-        """Protocol nodes reached from ``name`` through child links (and
-        ``backing`` links if asked), ``name`` itself included."""
+    def files_under(self, name: str) -> list[Node]:
+        """Protocol nodes reached from ``name`` through child links, ``name``
+        itself included (backing files are locked apart, shared)."""
         seen: set[str] = set()
         out: list[Node] = []
         todo = [name]
@@ -141,8 +136,6 @@ class Graph:
             if node.protocol:
                 out.append(node)
             todo.extend(node.children)
-            if with_backing and node.backing:
-                todo.append(node.backing)
         return out
 
     def writable(self, name: str) -> bool:
@@ -154,18 +147,7 @@ class Graph:
         if not isinstance(dev_id, str):
             return None
         drive = args.get("drive")
-        dev = Device(dev_id, str(args.get("driver", "")), drive if isinstance(drive, str) else None,
-                     truthy(args.get("share-rw", False)))  # fmt: skip
+        dev = Device(str(args.get("driver", "")), drive if isinstance(drive, str) else None)
         if len(self.devices) < _MAX_NODES:
             self.devices[dev_id] = dev
         return dev
-
-    def device_for_node(self, name: str) -> Device | None:
-        for dev in self.devices.values():
-            if name in (dev.drive, dev.medium):
-                return dev
-        return None
-
-    def users(self, name: str) -> list[str]:
-        """Nodes that link to ``name`` (as a child or as backing)."""
-        return [n.name for n in self.nodes.values() if name in n.children or n.backing == name]

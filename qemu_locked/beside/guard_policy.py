@@ -201,7 +201,6 @@ class Policy:
                     continue
                 if not lock.start:
                     lock.origin = origin
-                lock.deferred = False
                 if share and lock.mode == EXCLUSIVE:
                     self.locks.downgrade(lock)
 

@@ -26,10 +26,6 @@ NO_WAIT = 0.0  # a deadline already past: one attempt
 GUARD_GRACE = 2.0
 
 
-def deadline_after(wait: float) -> float:
-    return time.monotonic() + wait
-
-
 def take_all(
     items: Iterable[T],
     take: Callable[[T, float], bool],

@@ -114,12 +114,3 @@ def conflicting(fd: int, exclusive: bool, byte: int = _BYTE) -> tuple[str, int] 
         return None
     pid = int.from_bytes(raw[24:28], _ORDER, signed=True)
     return ("exclusive" if l_type == F_WRLCK else "shared"), pid
-
-
-def supported(fd: int) -> bool:
-    """Whether this file's filesystem takes OFD locks at all (doctor's check)."""
-    try:
-        fcntl.fcntl(fd, F_OFD_GETLK, _flock(F_RDLCK))
-    except OSError:
-        return False
-    return True
