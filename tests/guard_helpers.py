@@ -152,6 +152,17 @@ class FakeQemu:
         reply = {"return": {} if ret is None else ret, "id": cmd.get("id")}
         self.say(json.dumps(reply).encode() + b"\r\n")
 
+    def next_from_client(self, fds: list[int]) -> dict[str, object]:
+        """The next command that is not the guard's own getfd/closefd (those are
+        answered here; the fds they bring are added to ``fds``)."""
+        cmd, got = self.command()
+        fds += got
+        while cmd["execute"] in ("getfd", "closefd"):
+            self.answer(cmd)
+            cmd, got = self.command()
+            fds += got
+        return cmd
+
     def close(self) -> None:
         self.file.close()
         self.sock.close()
@@ -188,3 +199,25 @@ def played_qemu(tmp: Path, policy: Policy | None = None) -> Iterator[tuple[Relay
         qemu.close()
         listener.close()
     assert not thread.is_alive(), "the relay outlived its VM"
+
+
+def policy_for(tmp: Path, guest: str) -> Policy:
+    """The guard's lock policy (direct backend) for a VM this test process plays."""
+    from qemu_locked.beside.guard_locks import Locks
+    from qemu_locked.beside.guard_nodes import Graph
+    from qemu_locked.beside.guard_policy import Policy
+    from qemu_locked.model.config import Config
+    from qemu_locked.model.plan import Plan
+
+    config = Config(lockspace_dir=str(tmp / "none"))
+    return Policy(Graph(), Locks(config, Plan((), (), guest, None), os.getpid()))
+
+
+def negotiated(qemu: FakeQemu, path: str) -> QMP:
+    """The first client, its qmp_capabilities answered by (played) QEMU."""
+    client = QMP(path)
+    client.send(b'{"execute": "qmp_capabilities", "id": 1}\r\n')
+    cmd, _fds = qemu.command()
+    qemu.answer(cmd)
+    assert client.reply() == {"return": {}, "id": 1}
+    return client

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 from conftest import QEMU_LOCKED, base_env, lock_free
-from guard_helpers import QEMU, QMP, Domain, played_qemu
+from guard_helpers import QEMU, QMP, Domain, negotiated, played_qemu, policy_for
 
 from qemu_locked.beside.guard_frame import (
     HEAD,
@@ -255,16 +255,10 @@ def test_a_monitor_given_by_path_is_not_guarded(tmp_path: Path) -> None:
 
 
 def test_a_hostile_qemu_cannot_make_the_guard_let_go_or_fall_over(tmp_path: Path) -> None:
-    from qemu_locked.beside.guard_locks import Locks
-    from qemu_locked.beside.guard_nodes import Graph
-    from qemu_locked.beside.guard_policy import Policy
-    from qemu_locked.model.config import Config
-    from qemu_locked.model.plan import Plan
 
     disk = tmp_path / "d.img"
     disk.write_bytes(b"\0" * 65536)
-    config = Config(lockspace_dir=str(tmp_path / "none"))
-    policy = Policy(Graph(), Locks(config, Plan((), (), "hostile", None), os.getpid()))
+    policy = policy_for(tmp_path, "hostile")
     fds: list[int] = []
     with played_qemu(tmp_path, policy) as (_relay, qemu, path):
         client = QMP(path)
@@ -348,23 +342,13 @@ def test_a_hot_plugged_device_locks_as_at_start(tmp_path: Path, driver: str, wri
     """device_add makes the disk exclusive for a device that writes, as the start
     path does for -device: scsi-block (a LUN, <disk device='lun'>) writes; only
     the cd devices do not."""
-    from qemu_locked.beside.guard_locks import Locks
-    from qemu_locked.beside.guard_nodes import Graph
-    from qemu_locked.beside.guard_policy import Policy
-    from qemu_locked.model.config import Config
-    from qemu_locked.model.plan import Plan
 
     disk = tmp_path / "lun.img"
     disk.write_bytes(b"\0" * 65536)
-    config = Config(lockspace_dir=str(tmp_path / "none"))
-    policy = Policy(Graph(), Locks(config, Plan((), (), "lun", None), os.getpid()))
+    policy = policy_for(tmp_path, "lun")
     fds: list[int] = []
     with played_qemu(tmp_path, policy) as (_relay, qemu, path):
-        client = QMP(path)
-        client.send(b'{"execute": "qmp_capabilities", "id": 1}\r\n')
-        cmd, _ = qemu.command()
-        qemu.answer(cmd)
-        assert client.reply() == {"return": {}, "id": 1}
+        client = negotiated(qemu, path)
         client.send(json.dumps({"execute": "blockdev-add", "id": 2, "arguments": {
             "driver": "file", "filename": str(disk), "node-name": "n", "auto-read-only": True,
         }}).encode())  # fmt: skip
@@ -377,12 +361,7 @@ def test_a_hot_plugged_device_locks_as_at_start(tmp_path: Path, driver: str, wri
         assert lock_free(str(disk), exclusive=False) and not lock_free(str(disk))  # shared
         client.send(json.dumps({"execute": "device_add", "id": 3, "arguments": {
             "driver": driver, "drive": "n", "id": "d"}}).encode())  # fmt: skip
-        sent, got = qemu.command()
-        fds += got
-        while sent["execute"] in ("getfd", "closefd"):  # the lock fds, if the mode changed
-            qemu.answer(sent)
-            sent, got = qemu.command()
-            fds += got
+        sent = qemu.next_from_client(fds)  # after the lock fds, if the mode changed
         assert sent["execute"] == "device_add"
         assert lock_free(str(disk), exclusive=False) is not writer  # taken before forwarding
         qemu.answer(sent)

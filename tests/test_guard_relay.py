@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from guard_helpers import QMP, played_qemu
+from guard_helpers import QMP, negotiated, played_qemu, policy_for
 
 from qemu_locked.beside.guard_steady import Verdicts
 
@@ -17,11 +17,7 @@ QUERY = b'{"execute": "query-status", "id": 7}\r\n'
 
 def test_an_id_that_is_not_unicode_does_not_stop_the_relay(tmp_path: Path) -> None:
     with played_qemu(tmp_path) as (_relay, qemu, path):
-        first = QMP(path)
-        first.send(b'{"execute": "qmp_capabilities", "id": 1}\r\n')
-        cmd, _ = qemu.command()
-        qemu.answer(cmd)
-        assert first.reply() == {"return": {}, "id": 1}
+        first = negotiated(qemu, path)
         first.close()
         again = QMP(path)  # the guard answers this one itself, echoing the id
         again.send(b'{"execute": "qmp_capabilities", "id": "\\udcff\xff"}\r\n')
@@ -51,11 +47,7 @@ def test_capabilities_answered_for_one_client_do_not_negotiate_the_next(tmp_path
 
 def test_the_rest_of_a_long_answer_does_not_reach_the_next_client(tmp_path: Path) -> None:
     with played_qemu(tmp_path) as (_relay, qemu, path):
-        first = QMP(path)
-        first.send(b'{"execute": "qmp_capabilities", "id": 1}\r\n')
-        cmd, _ = qemu.command()
-        qemu.answer(cmd)
-        assert first.reply() == {"return": {}, "id": 1}
+        first = negotiated(qemu, path)
         first.send(QUERY)
         assert qemu.raw() == QUERY
         qemu.say(b'{"return": "' + b"x" * (2 << 20))  # over 1 MiB, and not yet whole
@@ -87,23 +79,12 @@ def test_a_due_release_happens_under_steady_traffic(tmp_path: Path) -> None:
 
     from conftest import lock_free
 
-    from qemu_locked.beside.guard_locks import Locks
-    from qemu_locked.beside.guard_nodes import Graph
-    from qemu_locked.beside.guard_policy import Policy
-    from qemu_locked.model.config import Config
-    from qemu_locked.model.plan import Plan
-
     disk = tmp_path / "d.img"
     disk.write_bytes(b"\0" * 65536)
-    config = Config(lockspace_dir=str(tmp_path / "none"))
-    policy = Policy(Graph(), Locks(config, Plan((), (), "busy", None), os.getpid()))
+    policy = policy_for(tmp_path, "busy")
     fds: list[int] = []
     with played_qemu(tmp_path, policy) as (_relay, qemu, path):
-        client = QMP(path)
-        client.send(b'{"execute": "qmp_capabilities", "id": 1}\r\n')
-        cmd, _ = qemu.command()
-        qemu.answer(cmd)
-        assert client.reply() == {"return": {}, "id": 1}
+        client = negotiated(qemu, path)
         client.send(json.dumps({"execute": "blockdev-add", "id": 2, "arguments": {
             "driver": "file", "filename": str(disk), "node-name": "n"}}).encode())  # fmt: skip
         getfd, fds = qemu.command()
@@ -142,23 +123,12 @@ def test_a_hot_plugged_qcow2s_data_file_is_locked_with_it(tmp_path: Path) -> Non
     from conftest import lock_free
     from fail_closed import qemu_img
 
-    from qemu_locked.beside.guard_locks import Locks
-    from qemu_locked.beside.guard_nodes import Graph
-    from qemu_locked.beside.guard_policy import Policy
-    from qemu_locked.model.config import Config
-    from qemu_locked.model.plan import Plan
-
     image, data = tmp_path / "d.qcow2", tmp_path / "d.raw"
     qemu_img("create", "-q", "-f", "qcow2", "-o", f"data_file={data}", str(image), "1M")
-    config = Config(lockspace_dir=str(tmp_path / "none"))
-    policy = Policy(Graph(), Locks(config, Plan((), (), "data", None), os.getpid()))
+    policy = policy_for(tmp_path, "data")
     fds: list[int] = []
     with played_qemu(tmp_path, policy) as (_relay, qemu, path):
-        client = QMP(path)
-        client.send(b'{"execute": "qmp_capabilities", "id": 1}\r\n')
-        cmd, _ = qemu.command()
-        qemu.answer(cmd)
-        assert client.reply() == {"return": {}, "id": 1}
+        client = negotiated(qemu, path)
         for i, args in enumerate([  # as libvirt adds a disk
             {"driver": "file", "filename": str(image), "node-name": "s", "auto-read-only": True},
             {"node-name": "f", "read-only": False, "driver": "qcow2", "file": "s", "backing": None},
@@ -166,12 +136,7 @@ def test_a_hot_plugged_qcow2s_data_file_is_locked_with_it(tmp_path: Path) -> Non
             client.send(
                 json.dumps({"execute": "blockdev-add", "id": i, "arguments": args}).encode()
             )
-            sent, got = qemu.command()
-            fds += got
-            while sent["execute"] in ("getfd", "closefd"):
-                qemu.answer(sent)
-                sent, got = qemu.command()
-                fds += got
+            sent = qemu.next_from_client(fds)
             assert sent["execute"] == "blockdev-add"
             qemu.answer(sent)
             assert client.reply() == {"return": {}, "id": i}
@@ -195,24 +160,13 @@ def test_a_refused_command_keeps_nothing_it_took(tmp_path: Path) -> None:
     from conftest import lock_free
     from fail_closed import qemu_img
 
-    from qemu_locked.beside.guard_locks import Locks
-    from qemu_locked.beside.guard_nodes import Graph
-    from qemu_locked.beside.guard_policy import Policy
-    from qemu_locked.model.config import Config
-    from qemu_locked.model.plan import Plan
-
     top = tmp_path / "top.qcow2"
     qemu_img("create", "-q", "-f", "qcow2", "-u", "-b", str(tmp_path / "gone.qcow2"),
              "-F", "qcow2", str(top), "1M")  # fmt: skip
-    config = Config(lockspace_dir=str(tmp_path / "none"))
-    policy = Policy(Graph(), Locks(config, Plan((), (), "refused", None), os.getpid()))
+    policy = policy_for(tmp_path, "refused")
     fds: list[int] = []
     with played_qemu(tmp_path, policy) as (_relay, qemu, path):
-        client = QMP(path)
-        client.send(b'{"execute": "qmp_capabilities", "id": 1}\r\n')
-        cmd, _ = qemu.command()
-        qemu.answer(cmd)
-        assert client.reply() == {"return": {}, "id": 1}
+        client = negotiated(qemu, path)
         client.send(json.dumps({"execute": "blockdev-change-medium", "id": 2, "arguments": {
             "id": "cd0", "filename": str(top), "format": "qcow2"}}).encode())  # fmt: skip
         refused = client.reply()
@@ -220,12 +174,7 @@ def test_a_refused_command_keeps_nothing_it_took(tmp_path: Path) -> None:
         end = time.monotonic() + 5
         while time.monotonic() < end and not lock_free(str(top)):
             client.send(QUERY)  # the guard's own getfd/closefd come first, answered here
-            cmd, got = qemu.command()
-            fds += got
-            while cmd["execute"] in ("getfd", "closefd"):
-                qemu.answer(cmd)
-                cmd, got = qemu.command()
-                fds += got
+            cmd = qemu.next_from_client(fds)
             qemu.answer(cmd)
             assert client.reply() == {"return": {}, "id": 7}
             time.sleep(0.2)

@@ -11,7 +11,7 @@ import socket
 from pathlib import Path
 
 import pytest
-from guard_helpers import QMP, FakeQemu, played_qemu
+from guard_helpers import QMP, FakeQemu, negotiated, played_qemu
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -83,15 +83,6 @@ def test_a_remembered_verdict_never_lets_more_through() -> None:
     assert len(verdicts.known) <= 512
 
 
-def _negotiated(qemu: FakeQemu, path: str) -> QMP:
-    client = QMP(path)
-    client.send(b'{"execute": "qmp_capabilities", "id": 1}\r\n')
-    cmd, _fds = qemu.command()
-    qemu.answer(cmd)
-    assert client.reply() == {"return": {}, "id": 1}
-    return client
-
-
 def _silent(sock: socket.socket, seconds: float = WAIT_S + 0.5) -> bool:
     """Does nothing arrive on this socket for a while (longer than the guard's
     wait for an answer in recv)?  Peeked: nothing is taken from it."""
@@ -107,7 +98,7 @@ def _silent(sock: socket.socket, seconds: float = WAIT_S + 0.5) -> bool:
 
 def test_plain_traffic_is_relayed_byte_for_byte(tmp_path: Path) -> None:
     with played_qemu(tmp_path) as (_relay, qemu, path):
-        client = _negotiated(qemu, path)
+        client = negotiated(qemu, path)
         for _ in range(3):  # the steady loop's own path, several times over
             client.send(QUERY)
             assert qemu.raw() == QUERY
@@ -139,7 +130,7 @@ def test_a_long_answer_and_idle_events_arrive_whole(tmp_path: Path) -> None:
     short loop half-read and is finished by the general one; events that come
     while nothing is in flight pass either way."""
     with played_qemu(tmp_path) as (_relay, qemu, path):
-        client = _negotiated(qemu, path)
+        client = negotiated(qemu, path)
         client.send(QUERY)
         assert qemu.raw() == QUERY
         long = b'{"return": "' + b"s" * (200 << 10) + b'", "id": 7}\r\n'
@@ -158,7 +149,7 @@ def test_a_long_answer_and_idle_events_arrive_whole(tmp_path: Path) -> None:
 
 def test_commands_still_wait_their_turn(tmp_path: Path) -> None:
     with played_qemu(tmp_path) as (_relay, qemu, path):
-        client = _negotiated(qemu, path)
+        client = negotiated(qemu, path)
         client.send(QUERY)
         client.send(b'{"execute": "query-name", "id": 8}\r\n')  # before the first is answered
         assert qemu.raw() == QUERY
@@ -189,7 +180,7 @@ def test_a_slow_answer_does_not_keep_a_reconnecting_client_waiting(tmp_path: Pat
     (libvirtd restarted) are seen while QEMU still works on the command.  The new
     client's commands then wait for that answer, as they would in QEMU itself."""
     with played_qemu(tmp_path) as (_relay, qemu, path):
-        client = _negotiated(qemu, path)
+        client = negotiated(qemu, path)
         client.send(QUERY)
         assert qemu.raw() == QUERY
         client.close()
@@ -212,7 +203,7 @@ def test_an_fd_with_a_plain_command_reaches_qemu_with_it(tmp_path: Path) -> None
     target = tmp_path / "passed"
     target.write_bytes(b"x")
     with played_qemu(tmp_path) as (_relay, qemu, path):
-        client = _negotiated(qemu, path)
+        client = negotiated(qemu, path)
         fd = os.open(target, os.O_RDONLY)
         try:
             client.send(QUERY, [fd])
@@ -229,7 +220,7 @@ def test_an_fd_with_a_plain_command_reaches_qemu_with_it(tmp_path: Path) -> None
 
 def test_a_client_gone_before_the_answer_leaves_the_relay_working(tmp_path: Path) -> None:
     with played_qemu(tmp_path) as (_relay, qemu, path):
-        client = _negotiated(qemu, path)
+        client = negotiated(qemu, path)
         client.send(QUERY)
         assert qemu.raw() == QUERY
         client.sock.shutdown(socket.SHUT_RDWR)
