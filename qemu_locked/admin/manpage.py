@@ -135,6 +135,7 @@ def _exit_rows(with_check: bool = False) -> list[str]:
         (errors.EXIT_LOCKED, "a disk or the VM's domain lease is held by someone else"),
         (errors.EXIT_DISK, "a disk is missing or cannot be opened or locked"),
         (errors.EXIT_BACKEND, "the lock machinery failed (no OFD locks, lockspace I/O)"),
+        (errors.EXIT_DENIED, "the security policy (AppArmor, SELinux) denied an open or lock"),
         (errors.EXIT_INTERNAL, "a bug in qemu\\-locked (still one line, no traceback)"),
         (errors.EXIT_NOT_EXECUTABLE, "the emulator (or command) is not executable"),
         (errors.EXIT_NOT_FOUND, "the emulator (or command) was not found"),

@@ -11,6 +11,7 @@ byte virtlockd uses, so the two exclude each other.
 from __future__ import annotations
 
 import fcntl
+import os
 import sys
 import time
 
@@ -57,13 +58,29 @@ def _build_flock(l_type: int, start: int, length: int) -> bytes:
 def try_lock(fd: int, exclusive: bool, byte: int = _BYTE) -> bool:
     """Take the lock on ``byte`` (the lease byte 0 unless told) without waiting.
     False if someone else holds it."""
+    request = _flock(F_WRLCK if exclusive else F_RDLCK, byte)
+    for _attempt in range(3):
+        try:
+            fcntl.fcntl(fd, F_OFD_SETLK, request)
+        except OSError as exc:
+            if exc.errno == 11:  # EAGAIN: a conflicting lock
+                return False
+            if exc.errno not in (1, 13):
+                raise refused(fd, exc) from None
+            # EACCES is also how POSIX may report a conflict, and how AppArmor's
+            # 'k' and SELinux's 'lock' refuse: the kernel's own test (F_OFD_GETLK,
+            # which no security module mediates) tells a holder from a refusal.
+            if conflicting(fd, exclusive, byte) is not None:
+                return False
+            continue  # free now: the holder may just have let go; ask once more
+        return True
+    from qemu_locked.lock.policy import denied
+
     try:
-        fcntl.fcntl(fd, F_OFD_SETLK, _flock(F_WRLCK if exclusive else F_RDLCK, byte))
-    except OSError as exc:
-        if exc.errno in (11, 13):  # EAGAIN, EACCES: a conflicting lock
-            return False
-        raise refused(fd, exc) from None
-    return True
+        path = os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        path = f"fd {fd}"
+    raise denied(path, "lock")
 
 
 _HINTS = {

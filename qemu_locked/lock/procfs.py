@@ -102,7 +102,8 @@ def fd_entries(
     """
     try:
         fds = os.listdir(f"/proc/{pid}/fd")
-    except OSError:
+    except OSError as exc:
+        _note_hidden(f"/proc/{pid}/fd", exc)
         return
     for fd in fds:
         link = f"/proc/{pid}/fd/{fd}"
@@ -116,6 +117,21 @@ def fd_entries(
         except OSError:
             continue
         yield fd, target, info
+
+
+# /proc directories a security module hid from this process although their
+# modes let us list them: a refusal then says so instead of blaming permissions.
+_HIDDEN_BY_POLICY: set[str] = set()
+
+
+def _note_hidden(directory: str, exc: OSError) -> None:
+    from qemu_locked.lock.policy import by_policy
+
+    try:
+        if by_policy(exc, os.stat(directory), 5):
+            _HIDDEN_BY_POLICY.add(directory)
+    except OSError:
+        pass
 
 
 def lock_lines(info: str) -> Iterator[tuple[str, str, int, int, int]]:
@@ -171,7 +187,8 @@ def same_description(pid1: int, fd1: int, pid2: int, fd2: int) -> bool:
 def pids() -> list[int]:
     try:
         return sorted(int(p) for p in os.listdir("/proc") if p.isdigit())
-    except OSError:
+    except OSError as exc:
+        _note_hidden("/proc", exc)
         return []
 
 
@@ -230,9 +247,10 @@ def holders_of(dev: int, ino: int, pid_hint: int = -1) -> list[Holder]:
     return out
 
 
-def locked_here(dev: int, ino: int) -> bool:
+def locked_here(dev: int, ino: int) -> bool | None:
     """Does this kernel hold a lock covering byte 0 of the file?  /proc/locks is
-    readable by everyone, even where the holder's /proc/PID is not."""
+    readable by everyone, even where the holder's /proc/PID is not; None when a
+    security module denies reading it (nothing can be said)."""
     want = f"{os.major(dev):02x}:{os.minor(dev):02x}:{ino}"
     try:
         with open("/proc/locks", encoding="ascii", errors="replace") as f:
@@ -240,18 +258,30 @@ def locked_here(dev: int, ino: int) -> bool:
                 parts = line.split()
                 if len(parts) >= 8 and parts[1] != "->" and parts[5] == want and parts[6] == "0":
                     return True
-    except OSError:
-        pass
+    except OSError as exc:
+        return None if exc.errno in (1, 13) else False
     return False
+
+
+_ROOT_NAMES = "`qemu-lockctl status PATH` as root names it"
 
 
 def describe(holders: list[Holder], mode_hint: str, dev: int = -1, ino: int = -1) -> str:
     """``(exclusive) by pid 4242, guest 'web'`` for a refusal message."""
     if not holders:
-        if dev >= 0 and locked_here(dev, ino):
+        here = locked_here(dev, ino) if dev >= 0 else False
+        if here is None or (here and _HIDDEN_BY_POLICY):
+            from qemu_locked.lock.policy import modules
+
+            what = "/proc/locks" if here is None else "other processes' /proc entries"
+            return (
+                f"({mode_hint}) by a holder this process cannot identify: the host's security "
+                f"policy ({modules()}) denies it {what} ({_ROOT_NAMES})"
+            )
+        if here:
             return (
                 f"({mode_hint}) by a local process whose /proc entries this user cannot read "
-                "(`qemu-lockctl status PATH` as root names it)"
+                f"({_ROOT_NAMES})"
             )
         return f"({mode_hint}) by a process on another host (or in another PID namespace)"
     mode = "exclusive" if any(h.mode == "exclusive" for h in holders) else "shared"

@@ -88,6 +88,9 @@ def open_checked(path: str, writable: bool, expect: str) -> int:
     try:
         return reopen(path, flags, accept)
     except OSError as exc:
+        from qemu_locked.lock.policy import check_open
+
+        check_open(path, exc, 6 if writable else 4)
         need = "for writing (an exclusive lock needs it)" if writable else "for reading"
         raise DiskError(path, f"cannot open {need}: {_why(exc)}") from None
     except ValueError:

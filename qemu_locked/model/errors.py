@@ -14,6 +14,7 @@ EXIT_USAGE = 2  # bad argument, bad config, bad XML
 EXIT_LOCKED = 3  # a disk (or domain lease) is held by someone else
 EXIT_DISK = 4  # a disk cannot be opened/locked: missing, wrong type, permission
 EXIT_BACKEND = 5  # the lock machinery itself failed (no OFD support, lockspace I/O)
+EXIT_DENIED = 6  # the host's security policy (AppArmor, SELinux) refused an open or a lock
 EXIT_INTERNAL = 70  # a bug in qemu-locked (EX_SOFTWARE); still one line, no traceback
 EXIT_NOT_EXECUTABLE = 126
 EXIT_NOT_FOUND = 127
@@ -90,6 +91,22 @@ class LockedError(QemuLockedError):
 
 class BackendError(QemuLockedError):
     exit_code = EXIT_BACKEND
+
+
+class PolicyDenied(QemuLockedError):
+    """An open, a lock or a /proc read that file permissions allow was refused all
+    the same: a security module (AppArmor, SELinux) confines this process.  Never
+    reported as a holder: nobody holds anything, and nothing is held behind it."""
+
+    exit_code = EXIT_DENIED
+
+    def __init__(self, path: str, action: str, modules: str) -> None:
+        super().__init__(
+            f"{path}: {action} denied by the host's security policy ({modules}); "
+            "`qemu-lockctl doctor` names the fix"
+        )
+        self.path = path
+        self.action = action
 
 
 class InternalError(QemuLockedError):

@@ -30,6 +30,7 @@ from qemu_locked.lock import ofd
 from qemu_locked.lock.acquire import NO_WAIT, take_all
 from qemu_locked.lock.held import Held, Pending
 from qemu_locked.lock.keys import digest
+from qemu_locked.lock.policy import check_open, check_open_at
 from qemu_locked.model.claim import Claim, merged
 from qemu_locked.model.errors import BackendError
 from qemu_locked.model.value import frozen
@@ -138,6 +139,7 @@ class Lockspace:
                 f"lockspace_dir {path} does not exist (create it: qemu-lockctl lockspace init)"
             ) from None
         except OSError as exc:
+            check_open(path, exc, 4)
             raise BackendError(f"lockspace_dir {path}: {exc.strerror}") from None
 
     def close(self) -> None:
@@ -147,6 +149,7 @@ class Lockspace:
         """An fd of a lease file (read-write), created if missing; never a symlink."""
         access = os.O_RDONLY if readonly else os.O_RDWR
         flags = access | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY
+        where = f"{self.path}/{name}"
         while True:
             try:
                 fd = os.open(
@@ -158,19 +161,16 @@ class Lockspace:
                 raise LeaseMissing(f"{self.path}/{name}: no such lease") from None
             except OSError as exc:
                 if exc.errno == 40:
-                    raise BackendError(
-                        f"{self.path}/{name}: is a symlink, refusing to use it"
-                    ) from None
-                raise BackendError(f"{self.path}/{name}: {exc.strerror}") from None
+                    raise BackendError(f"{where}: is a symlink, refusing to use it") from None
+                check_open_at(self.dirfd, where, name, exc, 4 if readonly else 6)
+                raise BackendError(f"{where}: {exc.strerror}") from None
             try:
                 st = os.fstat(fd)
                 if st.st_nlink == 0:  # a collector removed it after our open: again
                     os.close(fd)
                     continue
                 if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
-                    raise BackendError(
-                        f"{self.path}/{name}: not a plain lease file (type or links)"
-                    )
+                    raise BackendError(f"{where}: not a plain lease file (type or links)")
                 if (
                     st.st_size == 0
                     and stat.S_IMODE(st.st_mode) != _FILE_MODE

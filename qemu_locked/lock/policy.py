@@ -1,0 +1,95 @@
+"""Telling a security module's refusal from a file's permissions.
+
+Under AppArmor or SELinux an open or a lock that the file's mode allows can
+still fail with EACCES (EPERM for some hooks).  Reported as a permission
+problem of the file, or worse as a holder, it sends the operator to the wrong
+place: the fix is in the host's policy.  The test is the file's own mode bits
+against our ids (what the kernel's DAC check would say); only when they allow
+the access is the refusal the policy's.  Used on error paths only.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+
+from qemu_locked.model.errors import PolicyDenied
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from qemu_locked.model.errors import QemuLockedError
+
+_DENIED = (errno.EACCES, errno.EPERM)
+_ACTIONS = {0: "open for reading", 2: "open for writing"}
+_MODULES = {"apparmor": "AppArmor", "selinux": "SELinux", "smack": "Smack", "landlock": "Landlock"}
+
+
+def mode_allows(st: os.stat_result, want: int) -> bool:
+    """Would the owner/group/other bits grant ``want`` (4 read, 2 write, 1 exec)?
+
+    Root passes for read and write (CAP_DAC_OVERRIDE).  POSIX ACLs are not read:
+    a file with ACLs may be reported as the policy's doing (the message asks).
+    """
+    uid = os.geteuid()
+    if uid == 0:
+        return True
+    if st.st_uid == uid:
+        bits = st.st_mode >> 6
+    elif st.st_gid == os.getegid() or st.st_gid in os.getgroups():
+        bits = st.st_mode >> 3
+    else:
+        bits = st.st_mode
+    return (bits & want) == want
+
+
+def modules() -> str:
+    """Which security modules could have refused (``AppArmor?``), for the message.
+    Landlock is named only when no system-wide one is active: a process that
+    sandboxed itself is rarely the case."""
+    try:
+        with open("/sys/kernel/security/lsm", encoding="ascii") as f:
+            active = f.read().strip().split(",")
+    except OSError:
+        active = []  # unreadable under some confinements: name the usual two
+    names = [_MODULES[n] for n in active if n in _MODULES and n != "landlock"]
+    if not names:
+        names = ["Landlock"] if "landlock" in active else ["AppArmor", "SELinux"]
+    return "? ".join(names) + "?"
+
+
+def by_policy(exc: OSError, st: os.stat_result, want: int) -> bool:
+    """Is ``exc`` a refusal of an access that ``st``'s mode bits allow?"""
+    return exc.errno in _DENIED and mode_allows(st, want)
+
+
+def denied(path: str, action: str) -> QemuLockedError:
+    return PolicyDenied(path, action, modules())
+
+
+def check_open(path: str, exc: OSError, want: int) -> None:
+    """Raise :class:`PolicyDenied` when an open of ``path`` was refused although
+    its mode bits allow ``want``: the policy's doing, not the file's."""
+    if exc.errno not in _DENIED:
+        return
+    try:
+        st = os.stat(path)
+    except OSError:
+        return
+    if by_policy(exc, st, want):
+        raise denied(path, _ACTIONS[want & 2]) from None
+
+
+def check_open_at(dirfd: int, path: str, name: str, exc: OSError, want: int) -> None:
+    """:func:`check_open` for ``name`` in an open directory, where the open may
+    have been creating it (``path`` names it in the message)."""
+    if exc.errno not in _DENIED:
+        return
+    try:
+        st = os.stat(name, dir_fd=dirfd, follow_symlinks=False)
+        action = _ACTIONS[want & 2]
+    except FileNotFoundError:
+        st, want, action = os.fstat(dirfd), 3, "create"
+    except OSError:
+        return
+    if by_policy(exc, st, want):
+        raise denied(path, action) from None
