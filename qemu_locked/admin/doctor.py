@@ -276,6 +276,9 @@ def run(paths: list[str] | None = None) -> list[Finding]:
 
     findings.extend(Finding(*f) for f in key_findings(cfg, paths))
     findings.extend(libvirt)
+    from qemu_locked.admin.doctor_confinement import findings as confinement_findings
+
+    findings.extend(confinement_findings(cfg, _launcher()))
     probe = check_start(cfg, _launcher(), user)
     if probe is not None:
         findings.append(probe)

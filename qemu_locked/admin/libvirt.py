@@ -39,6 +39,7 @@ from typing import Any, Optional
 import typer
 from lxml import etree
 
+from qemu_locked.admin import apparmor
 from qemu_locked.model.errors import BackendError, QemuLockedError, UsageError
 
 QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
@@ -328,6 +329,9 @@ def enable(
     check_lock_manager(connect)
     wrapper = check_wrapper(emulator if emulator is not None else default_wrapper())
     names = _targets(connect, domains, all_)
+    from qemu_locked.model import config as _config
+
+    _say(apparmor.install(_config.load(), wrapper))
 
     def step(name: str) -> None:
         xml = dumpxml(connect, name)
@@ -363,3 +367,10 @@ def disable(
         sys.stdout.write(f"{name}: disabled{_when(connect, name)}\n")
 
     _each(names, "disable", step)
+    if all_:
+        _say(apparmor.uninstall())
+
+
+def _say(done: str | None) -> None:
+    if done:
+        sys.stdout.write(done + "\n")

@@ -679,6 +679,27 @@ def teardown() -> None:
         shutil.rmtree(CREATED.pop(), ignore_errors=True)
 
 
+# `qemu-lockctl libvirt enable` puts a marked block in the host's AppArmor file
+# for libvirt's domain profiles (libvirt-daemon-system installs them even where
+# the kernel has no AppArmor): the session gives the admin's file back as it was.
+APPARMOR_LOCAL = Path("/etc/apparmor.d/local/abstractions/libvirt-qemu")
+_APPARMOR_ORIGINAL: list[bytes | None] = []
+
+
+def keep_apparmor_local() -> None:
+    _APPARMOR_ORIGINAL[:] = [APPARMOR_LOCAL.read_bytes() if APPARMOR_LOCAL.exists() else None]
+
+
+def restore_apparmor_local() -> None:
+    if not _APPARMOR_ORIGINAL:
+        return
+    original = _APPARMOR_ORIGINAL.pop()
+    if original is not None:
+        APPARMOR_LOCAL.write_bytes(original)
+    elif APPARMOR_LOCAL.exists():
+        APPARMOR_LOCAL.unlink()
+
+
 def shutdown(daemons: Daemons, images: Path) -> None:
     """The end of a lab session, in the one safe order: leftover test domains,
     the daemons the lab started, what setup() created, the images directory."""
@@ -686,6 +707,7 @@ def shutdown(daemons: Daemons, images: Path) -> None:
 
     remove_leftover_domains()
     daemons.stop_all()
+    restore_apparmor_local()
     teardown()
     shutil.rmtree(images, ignore_errors=True)
 
@@ -697,6 +719,7 @@ def setup() -> tuple[Daemons, Path]:
     if os.geteuid() != 0:
         raise LabUnavailable("needs root (installs packages, starts libvirtd)")
     apt_install(APT_PKGS)
+    keep_apparmor_local()
     fix_kvm()
     # What the lab creates on the host goes again at teardown (it is rebuilt per session).
     CREATED.extend(p for p in (VENV, STATE) if not p.exists())

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from e2e.lab import (
+    APPARMOR_LOCAL,
     DEFAULT_LOCKSPACE,
     INSTALLED,
     PREFIX,
@@ -106,6 +107,12 @@ def test_package_install_enable_protects_a_vm_and_purge_leaves_nothing(lab: Lab,
         for name in (first, second):
             r = run(["qemu-lockctl", "libvirt", "enable", name], env=env)
             assert "enabled (/usr/bin/qemu-locked" in r.stdout
+        # libvirt's domain profiles include the package's AppArmor rules, by one
+        # marked block in the admin's file (compiled and run for real: test_apparmor*)
+        assert Path("/etc/apparmor.d/abstractions/qemu-locked").is_file()
+        block = APPARMOR_LOCAL.read_text().split("# BEGIN qemu-locked", 1)[1]
+        assert block.splitlines()[1:] == ["include if exists <abstractions/qemu-locked>",
+                                          "# END qemu-locked"]  # fmt: skip
         assert "<emulator>/usr/bin/qemu-locked</emulator>" in lab.dumpxml(first)
         doctor = run(["qemu-lockctl", "doctor"], env=env, check=False)
         assert doctor.returncode == 0, doctor.stdout
@@ -124,5 +131,6 @@ def test_package_install_enable_protects_a_vm_and_purge_leaves_nothing(lab: Lab,
         assert not os.path.lexists(gone), gone
     after = snapshot()
     assert after == before, (sorted(after - before), sorted(before - after))
+    assert "qemu-locked" not in APPARMOR_LOCAL.read_text()  # purge took the block out
     if had_lockspace:  # give the lab its lockspace back, as it made it
         run([lab.qemu_lockctl, "lockspace", "init", str(DEFAULT_LOCKSPACE)])
