@@ -14,7 +14,7 @@ from collections.abc import Iterable
 
 from qemu_locked.lock import procfs
 from qemu_locked.model.config import Config
-from qemu_locked.model.errors import UsageError
+from qemu_locked.model.errors import QemuLockedError, UsageError
 from qemu_locked.model.row import StatusRow, iso_time
 
 
@@ -88,8 +88,47 @@ def status_rows(config: Config, paths: list[str] | None = None) -> list[StatusRo
     rows += keeper.pending_rows(config.effective_host(), space)
     have = {r.identity() for r in rows}
     rows += [r for r in leased if r.identity() not in have]
+    rows += unseen_rows(paths or [], rows)
     rows.sort(key=lambda r: (r.path, str(r.host), r.pid or 0))
     return _with_origins(rows)
+
+
+# States of a lock the kernel reports but no holder this user can see.
+HIDDEN, ELSEWHERE = "hidden", "elsewhere"
+
+
+def unseen_rows(paths: list[str], rows: list[StatusRow]) -> list[StatusRow]:
+    """A named file no row covers is asked the way a start asks (F_OFD_GETLK):
+    held, it gets a row saying so even when its holder cannot be named, so
+    status never calls free what a start would be refused."""
+    from qemu_locked.lock import ofd, safeopen
+
+    seen = {(st.st_dev, st.st_ino) for st in map(_stat, (r.path for r in rows)) if st}
+    out = []
+    for path in paths:
+        st = _stat(path)
+        if st is None or (st.st_dev, st.st_ino) in seen:
+            continue
+        try:
+            fd = safeopen.open_checked(path, False, safeopen.identity_key(st))
+        except QemuLockedError:
+            continue  # not a disk, or unreadable here: nothing a start would ask
+        try:
+            found = ofd.conflicting(fd, True)
+        finally:
+            os.close(fd)
+        if found is not None:
+            here = procfs.locked_here(st.st_dev, st.st_ino)
+            state = ELSEWHERE if here is False else HIDDEN
+            out.append(StatusRow(path, found[0], state=state, source="ofd"))
+    return out
+
+
+def _stat(path: str) -> os.stat_result | None:
+    try:
+        return os.stat(path)
+    except (OSError, ValueError):
+        return None
 
 
 def _with_origins(rows: list[StatusRow]) -> list[StatusRow]:
