@@ -4,14 +4,14 @@ VENV ?= .venv
 # Debian's interpreter when present: the venv must be usable by the unprivileged
 # libvirt-qemu user, and pyenv interpreters under /root are not (DESIGN.md section 7).
 PYTHON ?= $(shell test -x /usr/bin/python3 && echo /usr/bin/python3 || command -v python3)
-APT_TEST_PKGS := python3-venv qemu-system-x86 qemu-utils procps strace util-linux libvirt-daemon-system libvirt-clients tini sanlock python3-sanlock debootstrap man-db apparmor
+APT_TEST_PKGS := python3-venv qemu-system-x86 qemu-utils procps strace util-linux libvirt-daemon-system libvirt-clients tini sanlock python3-sanlock debootstrap man-db apparmor selinux-policy-dev semodule-utils
 APT_DEMO_PKGS := python3-venv
 # The monitor guard's benchmark compiles its reference relay (tests/bench/relay_floor.c).
 APT_BENCH_PKGS := gcc libc6-dev
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: lab11 demo test lint typecheck unit clean apt-test apt-demo apt-deb venv stress bench e2e deb
+.PHONY: lab11 lab-apparmor demo test lint typecheck unit clean apt-test apt-demo apt-deb venv stress bench e2e deb
 
 # Install Debian packages that are missing (root only; others are told what to install).
 define apt_install
@@ -61,6 +61,12 @@ unit: $(STAMP)
 	$(VENV)/bin/pytest -q -p no:cacheprovider tests
 
 test: apt-test $(STAMP) lint typecheck unit
+
+# A Debian 12 host with AppArmor enforcing (its own cloud kernel under QEMU TCG):
+# the image is built once into /var/cache/qemu-locked-lab/aa-bookworm
+# (tests/e2e/aalab); the control, then qemu-locked from this tree's .deb; root only.
+lab-apparmor: apt-test apt-deb $(STAMP)
+	$(VENV)/bin/pytest -q -p no:cacheprovider tests/e2e/test_aalab_control.py tests/e2e/test_aalab_qemu_locked.py
 
 # libvirt 11.3 + QEMU 10.0 (Debian 13) in private namespaces; the root filesystem is
 # built once into /var/cache/qemu-locked-lab (tests/e2e/lab11/rootfs.py); root only.

@@ -20,7 +20,7 @@ SYS_APPARMOR = "/sys/module/apparmor/parameters/enabled"
 SYS_SELINUX = "/sys/fs/selinux/enforce"
 SYS_YAMA = "/proc/sys/kernel/yama/ptrace_scope"
 # The label confinement/selinux/qemu_locked.fc gives the launcher: svirt_t's entry point.
-SELINUX_LAUNCHER_TYPE = "qemu_exec_t"
+SELINUX_LAUNCHER_TYPE = "qemu_locked_exec_t"
 ENABLE_FIX = "qemu-lockctl libvirt enable DOMAIN (or --all): it adds them, in a marked block"
 
 
