@@ -49,9 +49,13 @@ def _scope(fstype: str) -> str:
 # -- checks ------------------------------------------------------------------
 
 
-def check_ofd(directory: str, label: str, missing: str = FAIL) -> Finding:
+def check_ofd(directory: str, label: str, missing: str = FAIL, images: bool = False) -> Finding:
     """Create a test file in ``directory``, and prove OFD byte-0 locks work there:
-    a second open of the same file must be refused while the first holds it."""
+    a second open of the same file must be refused while the first holds it.
+
+    ``images``: a directory of disk images, which nobody but root need write
+    (the VM user only locks what is there): run by another user, the test is
+    skipped with a WARN rather than failed."""
     from portalocker import exceptions as pl_exc
 
     from qemu_locked.lock.ofd_portalocker import OFDLock
@@ -72,8 +76,9 @@ def check_ofd(directory: str, label: str, missing: str = FAIL) -> Finding:
     try:
         fd, tmp = tempfile.mkstemp(prefix=".qemu-lockctl-doctor-", dir=directory)
     except OSError as exc:
+        unwritable_here = images and exc.errno == errno.EACCES and os.geteuid() != 0
         return Finding(
-            WARN if exc.errno == errno.EROFS else FAIL,
+            WARN if exc.errno == errno.EROFS or unwritable_here else FAIL,
             check,
             f"{directory} ({fstype}): cannot create a test file: {exc.strerror}; "
             "OFD locks not tested",
@@ -263,10 +268,12 @@ def run(paths: list[str] | None = None) -> list[Finding]:
     findings.append(check_emulator(cfg, user))
     findings.extend(check_launcher(user))
     if paths:
-        findings.extend(check_ofd(p, p) for p in paths if not _is_block(p))
+        findings.extend(check_ofd(p, p, images=True) for p in paths if not _is_block(p))
         findings.extend(check_block_identity(p) for p in paths if _is_block(p))
     else:
-        findings.extend(check_ofd(d, d) for d in DEFAULT_IMAGE_DIRS if os.path.isdir(d))
+        findings.extend(
+            check_ofd(d, d, images=True) for d in DEFAULT_IMAGE_DIRS if os.path.isdir(d)
+        )
     findings.extend(check_lockspace(cfg, user))
     if cfg.backend == "sanlock":
         from qemu_locked.backends.sanlock.doctor import doctor_findings

@@ -70,6 +70,18 @@ def _domain_emulators() -> tuple[list[str], list[Finding]]:
     mine: list[str] = []  # under qemu-locked
     using: list[str] = []  # ... with a disk lock virtlockd's byte 0 would refuse
     others: list[str] = []
+    unreadable = [n for n in files if not os.access(os.path.join(LIBVIRT_DOMAINS, n), os.R_OK)]
+    if unreadable:  # root's files: counting them as "not using" would mislead
+        out.append(
+            Finding(
+                WARN,
+                "libvirt",
+                f"{len(unreadable)} defined domains are not readable "
+                "by this user: their emulators are not checked",
+                "run doctor as root",
+            )
+        )
+        files = [n for n in files if n not in unreadable]
     for name in files:
         path = os.path.join(LIBVIRT_DOMAINS, name)
         try:

@@ -114,8 +114,11 @@ def fd_entries(
                     continue
             target = os.readlink(link)
             info = _read(f"/proc/{pid}/fdinfo/{fd}").decode(errors="replace")
-        except OSError:
-            continue
+        except OSError as exc:
+            if exc.errno in (1, 13):  # the listing was allowed, following an fd is not
+                _note_hidden(f"/proc/{pid}/fd", exc)
+                return
+            continue  # closed meanwhile
         yield fd, target, info
 
 
