@@ -85,11 +85,9 @@ class User:
         return cls(name, pw.pw_uid, gids, pw.pw_gid)
 
     def _bits(self, st: os.stat_result) -> int:
-        if self.uid == st.st_uid:
-            return (st.st_mode >> 6) & 7
-        if st.st_gid in self.gids:
-            return (st.st_mode >> 3) & 7
-        return st.st_mode & 7
+        from qemu_locked.lock.policy import mode_bits
+
+        return mode_bits(st, self.uid, self.gids)
 
     def denied(self, path: str, want: int) -> str | None:
         """Why this user cannot reach ``path`` with ``want`` (4=r, 2=w, 1=x) bits, or None.

@@ -24,22 +24,26 @@ _ACTIONS = {0: "open for reading", 2: "open for writing"}
 _MODULES = {"apparmor": "AppArmor", "selinux": "SELinux", "smack": "Smack", "landlock": "Landlock"}
 
 
-def mode_allows(st: os.stat_result, want: int) -> bool:
-    """Would the owner/group/other bits grant ``want`` (4 read, 2 write, 1 exec)?
+def mode_bits(st: os.stat_result, uid: int, gids: set[int]) -> int:
+    """The rwx bits (4, 2, 1) that ``st``'s owner/group/other bits give ``uid``
+    in ``gids``: the kernel's DAC check without capabilities or POSIX ACLs."""
+    if st.st_uid == uid:
+        return (st.st_mode >> 6) & 7
+    if st.st_gid in gids:
+        return (st.st_mode >> 3) & 7
+    return st.st_mode & 7
 
-    Root passes for read and write (CAP_DAC_OVERRIDE).  POSIX ACLs are not read:
-    a file with ACLs may be reported as the policy's doing (the message asks).
+
+def mode_allows(st: os.stat_result, want: int) -> bool:
+    """Would the mode bits grant this process ``want`` (4 read, 2 write, 1 exec)?
+
+    Root passes (CAP_DAC_OVERRIDE).  POSIX ACLs are not read: a file with ACLs
+    may be reported as the policy's doing (the message asks).
     """
     uid = os.geteuid()
     if uid == 0:
         return True
-    if st.st_uid == uid:
-        bits = st.st_mode >> 6
-    elif st.st_gid == os.getegid() or st.st_gid in os.getgroups():
-        bits = st.st_mode >> 3
-    else:
-        bits = st.st_mode
-    return (bits & want) == want
+    return mode_bits(st, uid, {os.getegid(), *os.getgroups()}) & want == want
 
 
 def modules() -> str:
