@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from e2e import lab as _lab
+from e2e.aalab import image as _aalab_image
 
 
 # Package scope: libvirtd is stopped as soon as the e2e tests are done, not at the
@@ -40,3 +41,25 @@ def lab(lab_env: tuple[_lab.Daemons, Path]) -> Iterator[_lab.Lab]:
         yield the_lab
     finally:
         the_lab.cleanup()
+
+
+@pytest.fixture(scope="session")
+def aalab_paths() -> _aalab_image.Paths:
+    """The AppArmor lab's cached Debian 12 image (tests/e2e/aalab), built on first use."""
+    return _aalab_image.for_tests()
+
+
+@pytest.fixture(scope="session")
+def deb_package(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The .deb `make deb` builds from this tree, built once per session (the package
+    test installs it on this host, the AppArmor lab in its VM)."""
+    import shutil
+    import subprocess
+
+    subprocess.run(["make", "-C", str(_lab.REPO), "deb"], check=True, capture_output=True,
+                   timeout=900)  # fmt: skip
+    (built,) = _lab.REPO.glob("qemu-locked_*_all.deb")
+    kept = tmp_path_factory.mktemp("deb") / built.name
+    shutil.move(built, kept)
+    shutil.rmtree(_lab.REPO / "build" / "deb", ignore_errors=True)
+    return kept

@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import os
 import pwd
-import shutil
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,7 +16,6 @@ from e2e.lab import (
     DEFAULT_LOCKSPACE,
     INSTALLED,
     PREFIX,
-    REPO,
     Lab,
     disk_xml,
     domain_xml,
@@ -48,7 +45,7 @@ def snapshot() -> set[str]:
 
 
 @pytest.fixture
-def deb() -> Iterator[Path]:
+def deb(deb_package: Path) -> Path:
     if INSTALLED:
         pytest.skip(
             "QLK_E2E_INSTALLED=1: the suite runs the installed package, which this test would purge"
@@ -58,11 +55,7 @@ def deb() -> Iterator[Path]:
         pytest.fail(
             "qemu-locked is installed on this host already: this test installs and purges it"
         )
-    run(["make", "-C", str(REPO), "deb"], timeout=900)
-    (path,) = REPO.glob("qemu-locked_*_all.deb")
-    yield path
-    path.unlink()
-    shutil.rmtree(REPO / "build" / "deb", ignore_errors=True)
+    return deb_package
 
 
 def test_package_install_enable_protects_a_vm_and_purge_leaves_nothing(lab: Lab, deb: Path) -> None:

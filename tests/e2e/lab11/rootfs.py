@@ -55,6 +55,16 @@ def host_mirror() -> str:
     return "http://deb.debian.org/debian"
 
 
+def write_sources(root: Path, mirror: str, suite: str) -> None:
+    """The tree's apt sources: the suite, its updates and its security archive."""
+    security = mirror.rsplit("/debian", 1)[0] + "/debian-security"
+    (root / "etc/apt/sources.list").write_text(
+        f"deb {mirror} {suite} main\n"
+        f"deb {mirror} {suite}-updates main\n"
+        f"deb {security} {suite}-security main\n"
+    )
+
+
 def cached(cache: Path = CACHE) -> Path | None:
     """The finished tree, or None when it has to be built."""
     root = cache / SUITE
@@ -67,7 +77,7 @@ def cached(cache: Path = CACHE) -> Path | None:
     return root
 
 
-def _run(cmd: list[str], logfile: Path) -> None:
+def run_logged(cmd: list[str], logfile: Path) -> None:
     with logfile.open("ab") as out:
         out.write(("\n$ " + " ".join(cmd) + "\n").encode())
         out.flush()
@@ -99,22 +109,19 @@ def _build(cache: Path) -> Path:
     logfile.write_bytes(b"")
     if shutil.which("debootstrap") is None:
         log("installing debootstrap on the host")
-        _run(["apt-get", "install", "-y", "-q", "--no-install-recommends", "debootstrap"], logfile)
+        run_logged(
+            ["apt-get", "install", "-y", "-q", "--no-install-recommends", "debootstrap"], logfile
+        )
     mirror = host_mirror()
     log(f"debootstrap --variant=minbase {SUITE} {partial} {mirror}")
-    _run(["debootstrap", "--variant=minbase", SUITE, str(partial), mirror], logfile)
+    run_logged(["debootstrap", "--variant=minbase", SUITE, str(partial), mirror], logfile)
     t_boot = time.monotonic() - t0
-    security = mirror.rsplit("/debian", 1)[0] + "/debian-security"
-    (partial / "etc/apt/sources.list").write_text(
-        f"deb {mirror} {SUITE} main\n"
-        f"deb {mirror} {SUITE}-updates main\n"
-        f"deb {security} {SUITE}-security main\n"
-    )
+    write_sources(partial, mirror, SUITE)
     policy = partial / "usr/sbin/policy-rc.d"  # no service starts while apt runs
     policy.write_text("#!/bin/sh\nexit 101\n")
     policy.chmod(0o755)
     log("apt-get install " + " ".join(PACKAGES) + " (private mount+pid namespace)")
-    _run(
+    run_logged(
         [
             "unshare",
             "--mount",
