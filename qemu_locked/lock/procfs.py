@@ -224,7 +224,9 @@ def _state(pid: int) -> str:
 
 
 def scan(match: set[tuple[int, int]] | None = None) -> Iterator[FileLock]:
-    """Every byte-0 lock held through an fd we can see (optionally only these files)."""
+    """Every byte-0 lock held through an fd we can see (optionally only these files).
+    What the policy hid is noted afresh for each scan (a guard lives for days)."""
+    _HIDDEN_BY_POLICY.clear()
     me = os.getpid()
     for pid in pids():
         if pid == me or comm(pid) == GUARD_COMM:
