@@ -19,7 +19,6 @@ Usage: cd tests && python3 -m e2e.aalab.image [--rebuild]
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
@@ -122,15 +121,8 @@ def cached(cache: Path = CACHE) -> Paths | None:
 
 def build(cache: Path = CACHE, *, rebuild: bool = False) -> Paths:
     """The cached image, built first when missing or stale (one builder at a time)."""
-    done = cached(cache)
-    if done is not None and not rebuild:
-        return done
-    cache.mkdir(parents=True, exist_ok=True)
-    with (cache / ".build-lock").open("w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        done = cached(cache)
-        if done is not None and not rebuild:
-            return done
+
+    def make() -> Paths:
         logfile = cache / "build.log"
         logfile.write_bytes(b"")
         host_tools(logfile)
@@ -138,6 +130,8 @@ def build(cache: Path = CACHE, *, rebuild: bool = False) -> Paths:
         if tree is None or rebuild:
             tree = _build_tree(cache, logfile)
         return _build_image(cache, tree, logfile)
+
+    return rootfs.built_once(cache, lambda: cached(cache), make, rebuild)
 
 
 def host_tools(logfile: Path) -> None:

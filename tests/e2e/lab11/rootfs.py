@@ -18,8 +18,11 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
+T = TypeVar("T")
 CACHE = Path("/var/cache/qemu-locked-lab")
 SUITE = "trixie"
 # python3: the in-tree init and qemu-locked itself (libvirt runs it as the emulator).
@@ -86,18 +89,26 @@ def run_logged(cmd: list[str], logfile: Path) -> None:
         raise RuntimeError(f"{cmd[0]} exited {proc.returncode}, see {logfile}")
 
 
-def build(cache: Path = CACHE, *, rebuild: bool = False) -> Path:
-    """The cached tree, built first when missing (one builder at a time)."""
-    done = cached(cache)
+def built_once(
+    cache: Path, cached: Callable[[], T | None], make: Callable[[], T], rebuild: bool
+) -> T:
+    """What ``cached()`` finds, else ``make()``'s, one builder at a time (a
+    second one waits, then finds the first one's work)."""
+    done = cached()
     if done is not None and not rebuild:
         return done
     cache.mkdir(parents=True, exist_ok=True)
     with (cache / ".build-lock").open("w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # a lock file of ours, never an image
-        done = cached(cache)
+        done = cached()
         if done is not None and not rebuild:
             return done
-        return _build(cache)
+        return make()
+
+
+def build(cache: Path = CACHE, *, rebuild: bool = False) -> Path:
+    """The cached tree, built first when missing (one builder at a time)."""
+    return built_once(cache, lambda: cached(cache), lambda: _build(cache), rebuild)
 
 
 def _build(cache: Path) -> Path:
