@@ -195,16 +195,19 @@ def pids() -> list[int]:
         return []
 
 
-# The monitor guard (beside/guard.py) keeps a copy of every lock fd it holds for
-# its QEMU, which holds the same open file description: the lock is QEMU's.
+# The monitor guard (beside/guard.py) and the supervisor (beside/supervisor) keep
+# a copy of lock fds of their QEMU, which holds the same open file description:
+# the lock is QEMU's.  Each keeps a pidfd of its QEMU, by which it is told apart.
 GUARD_COMM = "ql-guard"
+SUPERVISOR_COMM = "ql-supervisor"
+HELPER_COMMS = (GUARD_COMM, SUPERVISOR_COMM)
 
 
 def guards_outliving_their_vm() -> list[int]:
     """Guards whose QEMU has exited but that have not yet closed what they hold."""
     out = []
     for pid in pids():
-        if comm(pid) != GUARD_COMM:
+        if comm(pid) not in HELPER_COMMS:
             continue
         for _fd, target, info in fd_entries(pid):
             if "pidfd" not in target:
@@ -229,7 +232,7 @@ def scan(match: set[tuple[int, int]] | None = None) -> Iterator[FileLock]:
     _HIDDEN_BY_POLICY.clear()
     me = os.getpid()
     for pid in pids():
-        if pid == me or comm(pid) == GUARD_COMM:
+        if pid == me or comm(pid) in HELPER_COMMS:
             continue
         for fd, path, info in fd_entries(pid, match):
             for kind, mode, dev, ino, start in lock_lines(info):

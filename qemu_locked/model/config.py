@@ -46,6 +46,7 @@ class Config:
     # fail closed unless told otherwise (README, "Lock semantics").
     unknown_drivers: str = "refuse"
     monitor_guard: bool = True
+    supervisor: bool = False
     sanlock_lockspace: str = "qemu-locked"
     sanlock_path: str = ""
     sanlock_offset: int = 0
@@ -68,7 +69,7 @@ _TYPES: dict[str, type] = {
     "backend": str, "emulator": str, "lockspace_dir": str, "host_name": str,
     "readonly": str, "backing": str, "shareable": str, "domain_lease": bool,
     "wait": float, "incoming_wait": float, "incoming_timeout_action": str, "unknown_drivers": str,
-    "monitor_guard": bool,
+    "monitor_guard": bool, "supervisor": bool,
     "sanlock_lockspace": str, "sanlock_path": str, "sanlock_offset": int,
     "sanlock_resources": str, "sanlock_host_id": int, "sanlock_io_timeout": int,
     "honor_locking_off": bool, "probe_cache_dir": str,

@@ -178,7 +178,11 @@ def main() -> NoReturn:
                     from qemu_locked.beside import keeper
 
                     keeper.start(held.pending, cfg, plan, held.fds[0] if held.fds else -1)
-        if cfg.monitor_guard and plan.monitor_fd is not None:
+        if cfg.supervisor:
+            from qemu_locked.beside.supervisor import start as supervisor
+
+            supervisor.attach(held.fds if held is not None else [])
+        elif cfg.monitor_guard and plan.monitor_fd is not None:
             from qemu_locked.beside import guard
 
             guard.attach(args, held.fds if held is not None else [], cfg, plan)

@@ -1,0 +1,119 @@
+"""What a trapped call names, found as the caller would find it.
+
+The rule for what is locked, in one sentence (docs/supervisor.md): *a regular
+file or block device that QEMU opens by path is locked, unless its real path
+is under one of SYSTEM_DIRS, or the open is O_PATH.*  Libraries, firmware,
+/proc, /sys, character devices, shared memory and hugepage files pass.
+
+The path is read from the caller's memory and resolved against the caller's
+own cwd or dirfd (``/proc/TID/cwd``, ``/proc/TID/fd/N``): the supervisor is
+in the same mount namespace, with the same credentials.  Whatever it then
+does, it does on its own O_PATH fd of what it found, never on the path again.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+
+AT_FDCWD = -100
+O_PATH = 0o10000000
+# Real paths that are never disks: the system, firmware, kernel interfaces,
+# shared memory (libvirt's <shmem>), hugepages, libvirt's per-domain state.
+SYSTEM_DIRS = ("/usr/", "/lib/", "/lib64/", "/lib32/", "/bin/", "/sbin/", "/etc/", "/proc/",
+               "/sys/", "/run/", "/dev/shm/", "/dev/hugepages/", "/dev/mqueue/",
+               "/var/lib/libvirt/qemu/", "/var/cache/", "/var/log/")  # fmt: skip
+# Spelled-out prefixes that name the caller itself: resolved here they would
+# name the supervisor, so such opens are never taken over (they are /proc).
+_SELF_NAMES = (b"/proc/", b"/dev/fd/", b"/dev/std", b"/sys/")
+
+
+def system_name(path: bytes) -> bool:
+    """A path string that is a system file by its spelling (cheap: no lookup).
+    The dynamic loader's ~50 libraries stop here."""
+    return path.startswith(_SELF_NAMES) or path.startswith(
+        tuple(d.encode() for d in SYSTEM_DIRS[:7])
+    )
+
+
+class Target:
+    """A file the caller asked to open: our O_PATH fd of it (``fd`` < 0: only
+    ``real`` is known, and it passes).  ``created``: made by us for the call."""
+
+    def __init__(self, fd: int = -1, st: os.stat_result | None = None, real: str = "",
+                 created: bool = False) -> None:  # fmt: skip
+        self.fd, self.st, self.real, self.created = fd, st, real, created
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def lockable(self) -> bool:
+        st = self.st
+        if st is None or not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
+            return False
+        return not self.real.startswith(SYSTEM_DIRS)
+
+
+def base_of(tid: int, dirfd: int, path: bytes) -> str:
+    if path.startswith(b"/"):
+        return "/"
+    return f"/proc/{tid}/cwd" if dirfd == AT_FDCWD else f"/proc/{tid}/fd/{dirfd}"
+
+
+def find(tid: int, dirfd: int, path: bytes, flags: int, mode: int) -> Target | None:
+    """Our O_PATH fd of what ``openat(dirfd, path, flags, mode)`` in ``tid``
+    names, made first when the call would create it outside SYSTEM_DIRS (so
+    it is ours before QEMU has it); None when it cannot be found (the caller's
+    own open then fails the same way, or is not ours to judge)."""
+    try:
+        base = os.open(base_of(tid, dirfd, path), O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        try:
+            fd = os.open(path, O_PATH | os.O_CLOEXEC | (flags & os.O_NOFOLLOW), dir_fd=base)
+        except FileNotFoundError:
+            if not flags & os.O_CREAT:
+                return None
+            return _create(base, path, mode)
+        except OSError:
+            return None
+    finally:
+        os.close(base)
+    return _target(fd)
+
+
+def _target(fd: int, created: bool = False) -> Target | None:
+    try:
+        return Target(fd, os.fstat(fd), os.readlink(f"/proc/self/fd/{fd}"), created)
+    except OSError:
+        os.close(fd)
+        return None
+
+
+def _create(base: int, path: bytes, mode: int) -> Target | None:
+    """Create the file an O_CREAT names, where its directory is not a system one."""
+    parent, _sep, name = path.rpartition(b"/")
+    try:
+        pfd = os.open(parent or b".", O_PATH | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=base)
+    except OSError:
+        return None
+    try:
+        real = os.readlink(f"/proc/self/fd/{pfd}").rstrip("/") + "/"
+        if real.startswith(SYSTEM_DIRS):
+            return Target(real=real)  # not ours: the caller creates it itself
+        flags = os.O_RDONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        made = os.open(name, flags, mode & 0o7777, dir_fd=pfd)
+    except FileExistsError:  # made meanwhile by someone else: an existing file now
+        made = os.open(name, O_PATH | os.O_CLOEXEC, dir_fd=pfd)
+    except OSError:
+        return None
+    finally:
+        os.close(pfd)
+    try:
+        fd = os.open(f"/proc/self/fd/{made}", O_PATH | os.O_CLOEXEC)
+    finally:
+        os.close(made)
+    return _target(fd, created=True)

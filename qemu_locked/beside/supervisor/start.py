@@ -1,0 +1,78 @@
+"""The wrapper's side: start the supervisor, then filter this process and exec.
+
+Order matters.  The supervisor is forked first (double fork, beside QEMU), so
+it is not filtered itself; then the filter goes on the wrapper, whose exec
+becomes QEMU, and the listener goes to the supervisor over a socket pair.
+The supervisor receives copies of the start-time lock fds as the first
+carriers: QEMU's later opens of those images are served by the locks it
+already holds.  Runs in the wrapper: the start path's imports only.
+"""
+
+from __future__ import annotations
+
+import _socket
+import os
+
+from qemu_locked.model.errors import BackendError
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import NoReturn
+
+_SCM_RIGHTS = 1
+_SOL_SOCKET = 1
+
+
+def attach(lock_fds: list[int]) -> None:
+    """Supervise the QEMU this process is about to become; raises BackendError
+    (nothing started, nothing filtered) when the kernel cannot."""
+    from qemu_locked.beside import spawn
+    from qemu_locked.beside.supervisor import kernel
+
+    ours, theirs = _socket.socketpair(_socket.AF_UNIX, _socket.SOCK_STREAM)
+
+    def life(vm_pid: int, pidfd: int) -> NoReturn:
+        ours.close()
+        _serve(theirs, vm_pid, pidfd, lock_fds)
+
+    spawn.beside(life)
+    theirs.close()
+    try:
+        pid = int(ours.recv(16) or b"0")
+        listener = kernel.install(pid)
+    except (OSError, ValueError) as exc:
+        ours.close()  # the supervisor sees the end of the socket and leaves
+        raise BackendError(
+            f"seccomp user notification is not available here ({exc}); set supervisor = false "
+            "to start with start-time locks and the monitor guard only"
+        ) from None
+    try:
+        ours.sendmsg([b"L"], [(_SOL_SOCKET, _SCM_RIGHTS, listener.to_bytes(4, "little"))])
+    finally:
+        os.close(listener)
+        ours.close()
+
+
+def _serve(sock: _socket.socket, vm_pid: int, pidfd: int, lock_fds: list[int]) -> NoReturn:
+    from qemu_locked.beside import spawn
+    from qemu_locked.lock import procfs
+
+    try:
+        # The pidfd stays open unused: procfs tells a helper outliving its QEMU by
+        # it.  The listener's hang-up is how the supervisor learns QEMU is gone.
+        spawn.close_all_but({sock.fileno(), pidfd, 2, *lock_fds})
+        spawn.set_comm(procfs.SUPERVISOR_COMM.encode())
+        sock.send(str(os.getpid()).encode())
+        _msg, anc, _flags, _addr = sock.recvmsg(1, 64)
+        sock.close()
+        if not anc:
+            os._exit(0)  # the wrapper could not install the filter: it says why
+        listener = int.from_bytes(anc[0][2][:4], "little")
+        from qemu_locked.beside.supervisor.carriers import Carriers
+        from qemu_locked.beside.supervisor.loop import Supervisor
+
+        carriers = Carriers()
+        carriers.seed(lock_fds)
+        Supervisor(listener, vm_pid, carriers).run()
+    finally:
+        os._exit(0)

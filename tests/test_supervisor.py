@@ -1,0 +1,161 @@
+"""The supervisor (issue 21, first part): the kernel stops every open the real QEMU
+makes, so a disk added through a monitor the guard never sees (-qmp unix:PATH,
+HMP) is locked before the open returns, or refused with EBUSY and our line.
+
+Real QEMU 7.2 under TCG, real locks; the holders are other processes.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import QEMU_LOCKED, base_env, lock_free, skip_unless_ci, wait_for
+from guard_helpers import QEMU, QMP
+
+from qemu_locked.lock import procfs
+
+pytestmark = pytest.mark.qemu
+BUSY = "Device or resource busy"
+
+
+def qcow2(path: Path, size: str = "16M") -> str:
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(path), size], check=True)
+    return str(path)
+
+
+class VM:
+    """qemu-locked with the supervisor, the real QEMU, a QMP monitor given by path."""
+
+    def __init__(self, tmp: Path, *args: str) -> None:
+        if QEMU is None:
+            skip_unless_ci("qemu-system-x86_64 (apt: qemu-system-x86)")
+        self.sock = str(tmp / "qmp.sock")
+        env = base_env(QEMU_LOCKED_SUPERVISOR="true", QEMU_LOCKED_EMULATOR=str(QEMU))
+        self.proc = subprocess.Popen(
+            [QEMU_LOCKED, "-name", "guest=sv", "-accel", "tcg", "-nodefaults", "-display", "none",
+             "-m", "64", "-S", *args, "-qmp", f"unix:{self.sock},server=on,wait=off"],
+            env=env, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        wait_for(lambda: os.path.exists(self.sock) or self.proc.poll() is not None, "QMP socket")
+        assert self.proc.poll() is None, self.proc.communicate()[1]
+        self.qmp = QMP(self.sock)
+        assert "return" in self.qmp.cmd("qmp_capabilities")
+
+    def add(self, path: str, node: str, read_only: bool = False) -> dict[str, object]:
+        return self.qmp.cmd("blockdev-add", driver="qcow2", **{"node-name": node,
+                            "read-only": read_only, "file": {"driver": "file", "filename": path}})  # fmt: skip
+
+    def supervisor(self) -> int:
+        (pid,) = [p for p in procfs.pids() if procfs.comm(p) == procfs.SUPERVISOR_COMM
+                  and procfs._state(p) not in ("Z", "")]  # fmt: skip
+        return pid
+
+    def quit(self) -> str:
+        try:
+            self.qmp.cmd("quit")
+        except (AssertionError, OSError):
+            pass
+        self.qmp.close()
+        _out, err = self.proc.communicate(timeout=30)
+        return err
+
+
+@pytest.fixture
+def vm(tmp_path: Path) -> Iterator[VM]:
+    machine = VM(tmp_path, "-drive", f"file={qcow2(tmp_path / 'boot.qcow2')},if=virtio")
+    yield machine
+    if machine.proc.poll() is None:
+        machine.quit()
+
+
+@pytest.fixture
+def holder() -> Iterator[object]:
+    """Another process holding a file's byte 0: holder(path, exclusive)."""
+    procs: list[subprocess.Popen[str]] = []
+
+    def hold(path: str, exclusive: bool = True) -> int:
+        code = ("import os,sys,time; from qemu_locked.lock import ofd; "
+                f"fd=os.open({path!r}, os.O_RDWR if {exclusive} else os.O_RDONLY); "
+                f"assert ofd.try_lock(fd, {exclusive}); print('held', flush=True); time.sleep(120)")  # fmt: skip
+        p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+        assert p.stdout is not None and p.stdout.readline() == "held\n"
+        procs.append(p)
+        return p.pid
+
+    yield hold
+    for p in procs:
+        p.kill()
+        p.wait()
+
+
+def test_a_disk_added_through_a_path_monitor_is_refused_when_held(
+    vm: VM, tmp_path: Path, holder
+) -> None:
+    disk = qcow2(tmp_path / "held.qcow2")
+    pid = holder(disk)
+    r = vm.add(disk, "held")
+    assert r["error"]["desc"] == f"Could not open '{disk}': {BUSY}", r  # type: ignore[index]
+    assert vm.add(disk, "held", read_only=True)["error"]  # shared is refused too: it is written
+    err = vm.quit()
+    assert (
+        f"qemu-locked: {disk} is locked (exclusive) by pid {pid} (python3" in err
+        or f"qemu-locked: {disk} is locked (exclusive) by pid {pid} (python" in err
+    ), err
+
+
+def test_a_free_disk_is_locked_while_attached_and_freed_after(vm: VM, tmp_path: Path) -> None:
+    disk = qcow2(tmp_path / "free.qcow2")
+    assert "return" in vm.add(disk, "free"), "a free disk is added"
+    assert not lock_free(disk, exclusive=False)  # written: exclusive
+    assert "return" in vm.qmp.cmd("blockdev-del", **{"node-name": "free"})
+    wait_for(lambda: lock_free(disk), "released after blockdev-del", timeout=10)
+    assert "return" in vm.add(disk, "ro", read_only=True)
+    assert lock_free(disk, exclusive=False) and not lock_free(disk)  # read-only: shared
+
+
+def test_blockdev_create_does_not_truncate_a_held_disk(vm: VM, tmp_path: Path, holder) -> None:
+    disk = qcow2(tmp_path / "data.qcow2", "64M")
+    size = os.path.getsize(disk)
+    holder(disk)
+    r = vm.qmp.cmd("blockdev-create", **{"job-id": "c1",
+                   "options": {"driver": "file", "filename": disk, "size": 0}})  # fmt: skip
+    if "return" in r:  # a job: it must end in an error, having written nothing
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            jobs = vm.qmp.cmd("query-jobs")["return"]
+            if all(j["status"] == "concluded" for j in jobs):  # type: ignore[union-attr,index]
+                break
+            time.sleep(0.1)
+        (job,) = vm.qmp.cmd("query-jobs")["return"]  # type: ignore[misc]
+        assert BUSY in job.get("error", ""), job  # type: ignore[union-attr]
+    assert os.path.getsize(disk) == size
+
+
+def test_hmp_drive_add_of_a_held_disk_is_refused(vm: VM, tmp_path: Path, holder) -> None:
+    disk = qcow2(tmp_path / "hmp.qcow2")
+    holder(disk)
+    out = vm.qmp.cmd(
+        "human-monitor-command", **{"command-line": f"drive_add 0 if=none,id=h1,file={disk}"}
+    )
+    assert BUSY in str(out["return"]), out
+
+
+def test_supervisor_killed_the_disks_stay_locked_and_new_opens_fail(vm: VM, tmp_path: Path) -> None:
+    disk = qcow2(tmp_path / "kept.qcow2")
+    assert "return" in vm.add(disk, "kept")
+    os.kill(vm.supervisor(), signal.SIGKILL)
+    time.sleep(0.5)
+    assert not lock_free(disk, exclusive=False)  # the copy planted in QEMU holds it
+    other = qcow2(tmp_path / "later.qcow2")
+    r = vm.add(other, "later")
+    assert "Function not implemented" in r["error"]["desc"], r  # type: ignore[index]
+    assert vm.qmp.cmd("query-status")["return"]["status"] == "prelaunch"  # type: ignore[index]
+    vm.quit()
+    assert lock_free(disk)  # and gone with QEMU
