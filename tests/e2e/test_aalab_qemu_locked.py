@@ -87,6 +87,14 @@ def test_status_check_doctor_as_root_and_as_the_vm_user(result: vm.Result, who: 
         assert "WARN" not in views["doctor"], views["doctor"]
 
 
+def test_the_lockspace_backend_too(result: vm.Result) -> None:
+    lockspace = result.passed("lockspace-backend")
+    line = next(ln for ln in lockspace["stderr"].splitlines() if "qemu-locked: " in ln)
+    assert "guest 'aa1' on host 'aalab'" in line, line  # named from its lease record
+    assert lockspace["leases"] >= 2, lockspace  # the domain's and the disk's
+    assert lockspace["denied"] == [], "\n".join(lockspace["denied"])
+
+
 def test_not_one_apparmor_denial_once_enabled(result: vm.Result) -> None:
     denied: list[str] = result.passed("denials")["denied"]
     assert denied == [], "apparmor DENIED lines:\n" + "\n".join(denied)

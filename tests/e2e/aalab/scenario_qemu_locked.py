@@ -195,6 +195,20 @@ with step("blind-vms") as s:
     s.check(r.returncode != 0 and SHARED in r.stderr, r.stderr)
     s.check("another host" not in r.stderr, r.stderr)
 
+with step("lockspace-backend", keep_going=True) as s:
+    # The same story with backend = "lockspace": lease files for the disks too.
+    since = mark()
+    conf = Path("/etc/qemu-locked/qemu-locked.toml")
+    conf.write_text(conf.read_text().replace('backend = "direct"', 'backend = "lockspace"'))
+    virsh("destroy", "aa1", check=True)
+    r = virsh("start", "aa1")
+    s.check(r.returncode == 0, r.stderr)
+    r = virsh("start", "aa2")
+    s.data["stderr"] = r.stderr.strip()
+    s.check(r.returncode != 0 and "guest 'aa1'" in r.stderr, r.stderr)
+    s.data["leases"] = len(list(Path("/var/lib/qemu-locked/lockspace").glob("*.lease")))
+    s.data["denied"] = denials(since)
+
 with step("disable-purge") as s:
     for name in ("aa1", "aa3"):
         virsh("destroy", name)
