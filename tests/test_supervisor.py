@@ -159,3 +159,13 @@ def test_supervisor_killed_the_disks_stay_locked_and_new_opens_fail(vm: VM, tmp_
     assert vm.qmp.cmd("query-status")["return"]["status"] == "prelaunch"  # type: ignore[index]
     vm.quit()
     assert lock_free(disk)  # and gone with QEMU
+
+
+def test_doctor_says_whether_this_kernel_can_supervise() -> None:
+    from qemu_locked.admin import doctor_supervisor
+    from qemu_locked.model.config import Config
+
+    off = doctor_supervisor.check(Config())
+    assert off.status == "OK" and "seccomp user notification available" in off.message, off
+    on = doctor_supervisor.check(Config(supervisor=True))
+    assert on.status == "OK" and on.message.startswith("on: "), on

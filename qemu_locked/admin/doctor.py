@@ -286,6 +286,9 @@ def run(paths: list[str] | None = None) -> list[Finding]:
     from qemu_locked.admin.doctor_confinement import findings as confinement_findings
 
     findings.extend(confinement_findings(cfg, _launcher()))
+    from qemu_locked.admin.doctor_supervisor import check as supervisor_check
+
+    findings.append(supervisor_check(cfg))
     probe = check_start(cfg, _launcher(), user)
     if probe is not None:
         findings.append(probe)

@@ -103,7 +103,7 @@ def addfd(listener: int, nid: int, fd: int, cloexec: bool, answer: bool) -> int:
     flags = _ADDFD_FLAG_SEND if answer else 0
     # A mutable buffer: ioctl then returns the call's result (the new fd), not a copy.
     req = bytearray(struct.pack("=QIIII", nid, flags, fd, 0, os.O_CLOEXEC if cloexec else 0))
-    return fcntl.ioctl(listener, _ADDFD, req, True)
+    return int(fcntl.ioctl(listener, _ADDFD, req, True))
 
 
 def read_string(mem: int, addr: int, limit: int = 4096) -> bytes | None:
