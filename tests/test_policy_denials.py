@@ -166,3 +166,20 @@ def test_a_holder_hidden_by_policy_is_said_so_not_another_host(
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_a_mount_table_the_policy_hides_is_an_error_not_host_local_keys(tmp_path: Path) -> None:
+    """Found in the AppArmor lab: the lockspace backend's keys need the mount
+    table; unreadable, they fell back to this host's names without a word."""
+    img = make_image(tmp_path / "d.img")
+    (tmp_path / "ls").mkdir()
+    env = env_for(config(tmp_path, backend="lockspace", lockspace_dir=str(tmp_path / "ls")))
+    env["FAKE_QEMU_EXIT"] = "0"
+    r = start(
+        landlocked("--deny-read", "/proc/self/mountinfo") + [QEMU_LOCKED, "-drive", f"file={img}"],
+        env,
+    )
+    line = one_line(r)
+    assert r.returncode == 6, r.stderr
+    assert line.startswith(f"qemu-locked: /proc/self/mountinfo: read {DENIED}"), line
+    assert lock_free(img)

@@ -48,11 +48,18 @@ def _unescape(field: str) -> str:
 
 
 def mounts() -> list[Mount]:
+    """Every mount this process sees.  A read the security policy denies is an
+    error, not an empty table: lease keys would silently fall back to this
+    host's names, and hosts sharing a lockspace would no longer meet."""
     out: list[Mount] = []
     try:
         with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
             text = f.read()
-    except OSError:
+    except OSError as exc:
+        if exc.errno in (1, 13):
+            from qemu_locked.lock.policy import denied
+
+            raise denied("/proc/self/mountinfo", "read") from None
         return out
     for line in text.splitlines():
         left, _sep, right = line.partition(" - ")
@@ -85,7 +92,12 @@ def fs_type_of_fd(fd: int) -> tuple[str, str]:
         st = os.fstat(fd)
     except OSError:
         return f"fd {fd}", "?"
-    m = mount_of(path, st.st_dev)
+    from qemu_locked.model.errors import QemuLockedError
+
+    try:
+        m = mount_of(path, st.st_dev)
+    except QemuLockedError:  # naming the filesystem of another error: never a new one
+        m = None
     return path, (m.fstype if m is not None else "?")
 
 

@@ -95,6 +95,17 @@ def test_the_lockspace_backend_too(result: vm.Result) -> None:
     assert lockspace["denied"] == [], "\n".join(lockspace["denied"])
 
 
+def test_the_supervisor_under_apparmor_and_yama(result: vm.Result) -> None:
+    sup = result.passed("supervisor")
+    assert sup["supervisors"] and all(v.startswith("libvirt-") for v in sup["supervisors"].values())
+    assert "Device or resource busy" in sup["held"], sup["held"]
+    assert (
+        "qemu-locked: /var/lib/libvirt/images/ql-shared.img is locked (exclusive) by pid"
+        in sup["log"]
+    )
+    assert sup["denied"] == [], "\n".join(sup["denied"])
+
+
 def test_not_one_apparmor_denial_once_enabled(result: vm.Result) -> None:
     denied: list[str] = result.passed("denials")["denied"]
     assert denied == [], "apparmor DENIED lines:\n" + "\n".join(denied)

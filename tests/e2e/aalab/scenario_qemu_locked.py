@@ -209,6 +209,27 @@ with step("lockspace-backend", keep_going=True) as s:
     s.data["leases"] = len(list(Path("/var/lib/qemu-locked/lockspace").glob("*.lease")))
     s.data["denied"] = denials(since)
 
+with step("supervisor", keep_going=True) as s:
+    # The seccomp supervisor (supervisor = true) inside libvirt's profile, Yama at 1:
+    # it reads QEMU's memory, so this is where the confinement would bite.
+    since = mark()
+    conf = Path("/etc/qemu-locked/qemu-locked.toml")
+    text = conf.read_text().replace('backend = "lockspace"', 'backend = "direct"')
+    conf.write_text(text.replace("supervisor = false", "supervisor = true"))
+    virsh("destroy", "aa3", check=True)
+    r = virsh("start", "aa3")
+    s.check(r.returncode == 0, r.stderr)
+    s.data["supervisors"] = {p: label(p) for p in comm_pids("ql-supervisor")}
+    r = virsh("attach-disk", "aa3", SHARED, "vdb", "--live")
+    s.data["held"] = r.stderr.strip()
+    s.check(r.returncode != 0, "aa1's disk was attached")
+    sh(["qemu-img", "create", "-q", "-f", "raw", str(IMAGES / "ql-free.img"), "16M"], check=True)
+    r = virsh("attach-disk", "aa3", str(IMAGES / "ql-free.img"), "vdc", "--live")
+    s.data["free"] = r.stderr.strip()
+    s.check(r.returncode == 0, r.stderr)
+    s.data["log"] = Path("/var/log/libvirt/qemu/aa3.log").read_text()[-2000:]
+    s.data["denied"] = denials(since)
+
 with step("disable-purge") as s:
     for name in ("aa1", "aa3"):
         virsh("destroy", name)
