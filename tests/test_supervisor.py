@@ -33,13 +33,13 @@ def qcow2(path: Path, size: str = "16M") -> str:
 class VM:
     """qemu-locked with the supervisor, the real QEMU, a QMP monitor given by path."""
 
-    def __init__(self, tmp: Path, *args: str) -> None:
+    def __init__(self, tmp: Path, *args: str, name: str = "sv", **env_extra: str) -> None:
         if QEMU is None:
             skip_unless_ci("qemu-system-x86_64 (apt: qemu-system-x86)")
-        self.sock = str(tmp / "qmp.sock")
-        env = base_env(QEMU_LOCKED_SUPERVISOR="true", QEMU_LOCKED_EMULATOR=str(QEMU))
+        self.sock = str(tmp / f"{name}.sock")
+        env = base_env(QEMU_LOCKED_SUPERVISOR="true", QEMU_LOCKED_EMULATOR=str(QEMU), **env_extra)
         self.proc = subprocess.Popen(
-            [QEMU_LOCKED, "-name", "guest=sv", "-accel", "tcg", "-nodefaults", "-display", "none",
+            [QEMU_LOCKED, "-name", f"guest={name}", "-accel", "tcg", "-nodefaults", "-display", "none",
              "-m", "64", "-S", *args, "-qmp", f"unix:{self.sock},server=on,wait=off"],
             env=env, stderr=subprocess.PIPE, text=True,
         )  # fmt: skip
@@ -169,3 +169,30 @@ def test_doctor_says_whether_this_kernel_can_supervise() -> None:
     assert off.status == "OK" and "seccomp user notification available" in off.message, off
     on = doctor_supervisor.check(Config(supervisor=True))
     assert on.status == "OK" and on.message.startswith("on: "), on
+
+
+@pytest.mark.parametrize("backend", ["direct", "lockspace"])
+def test_two_vms_one_disk_through_the_backend(tmp_path: Path, backend: str) -> None:
+    """The lock is the configured backend's (guard_locks, as the guard takes it):
+    with lockspace, a lease file too, and the refusal names the other guest."""
+    space = tmp_path / "ls"
+    space.mkdir()
+    extra = {"QEMU_LOCKED_BACKEND": backend, "QEMU_LOCKED_LOCKSPACE_DIR": str(space)}
+    disk = qcow2(tmp_path / "one.qcow2")
+    first = VM(tmp_path, name="first", **extra)
+    second = VM(tmp_path, name="second", **extra)
+    try:
+        assert "return" in first.add(disk, "d")
+        r = second.add(disk, "d")
+        assert BUSY in r["error"]["desc"], r  # type: ignore[index]
+        if backend == "lockspace":
+            assert len(list(space.glob("*.lease"))) >= 3  # the disk's, and each domain's
+        first.quit()
+        assert "return" in second.add(disk, "d")  # free once the first VM is gone
+        err = second.quit()
+    finally:
+        for vm in (first, second):
+            if vm.proc.poll() is None:
+                vm.quit()
+    assert f"qemu-locked: {disk} is locked (exclusive) by pid" in err, err
+    assert "guest 'first'" in err, err

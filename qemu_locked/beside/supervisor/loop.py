@@ -19,15 +19,19 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from qemu_locked.beside.supervisor.carriers import Carriers
+    from qemu_locked.beside.guard_locks import Locks
 
 SWEEP_SECONDS = 1.0
 _REAL_FLAGS_DROPPED = os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_TRUNC
 
 
 class Supervisor:
-    def __init__(self, listener: int, vm_pid: int, carriers: Carriers) -> None:
-        self.listener, self.vm_pid, self.carriers = listener, vm_pid, carriers
+    """``locks``: the VM's locks, taken through the configured backend exactly as
+    the monitor guard takes them (guard_locks): our copies are the carriers, and
+    a copy of each is planted in QEMU so the lock lives as long as QEMU."""
+
+    def __init__(self, listener: int, vm_pid: int, locks: Locks) -> None:
+        self.listener, self.vm_pid, self.locks = listener, vm_pid, locks
         self.tgids: set[int] = {vm_pid}  # QEMU and the children it made (migrate exec:)
         self.tids: set[int] = set()
         self.counts = {"trapped": 0, "locked": 0, "refused": 0}
@@ -87,12 +91,19 @@ class Supervisor:
         return path if kernel.valid(self.listener, n.id) else None
 
     def _serve(self, n: kernel.Notif, target: paths.Target, flags: int) -> None:
+        from qemu_locked.beside.guard_locks import Refused
+        from qemu_locked.lock.safeopen import identity_key
+        from qemu_locked.model.plan import EXCLUSIVE, SHARED
+
+        assert target.st is not None
         exclusive = flags & os.O_ACCMODE != os.O_RDONLY or bool(flags & os.O_TRUNC)
-        carrier = self.carriers.want(target, exclusive)
-        if carrier is None:
-            self.counts["refused"] += 1
-            kernel.refuse(self.listener, n.id, errno.EBUSY)
-            say(self._refusal(target, exclusive))
+        try:
+            lock = self.locks.want(target.real, EXCLUSIVE if exclusive else SHARED, "open", "open")
+        except Refused as exc:
+            self._refuse(n, exc.line.removeprefix("qemu-locked: "))
+            return
+        if lock.key != identity_key(target.st):  # renamed over between our two looks
+            self._refuse(n, f"{target.real}: changed while being opened")
             return
         try:
             fd = os.open(
@@ -104,24 +115,34 @@ class Supervisor:
             kernel.refuse(self.listener, n.id, exc.errno or errno.EIO)
             return
         try:
-            if carrier.planted < 0 and n.pid in self.tgids:
-                carrier.planted = kernel.addfd(self.listener, n.id, carrier.fd, True, False)
+            for _name, lock_fd in self.locks.give:  # new lock fds: a copy into QEMU
+                kernel.addfd(self.listener, n.id, lock_fd, True, False)
             kernel.addfd(self.listener, n.id, fd, bool(flags & os.O_CLOEXEC), True)
             self.counts["locked"] += 1
         except OSError:
             pass  # the caller is gone (killed while waiting)
         finally:
+            self.locks.give.clear()
             os.close(fd)
 
-    def _refusal(self, target: paths.Target, exclusive: bool) -> str:
-        from qemu_locked.lock import procfs
-        from qemu_locked.model.errors import LockedError
+    def _refuse(self, n: kernel.Notif, line: str) -> None:
+        self.counts["refused"] += 1
+        kernel.refuse(self.listener, n.id, errno.EBUSY)
+        say(line)
 
-        assert target.st is not None
-        holders = procfs.holders_of(target.st.st_dev, target.st.st_ino)
-        wanted = "exclusive" if exclusive else "shared"
-        held = procfs.describe(holders, "exclusive", target.st.st_dev, target.st.st_ino)
-        return LockedError([(target.real, wanted, held)]).message
+    def sweep(self) -> None:
+        """Unlock what QEMU no longer has open, downgrade what it only reads (its
+        fds on the file that are not copies of ours: kcmp, as the guard does)."""
+        from qemu_locked.model.plan import EXCLUSIVE
+
+        for lock in list(self.locks.by_key.values()):
+            if lock.start or not lock.fds:
+                continue  # start-time locks are QEMU's own, for its life
+            if not self.locks.qemu_uses(lock):
+                self.locks.release(lock)
+            elif lock.mode == EXCLUSIVE and not self.locks.qemu_uses(lock, writable_only=True):
+                self.locks.downgrade(lock)
+        self.locks.take_back.clear()  # QEMU's copies: unlocked, left open (no closefd here)
 
     # -- the loop -----------------------------------------------------------------
 
@@ -136,7 +157,7 @@ class Supervisor:
         while True:
             events = poller.poll(SWEEP_SECONDS * 1000)
             if not events:
-                self.carriers.sweep(self._alive())
+                self.sweep()
                 continue
             if events[0][1] & (select.POLLHUP | select.POLLERR):
                 return  # QEMU and every child of it are gone
@@ -170,7 +191,3 @@ class Supervisor:
                         return
         except (OSError, ValueError):
             pass
-
-    def _alive(self) -> list[int]:
-        self.tgids = {p for p in self.tgids if os.path.exists(f"/proc/{p}")}
-        return sorted(self.tgids)

@@ -19,11 +19,14 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import NoReturn
 
+    from qemu_locked.model.config import Config
+    from qemu_locked.model.plan import Plan
+
 _SCM_RIGHTS = 1
 _SOL_SOCKET = 1
 
 
-def attach(lock_fds: list[int]) -> None:
+def attach(lock_fds: list[int], config: Config, plan: Plan) -> None:
     """Supervise the QEMU this process is about to become; raises BackendError
     (nothing started, nothing filtered) when the kernel cannot."""
     from qemu_locked.beside import spawn
@@ -33,7 +36,7 @@ def attach(lock_fds: list[int]) -> None:
 
     def life(vm_pid: int, pidfd: int) -> NoReturn:
         ours.close()
-        _serve(theirs, vm_pid, pidfd, lock_fds)
+        _serve(theirs, vm_pid, pidfd, lock_fds, config, plan)
 
     spawn.beside(life)
     theirs.close()
@@ -53,7 +56,8 @@ def attach(lock_fds: list[int]) -> None:
         ours.close()
 
 
-def _serve(sock: _socket.socket, vm_pid: int, pidfd: int, lock_fds: list[int]) -> NoReturn:
+def _serve(sock: _socket.socket, vm_pid: int, pidfd: int, lock_fds: list[int],
+           config: Config, plan: Plan) -> NoReturn:  # fmt: skip
     from qemu_locked.beside import spawn
     from qemu_locked.lock import procfs
 
@@ -68,11 +72,11 @@ def _serve(sock: _socket.socket, vm_pid: int, pidfd: int, lock_fds: list[int]) -
         if not anc:
             os._exit(0)  # the wrapper could not install the filter: it says why
         listener = int.from_bytes(anc[0][2][:4], "little")
-        from qemu_locked.beside.supervisor.carriers import Carriers
+        from qemu_locked.beside.guard_locks import Locks
         from qemu_locked.beside.supervisor.loop import Supervisor
 
-        carriers = Carriers()
-        carriers.seed(lock_fds)
-        Supervisor(listener, vm_pid, carriers).run()
+        locks = Locks(config, plan, vm_pid)
+        locks.adopt(lock_fds)
+        Supervisor(listener, vm_pid, locks).run()
     finally:
         os._exit(0)
