@@ -196,3 +196,23 @@ def test_two_vms_one_disk_through_the_backend(tmp_path: Path, backend: str) -> N
                 vm.quit()
     assert f"qemu-locked: {disk} is locked (exclusive) by pid" in err, err
     assert "guest 'first'" in err, err
+
+
+def test_a_supervisor_that_cannot_read_qemu_fails_closed(tmp_path: Path) -> None:
+    """Found under AppArmor: /proc/PID/mem denied made every open pass unjudged.
+    Now nothing passes: QEMU does not even load its libraries, and we say why.
+    (Landlock here denies the read, as AppArmor did there.)"""
+    if QEMU is None:
+        skip_unless_ci("qemu-system-x86_64 (apt: qemu-system-x86)")
+    disk = qcow2(tmp_path / "d.qcow2")
+    landlocked = str(Path(__file__).parent / "landlocked.py")
+    env = base_env(QEMU_LOCKED_SUPERVISOR="true", QEMU_LOCKED_EMULATOR=str(QEMU))
+    r = subprocess.run([sys.executable, landlocked, "--deny-read", "/proc/self/mem", "--",
+                        QEMU_LOCKED, "-accel", "tcg", "-nodefaults", "-display", "none", "-S",
+                        "-drive", f"file={disk},if=none"],
+                       env=env, capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert r.returncode != 0
+    assert (
+        "qemu-locked: supervisor: /proc/" in r.stderr
+        and "/mem: Permission denied: every open QEMU makes is refused" in r.stderr
+    ), r.stderr

@@ -35,6 +35,7 @@ class Supervisor:
         self.tgids: set[int] = {vm_pid}  # QEMU and the children it made (migrate exec:)
         self.tids: set[int] = set()
         self.counts = {"trapped": 0, "locked": 0, "refused": 0}
+        self.blind = False  # said once: QEMU's memory or cwd cannot be read
 
     # -- the trapped calls ------------------------------------------------------
 
@@ -63,11 +64,19 @@ class Supervisor:
         if flags & paths.O_PATH:
             kernel.proceed(self.listener, n.id)
             return
-        path = self._path(n, addr)
-        if path is None or paths.system_name(path):
-            kernel.proceed(self.listener, n.id)  # gone, a bad address (EFAULT), or the system
+        try:
+            path = self._path(n, addr)
+            if path is None or paths.system_name(path):
+                kernel.proceed(self.listener, n.id)  # gone, a bad address (EFAULT), or the system
+                return
+            target = paths.find(n.pid, dirfd, path, flags, mode)
+        except paths.Blind as exc:  # what QEMU asked for cannot be known: fail closed
+            kernel.refuse(self.listener, n.id, errno.EACCES)
+            if not self.blind:
+                self.blind = True
+                say(f"supervisor: {exc}: every open QEMU makes is refused (the host's "
+                    "security policy? `qemu-lockctl doctor` names the fix)")  # fmt: skip
             return
-        target = paths.find(n.pid, dirfd, path, flags, mode)
         if target is None or not target.lockable():
             if target is not None:
                 target.close()
@@ -81,8 +90,9 @@ class Supervisor:
     def _path(self, n: kernel.Notif, addr: int) -> bytes | None:
         try:
             mem = os.open(f"/proc/{n.pid}/mem", os.O_RDONLY | os.O_CLOEXEC)
-        except OSError:
-            return None
+        except OSError as exc:
+            paths.blind_if_denied(f"/proc/{n.pid}/mem", exc)
+            return None  # the caller is gone
         try:
             path = kernel.read_string(mem, addr)
         finally:

@@ -13,6 +13,7 @@ does, it does on its own O_PATH fd of what it found, never on the path again.
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 
@@ -26,6 +27,16 @@ SYSTEM_DIRS = ("/usr/", "/lib/", "/lib64/", "/lib32/", "/bin/", "/sbin/", "/etc/
 # Spelled-out prefixes that name the caller itself: resolved here they would
 # name the supervisor, so such opens are never taken over (they are /proc).
 _SELF_NAMES = (b"/proc/", b"/dev/fd/", b"/dev/std", b"/sys/")
+
+
+class Blind(Exception):
+    """What the caller named cannot be read or resolved by us (not: does not
+    exist): the open must be refused, never let through unjudged."""
+
+
+def blind_if_denied(what: str, exc: OSError) -> None:
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        raise Blind(f"{what}: {exc.strerror}") from None
 
 
 def system_name(path: bytes) -> bool:
@@ -67,10 +78,12 @@ def find(tid: int, dirfd: int, path: bytes, flags: int, mode: int) -> Target | N
     names, made first when the call would create it outside SYSTEM_DIRS (so
     it is ours before QEMU has it); None when it cannot be found (the caller's
     own open then fails the same way, or is not ours to judge)."""
+    where = base_of(tid, dirfd, path)
     try:
-        base = os.open(base_of(tid, dirfd, path), O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-    except OSError:
-        return None
+        base = os.open(where, O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as exc:
+        blind_if_denied(where, exc)
+        return None  # a dirfd that is not a directory: the caller's own call fails alike
     try:
         try:
             fd = os.open(path, O_PATH | os.O_CLOEXEC | (flags & os.O_NOFOLLOW), dir_fd=base)

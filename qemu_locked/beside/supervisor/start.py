@@ -51,6 +51,8 @@ def attach(lock_fds: list[int], config: Config, plan: Plan) -> None:
         ) from None
     try:
         ours.sendmsg([b"L"], [(_SOL_SOCKET, _SCM_RIGHTS, listener.to_bytes(4, "little"))])
+    except OSError as exc:
+        raise BackendError(f"the supervisor ended before QEMU started ({exc.strerror})") from None
     finally:
         os.close(listener)
         ours.close()
@@ -65,7 +67,10 @@ def _serve(sock: _socket.socket, vm_pid: int, pidfd: int, lock_fds: list[int],
         # The pidfd stays open unused: procfs tells a helper outliving its QEMU by
         # it.  The listener's hang-up is how the supervisor learns QEMU is gone.
         spawn.close_all_but({sock.fileno(), pidfd, 2, *lock_fds})
-        spawn.set_comm(procfs.SUPERVISOR_COMM.encode())
+        try:
+            spawn.set_comm(procfs.SUPERVISOR_COMM.encode())
+        except OSError as exc:  # status then lists our lock copies apart: say why
+            spawn.say(f"supervisor: cannot name itself {procfs.SUPERVISOR_COMM}: {exc.strerror}")
         sock.send(str(os.getpid()).encode())
         _msg, anc, _flags, _addr = sock.recvmsg(1, 64)
         sock.close()
