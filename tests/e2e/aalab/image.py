@@ -23,7 +23,6 @@ import hashlib
 import json
 import os
 import shutil
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -191,24 +190,12 @@ def _build_tree(cache: Path, logfile: Path) -> dict[str, Any]:
     modules.write_text("".join(m + "\n" for m in INITRAMFS_MODULES))
     log("apt-get install " + " ".join(PACKAGES) + " (private mount+pid namespace)")
     t1 = time.monotonic()
-    nsinit = Path(rootfs.__file__).resolve().parent / "nsinit.py"
-    unshare = ["unshare", "--mount", "--pid", "--fork", "--propagation", "private", "--"]
-    rootfs.run_logged(
-        [*unshare, sys.executable, str(nsinit), "apt", str(partial), *PACKAGES], logfile
-    )
+    rootfs.install_packages(partial, PACKAGES, logfile)
     t_packages = time.monotonic() - t1
     # libvirtd would try to start the default NAT network at every boot (no dnsmasq here).
     for xml in (partial / "etc/libvirt/qemu/networks/autostart").glob("*.xml"):
         xml.unlink()
-    versions = subprocess.run(
-        ["chroot", str(partial), "dpkg-query", "-W", "-f=${Package}=${Version}\n"],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.split()
-    size = subprocess.run(
-        ["du", "-sxb", str(partial)], capture_output=True, text=True, check=True
-    ).stdout.split()[0]
+    versions, size = rootfs.tree_facts(partial)
     stamp: dict[str, Any] = {
         "packages": list(PACKAGES),
         "built": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

@@ -68,6 +68,25 @@ def write_sources(root: Path, mirror: str, suite: str) -> None:
     )
 
 
+def install_packages(root: Path, packages: tuple[str, ...], logfile: Path) -> None:
+    """apt-get install in the tree, in a private mount+pid namespace (nsinit.py apt)."""
+    nsinit = Path(__file__).resolve().parent / "nsinit.py"
+    unshare = ["unshare", "--mount", "--pid", "--fork", "--propagation", "private", "--"]
+    run_logged([*unshare, sys.executable, str(nsinit), "apt", str(root), *packages], logfile)
+
+
+def tree_facts(root: Path) -> tuple[list[str], str]:
+    """(package=version of everything installed, the tree's size in bytes)."""
+    versions = subprocess.run(
+        ["chroot", str(root), "dpkg-query", "-W", "-f=${Package}=${Version}\n"],
+        capture_output=True, text=True, check=True,
+    ).stdout.split()  # fmt: skip
+    size = subprocess.run(
+        ["du", "-sxb", str(root)], capture_output=True, text=True, check=True
+    ).stdout.split()[0]
+    return versions, size
+
+
 def cached(cache: Path = CACHE) -> Path | None:
     """The finished tree, or None when it has to be built."""
     root = cache / SUITE
@@ -132,33 +151,9 @@ def _build(cache: Path) -> Path:
     policy.write_text("#!/bin/sh\nexit 101\n")
     policy.chmod(0o755)
     log("apt-get install " + " ".join(PACKAGES) + " (private mount+pid namespace)")
-    run_logged(
-        [
-            "unshare",
-            "--mount",
-            "--pid",
-            "--fork",
-            "--propagation",
-            "private",
-            "--",
-            sys.executable,
-            str(Path(__file__).resolve().parent / "nsinit.py"),
-            "apt",
-            str(partial),
-            *PACKAGES,
-        ],
-        logfile,
-    )
-    versions = subprocess.run(
-        ["chroot", str(partial), "dpkg-query", "-W", "-f=${Package}=${Version}\n"],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.split()
+    install_packages(partial, PACKAGES, logfile)
+    versions, size = tree_facts(partial)
     elapsed = time.monotonic() - t0
-    size = subprocess.run(
-        ["du", "-sxb", str(partial)], capture_output=True, text=True, check=True
-    ).stdout.split()[0]
     (partial / "etc" / STAMP).write_text(
         json.dumps(
             {
