@@ -237,6 +237,10 @@ def main() -> None:
     import guard_bench  # beside this script (sys.path[0])
 
     lines += ["## Monitor guard (real QEMU, libvirt-style fd monitor)", "", *guard_bench.run(), ""]
+    import supervisor_bench
+
+    lines += ["## Supervisor (seccomp user notification, `supervisor = true`)", "",
+              *supervisor_bench.run(), ""]  # fmt: skip
     lines += [
         "## libvirt: `virsh start` + `virsh destroy` of a 64 MiB TCG domain",
         "",
