@@ -272,9 +272,11 @@ class Locks:
 
     # -- what QEMU itself has open ----------------------------------------------------
 
-    def qemu_uses(self, lock: Lock, writable_only: bool = False) -> bool:
-        """Does QEMU hold an fd on this disk that is not one of our lock fds?
-        True whenever that cannot be known (fail closed)."""
+    def qemu_uses(self, lock: Lock, writable_only: bool = False, ignore: set[int] | None = None,
+                  ) -> bool:  # fmt: skip
+        """Does QEMU hold an fd on this disk that is not one of our lock fds (nor
+        one of the fd numbers in ``ignore``)?  True whenever that cannot be known
+        (fail closed)."""
         base = f"/proc/{self.qemu_pid}/fd"
         try:
             entries = os.listdir(base)
@@ -285,7 +287,7 @@ class Locks:
                 st = os.stat(f"{base}/{entry}")
             except OSError:
                 continue  # closed meanwhile
-            if safeopen.identity_key(st) != lock.key:
+            if safeopen.identity_key(st) != lock.key or (ignore and int(entry) in ignore):
                 continue
             if any(self._same(int(entry), fd) for fd in lock.fds):
                 continue

@@ -32,10 +32,12 @@ class Supervisor:
 
     def __init__(self, listener: int, vm_pid: int, locks: Locks) -> None:
         self.listener, self.vm_pid, self.locks = listener, vm_pid, locks
-        self.tgids: set[int] = {vm_pid}  # QEMU and the children it made (migrate exec:)
-        self.tids: set[int] = set()
+        self.process_of: dict[int, int] = {}  # calling thread -> its process (QEMU or a child)
         self.counts = {"trapped": 0, "locked": 0, "refused": 0}
         self.blind = False  # said once: QEMU's memory or cwd cannot be read
+        # Our lock fds' numbers in QEMU: a released lock's copy stays there, unlocked,
+        # and must not count as QEMU's own use of the file.
+        self.planted: set[int] = set()
 
     # -- the trapped calls ------------------------------------------------------
 
@@ -71,11 +73,11 @@ class Supervisor:
                 return
             target = paths.find(n.pid, dirfd, path, flags, mode)
         except paths.Blind as exc:  # what QEMU asked for cannot be known: fail closed
-            kernel.refuse(self.listener, n.id, errno.EACCES)
-            if not self.blind:
+            if not self.blind:  # our line first: it is in the log before QEMU's own
                 self.blind = True
                 say(f"supervisor: {exc}: every open QEMU makes is refused (the host's "
                     "security policy? `qemu-lockctl doctor` names the fix)")  # fmt: skip
+            kernel.refuse(self.listener, n.id, errno.EACCES)
             return
         if target is None or not target.lockable():
             if target is not None:
@@ -126,7 +128,9 @@ class Supervisor:
             return
         try:
             for _name, lock_fd in self.locks.give:  # new lock fds: a copy into QEMU
-                kernel.addfd(self.listener, n.id, lock_fd, True, False)
+                planted = kernel.addfd(self.listener, n.id, lock_fd, True, False)
+                if self.process_of.get(n.pid) == self.vm_pid:  # QEMU's table, not a child's
+                    self.planted.add(planted)
             kernel.addfd(self.listener, n.id, fd, bool(flags & os.O_CLOEXEC), True)
             self.counts["locked"] += 1
         except OSError:
@@ -137,8 +141,8 @@ class Supervisor:
 
     def _refuse(self, n: kernel.Notif, line: str) -> None:
         self.counts["refused"] += 1
+        say(line)  # first: in the domain log before QEMU's own error
         kernel.refuse(self.listener, n.id, errno.EBUSY)
-        say(line)
 
     def sweep(self) -> None:
         """Unlock what QEMU no longer has open, downgrade what it only reads (its
@@ -148,9 +152,9 @@ class Supervisor:
         for lock in list(self.locks.by_key.values()):
             if lock.start or not lock.fds:
                 continue  # start-time locks are QEMU's own, for its life
-            if not self.locks.qemu_uses(lock):
+            if not self.locks.qemu_uses(lock, ignore=self.planted):
                 self.locks.release(lock)
-            elif lock.mode == EXCLUSIVE and not self.locks.qemu_uses(lock, writable_only=True):
+            elif lock.mode == EXCLUSIVE and not self.locks.qemu_uses(lock, True, self.planted):
                 self.locks.downgrade(lock)
         self.locks.take_back.clear()  # QEMU's copies: unlocked, left open (no closefd here)
 
@@ -190,14 +194,14 @@ class Supervisor:
 
     def _note(self, tid: int) -> None:
         """The process a calling thread belongs to (QEMU, or a child of it)."""
-        if tid in self.tids:
+        if tid in self.process_of:
             return
-        self.tids.add(tid)
+        self.process_of[tid] = -1
         try:
             with open(f"/proc/{tid}/status", "rb") as f:
                 for line in f:
                     if line.startswith(b"Tgid:"):
-                        self.tgids.add(int(line.split()[1]))
+                        self.process_of[tid] = int(line.split()[1])
                         return
         except (OSError, ValueError):
             pass

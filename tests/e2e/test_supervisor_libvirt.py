@@ -1,0 +1,78 @@
+"""The seccomp supervisor (supervisor = true) under the host's real libvirtd 9 and
+QEMU 7.2: hot-plugged disks are locked at QEMU's open, whatever asked for it.
+
+libvirt passes on QEMU's own error (`Could not open '...': Device or resource
+busy`); our line naming the holder is in the domain's log at the same moment.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from e2e.lab import PREFIX, Lab, disk_xml, domain_xml, lock_free, wait_for
+
+pytestmark = pytest.mark.libvirt
+
+SUPERVISED = {"QEMU_LOCKED_SUPERVISOR": "true"}
+SCSI = "<controller type='scsi' index='0' model='virtio-scsi'/>"
+BUSY = "Device or resource busy"
+
+
+def vm(lab: Lab, name: str, disks: list[str]) -> str:
+    dom = lab.define(domain_xml(f"{PREFIX}{name}", disks, devices_extra=SCSI), env=SUPERVISED)
+    lab.start(dom)
+    return dom
+
+
+def attach(lab: Lab, dom: str, path: str, target: str, check: bool = False):  # type: ignore[no-untyped-def]
+    args = ["attach-disk", dom, path, target, "--targetbus", "scsi", "--live"]
+    if path.startswith("/dev/"):
+        args += ["--sourcetype", "block", "--subdriver", "raw"]
+    else:
+        args += ["--subdriver", "qcow2"]
+    return lab.virsh(*args, check=check)
+
+
+def logged(dom: str) -> str:
+    return Path(f"/var/log/libvirt/qemu/{dom}.log").read_text(errors="replace")
+
+
+def refused_naming(lab: Lab, proc, dom: str, holder: str) -> None:  # type: ignore[no-untyped-def]
+    assert proc.returncode != 0, proc.stdout
+    assert BUSY in proc.stderr, proc.stderr
+    wait_for(lambda: f"guest '{holder}'" in logged(dom), 10, "our line in the domain log")
+
+
+def test_attach_of_a_disk_another_vm_writes_is_refused(lab: Lab) -> None:
+    a, b = lab.image("s-a.qcow2"), lab.image("s-b.qcow2")
+    one = vm(lab, "s1", [disk_xml(a)])
+    two = vm(lab, "s2", [disk_xml(b)])
+    refused_naming(lab, attach(lab, one, b, "sdb"), one, two)
+    assert "sdb" not in lab.virsh("domblklist", one).stdout
+    assert lab.state(one) == lab.state(two) == "running"
+    # HMP through libvirt's monitor: the same open, the same refusal
+    hmp = lab.virsh("qemu-monitor-command", one, "--hmp", f"drive_add 0 file={b},if=none,id=x9",
+                    check=False)  # fmt: skip
+    assert BUSY in hmp.stdout + hmp.stderr, hmp
+
+
+def test_attach_locks_and_detach_frees(lab: Lab) -> None:
+    a, b = lab.image("t-a.qcow2"), lab.image("t-b.qcow2")
+    one = vm(lab, "t1", [disk_xml(a)])
+    attach(lab, one, b, "sdb", check=True)
+    assert not lock_free(b, exclusive=False)
+    other = vm(lab, "t2", [])
+    refused_naming(lab, attach(lab, other, b, "sdc"), other, one)
+    lab.virsh("detach-disk", one, "sdb", "--live")
+    wait_for(lambda: lock_free(b), 10, "the lock released after detach")
+    attach(lab, other, b, "sdc", check=True)
+    assert not lock_free(b, exclusive=False)
+
+
+def test_block_device_held_by_another_vm(lab: Lab) -> None:
+    dev = lab.loop_device()
+    holder = vm(lab, "u1", [disk_xml(dev, kind="block", fmt="raw")])
+    one = vm(lab, "u2", [disk_xml(lab.image("u-a.qcow2"))])
+    refused_naming(lab, attach(lab, one, dev, "sdb"), one, holder)
