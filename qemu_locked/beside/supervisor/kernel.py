@@ -1,7 +1,7 @@
 """The seccomp user-notification interface, x86_64 (kernel >= 5.14 for injection).
 
 Struct layouts and ioctl numbers are the kernel's uapi (linux/seccomp.h); the
-filter is classic BPF.  Only :func:`install` needs ctypes (the seccomp and
+filter is classic BPF.  Only :class:`Filter` needs ctypes (the seccomp and
 prctl syscalls, in the wrapper); the supervisor's side is fcntl.ioctl on
 bytes.  Kept apart so the numbers live in one place.
 """
@@ -49,28 +49,35 @@ def _program() -> bytes:
     return b"".join(struct.pack("=HBBI", *ins) for ins in head + checks + tail)
 
 
-def install(tracer: int) -> int:
-    """Filter this process (and what it execs) and return the listener fd.
+class Filter:
+    """The filter, ready to install: ctypes (~2.3 ms to import) and the program
+    are prepared while the supervisor starts, so only the syscalls are left."""
 
-    ``tracer``: the supervisor's pid, named to Yama (scope 1 lets only
-    ancestors read QEMU's memory, and the supervisor is not one)."""
-    import ctypes
+    def __init__(self) -> None:
+        import ctypes
 
-    libc = ctypes.CDLL(None, use_errno=True)
-    code = _program()
-    buf = ctypes.create_string_buffer(code)
-    prog = ctypes.create_string_buffer(
-        struct.pack("=HxxxxxxQ", len(code) // 8, ctypes.addressof(buf))
-    )
-    libc.prctl(_PR_SET_PTRACER, tracer, 0, 0, 0)  # EINVAL without Yama: nothing to name
-    if libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"prctl(PR_SET_NO_NEW_PRIVS): {os.strerror(err)}")
-    fd = int(libc.syscall(_NR_SECCOMP, _SET_MODE_FILTER, _FLAG_NEW_LISTENER, prog))
-    if fd < 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"seccomp(SECCOMP_FILTER_FLAG_NEW_LISTENER): {os.strerror(err)}")
-    return fd
+        self._ctypes = ctypes
+        self._libc = ctypes.CDLL(None, use_errno=True)
+        code = _program()
+        self._code = ctypes.create_string_buffer(code)
+        self._prog = ctypes.create_string_buffer(
+            struct.pack("=HxxxxxxQ", len(code) // 8, ctypes.addressof(self._code))
+        )
+
+    def install(self, tracer: int) -> int:
+        """Filter this process (and what it execs); the listener fd.  ``tracer``:
+        the supervisor's pid, named to Yama (scope 1 lets only ancestors read
+        QEMU's memory, and the supervisor is not one)."""
+        libc, ctypes = self._libc, self._ctypes
+        libc.prctl(_PR_SET_PTRACER, tracer, 0, 0, 0)  # EINVAL without Yama: nothing to name
+        if libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"prctl(PR_SET_NO_NEW_PRIVS): {os.strerror(err)}")
+        fd = int(libc.syscall(_NR_SECCOMP, _SET_MODE_FILTER, _FLAG_NEW_LISTENER, self._prog))
+        if fd < 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"seccomp(SECCOMP_FILTER_FLAG_NEW_LISTENER): {os.strerror(err)}")
+        return fd
 
 
 def recv(listener: int, buf: bytearray) -> Notif:

@@ -33,6 +33,7 @@ class Supervisor:
     def __init__(self, listener: int, vm_pid: int, locks: Locks) -> None:
         self.listener, self.vm_pid, self.locks = listener, vm_pid, locks
         self.process_of: dict[int, int] = {}  # calling thread -> its process (QEMU or a child)
+        self.mems: dict[int, int] = {}  # process -> its /proc/PID/mem
         self.counts = {"trapped": 0, "locked": 0, "refused": 0}
         self.blind = False  # said once: QEMU's memory or cwd cannot be read
         # Our lock fds' numbers in QEMU: a released lock's copy stays there, unlocked,
@@ -71,6 +72,10 @@ class Supervisor:
             if path is None or paths.system_name(path):
                 kernel.proceed(self.listener, n.id)  # gone, a bad address (EFAULT), or the system
                 return
+            # Read from memory the caller owns: trusted only if it is still waiting
+            # (a system name needs no such care: the kernel reads the path itself).
+            if not kernel.valid(self.listener, n.id):
+                return
             target = paths.find(n.pid, dirfd, path, flags, mode)
         except paths.Blind as exc:  # what QEMU asked for cannot be known: fail closed
             if not self.blind:  # our line first: it is in the log before QEMU's own
@@ -90,17 +95,35 @@ class Supervisor:
             target.close()
 
     def _path(self, n: kernel.Notif, addr: int) -> bytes | None:
-        try:
-            mem = os.open(f"/proc/{n.pid}/mem", os.O_RDONLY | os.O_CLOEXEC)
-        except OSError as exc:
-            paths.blind_if_denied(f"/proc/{n.pid}/mem", exc)
-            return None  # the caller is gone
-        try:
+        """The path the call names, read from the caller's memory.  One /proc/PID/mem
+        per process (its threads share the memory), opened again once if reading
+        fails (the process may be gone and its pid reused)."""
+        process = self.process_of.get(n.pid, -1)
+        key = process if process > 0 else n.pid
+        for fresh in (False, True):
+            mem = self.mems.get(key, -1)
+            if fresh or mem < 0:
+                if mem >= 0:
+                    os.close(mem)
+                mem = self.mems[key] = self._open_mem(key if process > 0 else n.pid)
+                if mem < 0:
+                    del self.mems[key]
+                    return None  # the caller is gone
             path = kernel.read_string(mem, addr)
-        finally:
-            os.close(mem)
-        # Read from memory the caller owns: valid only if it is still waiting.
-        return path if kernel.valid(self.listener, n.id) else None
+            if path is not None:
+                break
+        return path
+
+    def _open_mem(self, pid: int) -> int:
+        if len(self.mems) > 64:  # processes come and go (children of QEMU)
+            for fd in self.mems.values():
+                os.close(fd)
+            self.mems.clear()
+        try:
+            return os.open(f"/proc/{pid}/mem", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            paths.blind_if_denied(f"/proc/{pid}/mem", exc)
+            return -1
 
     def _serve(self, n: kernel.Notif, target: paths.Target, flags: int) -> None:
         from qemu_locked.beside.guard_locks import Refused

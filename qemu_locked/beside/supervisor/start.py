@@ -41,8 +41,9 @@ def attach(lock_fds: list[int], config: Config, plan: Plan) -> None:
     spawn.beside(life)
     theirs.close()
     try:
+        seccomp = kernel.Filter()  # meanwhile, the supervisor starts
         pid = int(ours.recv(16) or b"0")
-        listener = kernel.install(pid)
+        listener = seccomp.install(pid)
     except (OSError, ValueError) as exc:
         ours.close()  # the supervisor sees the end of the socket and leaves
         raise BackendError(
@@ -72,16 +73,18 @@ def _serve(sock: _socket.socket, vm_pid: int, pidfd: int, lock_fds: list[int],
         except OSError as exc:  # status then lists our lock copies apart: say why
             spawn.say(f"supervisor: cannot name itself {procfs.SUPERVISOR_COMM}: {exc.strerror}")
         sock.send(str(os.getpid()).encode())
-        _msg, anc, _flags, _addr = sock.recvmsg(1, 64)
-        sock.close()
-        if not anc:
-            os._exit(0)  # the wrapper could not install the filter: it says why
-        listener = int.from_bytes(anc[0][2][:4], "little")
+        # While the wrapper installs the filter and execs QEMU: QEMU's first open
+        # waits for this process, so everything it needs is ready before then.
         from qemu_locked.beside.guard_locks import Locks
         from qemu_locked.beside.supervisor.loop import Supervisor
 
         locks = Locks(config, plan, vm_pid)
         locks.adopt(lock_fds)
+        _msg, anc, _flags, _addr = sock.recvmsg(1, 64)
+        sock.close()
+        if not anc:
+            os._exit(0)  # the wrapper could not install the filter: it says why
+        listener = int.from_bytes(anc[0][2][:4], "little")
         Supervisor(listener, vm_pid, locks).run()
     finally:
         os._exit(0)
