@@ -76,3 +76,41 @@ def test_block_device_held_by_another_vm(lab: Lab) -> None:
     holder = vm(lab, "u1", [disk_xml(dev, kind="block", fmt="raw")])
     one = vm(lab, "u2", [disk_xml(lab.image("u-a.qcow2"))])
     refused_naming(lab, attach(lab, one, dev, "sdb"), one, holder)
+
+
+def test_change_media_locks_the_new_medium_and_frees_the_old(lab: Lab) -> None:
+    a = lab.image("sm-a.qcow2")
+    iso1, iso2 = lab.image("sm1.iso", fmt="raw"), lab.image("sm2.iso", fmt="raw")
+    cd = disk_xml(None, "sdz", bus="scsi", fmt="raw", device="cdrom", readonly=True)
+    one = lab.define(domain_xml(f"{PREFIX}sm1", [disk_xml(a), cd], devices_extra=SCSI),
+                     env=SUPERVISED)  # fmt: skip
+    lab.virsh("start", "--paused", one)
+    lab.virsh("change-media", one, "sdz", iso1, "--insert", "--live")
+    assert not lock_free(iso1) and lock_free(iso1, exclusive=False)
+    lab.virsh("change-media", one, "sdz", iso2, "--update", "--live")
+    assert not lock_free(iso2) and lock_free(iso2, exclusive=False)
+    wait_for(lambda: lock_free(iso1), 10, "the old medium freed")
+    lab.virsh("change-media", one, "sdz", "--eject", "--live")
+    wait_for(lambda: lock_free(iso2), 10, "the ejected medium freed")
+
+
+def test_external_snapshot_then_commit(lab: Lab) -> None:
+    a = lab.image("ss-a.qcow2")
+    one = vm(lab, "ss1", [disk_xml(a)])
+    ov = str(lab.images / "ss-ov.qcow2")
+    lab.virsh("snapshot-create-as", one, "--disk-only", "--no-metadata",
+              "--diskspec", f"vda,file={ov}")  # fmt: skip
+    assert not lock_free(ov, exclusive=False)  # created by the supervisor, locked first
+    wait_for(lambda: lock_free(a, exclusive=False) and not lock_free(a), 10, "old top shared")
+    lab.virsh("blockcommit", one, "vda", "--active", "--pivot", "--wait", timeout=120)
+    assert not lock_free(a, exclusive=False)  # written again: exclusive
+    wait_for(lambda: lock_free(ov), 10, "the overlay freed after the pivot")
+
+
+def test_blockcopy_with_pivot(lab: Lab) -> None:
+    a = lab.image("sb-a.qcow2")
+    one = vm(lab, "sb1", [disk_xml(a)])
+    dest = str(lab.images / "sb-copy.qcow2")
+    lab.virsh("blockcopy", one, "vda", dest, "--transient-job", "--wait", "--pivot", timeout=120)
+    assert not lock_free(dest, exclusive=False)
+    wait_for(lambda: lock_free(a), 10, "the source freed after the pivot")

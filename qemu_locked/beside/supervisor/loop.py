@@ -30,7 +30,7 @@ class Supervisor:
     the monitor guard takes them (guard_locks): our copies are the carriers, and
     a copy of each is planted in QEMU so the lock lives as long as QEMU."""
 
-    def __init__(self, listener: int, vm_pid: int, locks: Locks) -> None:
+    def __init__(self, listener: int, vm_pid: int, locks: Locks, inherited: list[int]) -> None:
         self.listener, self.vm_pid, self.locks = listener, vm_pid, locks
         self.process_of: dict[int, int] = {}  # calling thread -> its process (QEMU or a child)
         self.mems: dict[int, int] = {}  # process -> its /proc/PID/mem
@@ -38,7 +38,11 @@ class Supervisor:
         self.blind = False  # said once: QEMU's memory or cwd cannot be read
         # Our lock fds' numbers in QEMU: a released lock's copy stays there, unlocked,
         # and must not count as QEMU's own use of the file.
-        self.planted: set[int] = set()
+        # The start-time lock fds QEMU inherited have the same numbers in QEMU.
+        self.planted: set[int] = set(inherited)
+        # Files QEMU has opened through us: only those may be let go once it closes
+        # them (a start-time disk QEMU has not opened yet must stay locked).
+        self.opened: set[str] = set()
 
     # -- the trapped calls ------------------------------------------------------
 
@@ -140,6 +144,7 @@ class Supervisor:
         if lock.key != identity_key(target.st):  # renamed over between our two looks
             self._refuse(n, f"{target.real}: changed while being opened")
             return
+        self.opened.add(lock.key)
         try:
             fd = os.open(
                 f"/proc/self/fd/{target.fd}", (flags & ~_REAL_FLAGS_DROPPED) | os.O_CLOEXEC
@@ -173,8 +178,8 @@ class Supervisor:
         from qemu_locked.model.plan import EXCLUSIVE
 
         for lock in list(self.locks.by_key.values()):
-            if lock.start or not lock.fds:
-                continue  # start-time locks are QEMU's own, for its life
+            if lock.key not in self.opened or not lock.fds:
+                continue  # not opened by QEMU yet (a start-time disk): kept
             if not self.locks.qemu_uses(lock, ignore=self.planted):
                 self.locks.release(lock)
             elif lock.mode == EXCLUSIVE and not self.locks.qemu_uses(lock, True, self.planted):

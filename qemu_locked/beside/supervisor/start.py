@@ -85,6 +85,6 @@ def _serve(sock: _socket.socket, vm_pid: int, pidfd: int, lock_fds: list[int],
         if not anc:
             os._exit(0)  # the wrapper could not install the filter: it says why
         listener = int.from_bytes(anc[0][2][:4], "little")
-        Supervisor(listener, vm_pid, locks).run()
+        Supervisor(listener, vm_pid, locks, lock_fds).run()
     finally:
         os._exit(0)
