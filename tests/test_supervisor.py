@@ -53,9 +53,14 @@ class VM:
                             "read-only": read_only, "file": {"driver": "file", "filename": path}})  # fmt: skip
 
     def supervisor(self) -> int:
-        (pid,) = [p for p in procfs.pids() if procfs.comm(p) == procfs.SUPERVISOR_COMM
-                  and procfs._state(p) not in ("Z", "")]  # fmt: skip
-        return pid
+        """Ours: the supervisor whose pidfd names this QEMU (its Pid: line)."""
+        for pid in procfs.pids():
+            if procfs.comm(pid) != procfs.SUPERVISOR_COMM:
+                continue
+            for _fd, target, info in procfs.fd_entries(pid):
+                if "pidfd" in target and f"Pid:\t{self.proc.pid}\n" in info:
+                    return pid
+        raise AssertionError(f"no supervisor for QEMU pid {self.proc.pid}")
 
     def quit(self) -> str:
         try:
@@ -216,3 +221,34 @@ def test_a_supervisor_that_cannot_read_qemu_fails_closed(tmp_path: Path) -> None
         "qemu-locked: supervisor: /proc/" in r.stderr
         and "/mem: Permission denied: every open QEMU makes is refused" in r.stderr
     ), r.stderr
+
+
+def test_daemonize_keeps_the_supervisor(tmp_path: Path, holder) -> None:
+    """-daemonize: QEMU's first process exits, the daemon keeps the filter."""
+    if QEMU is None:
+        skip_unless_ci("qemu-system-x86_64 (apt: qemu-system-x86)")
+    boot, held = qcow2(tmp_path / "boot.qcow2"), qcow2(tmp_path / "held.qcow2")
+    sock, pidfile = str(tmp_path / "d.sock"), str(tmp_path / "qemu.pid")
+    env = base_env(QEMU_LOCKED_SUPERVISOR="true", QEMU_LOCKED_EMULATOR=str(QEMU))
+    r = subprocess.run([QEMU_LOCKED, "-name", "guest=daemon", "-accel", "tcg", "-nodefaults",
+                        "-display", "none", "-S", "-daemonize", "-pidfile", pidfile,
+                        "-drive", f"file={boot},if=virtio",
+                        "-qmp", f"unix:{sock},server=on,wait=off"],
+                       env=env, capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert r.returncode == 0, r.stderr  # returned: the daemon keeps no pipe of the caller's
+    pid = int(Path(pidfile).read_text())
+    qmp = QMP(sock)
+    try:
+        assert "return" in qmp.cmd("qmp_capabilities")
+        assert not lock_free(boot, exclusive=False)
+        holder(held)
+        r2 = qmp.cmd("blockdev-add", driver="qcow2", **{"node-name": "h",
+                     "file": {"driver": "file", "filename": held}})  # fmt: skip
+        assert BUSY in r2["error"]["desc"], r2  # type: ignore[index]
+        qmp.cmd("quit")
+    finally:
+        qmp.close()
+        if os.path.exists(f"/proc/{pid}") and procfs.comm(pid).startswith("qemu"):
+            os.kill(pid, signal.SIGTERM)  # the daemon this test started, if quit failed
+    wait_for(lambda: not os.path.exists(f"/proc/{pid}"), "the daemon to exit", timeout=30)
+    wait_for(lambda: lock_free(boot), "the start-time lock gone with it", timeout=10)

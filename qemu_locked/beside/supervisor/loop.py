@@ -30,8 +30,10 @@ class Supervisor:
     the monitor guard takes them (guard_locks): our copies are the carriers, and
     a copy of each is planted in QEMU so the lock lives as long as QEMU."""
 
-    def __init__(self, listener: int, vm_pid: int, locks: Locks, inherited: list[int]) -> None:
+    def __init__(self, listener: int, vm_pid: int, locks: Locks, inherited: list[int],
+                 bookkeeping: frozenset[str] = frozenset()) -> None:  # fmt: skip
         self.listener, self.vm_pid, self.locks = listener, vm_pid, locks
+        self.bookkeeping = bookkeeping  # pid, log, chardev files: never disks
         self.process_of: dict[int, int] = {}  # calling thread -> its process (QEMU or a child)
         self.mems: dict[int, int] = {}  # process -> its /proc/PID/mem
         self.counts = {"trapped": 0, "locked": 0, "refused": 0}
@@ -80,7 +82,7 @@ class Supervisor:
             # (a system name needs no such care: the kernel reads the path itself).
             if not kernel.valid(self.listener, n.id):
                 return
-            target = paths.find(n.pid, dirfd, path, flags, mode)
+            target = paths.find(n.pid, dirfd, path, flags, mode, self.bookkeeping)
         except paths.Blind as exc:  # what QEMU asked for cannot be known: fail closed
             if not self.blind:  # our line first: it is in the log before QEMU's own
                 self.blind = True
@@ -88,7 +90,7 @@ class Supervisor:
                     "security policy? `qemu-lockctl doctor` names the fix)")  # fmt: skip
             kernel.refuse(self.listener, n.id, errno.EACCES)
             return
-        if target is None or not target.lockable():
+        if target is None or not target.lockable(self.bookkeeping):
             if target is not None:
                 target.close()
             kernel.proceed(self.listener, n.id)

@@ -14,6 +14,7 @@ does, it does on its own O_PATH fd of what it found, never on the path again.
 from __future__ import annotations
 
 import errno
+import itertools
 import os
 import stat
 
@@ -60,11 +61,11 @@ class Target:
             os.close(self.fd)
             self.fd = -1
 
-    def lockable(self) -> bool:
+    def lockable(self, bookkeeping: frozenset[str] = frozenset()) -> bool:
         st = self.st
         if st is None or not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
             return False
-        return not self.real.startswith(SYSTEM_DIRS)
+        return not self.real.startswith(SYSTEM_DIRS) and self.real not in bookkeeping
 
 
 def base_of(tid: int, dirfd: int, path: bytes) -> str:
@@ -73,7 +74,8 @@ def base_of(tid: int, dirfd: int, path: bytes) -> str:
     return f"/proc/{tid}/cwd" if dirfd == AT_FDCWD else f"/proc/{tid}/fd/{dirfd}"
 
 
-def find(tid: int, dirfd: int, path: bytes, flags: int, mode: int) -> Target | None:
+def find(tid: int, dirfd: int, path: bytes, flags: int, mode: int,
+         bookkeeping: frozenset[str] = frozenset()) -> Target | None:  # fmt: skip
     """Our O_PATH fd of what ``openat(dirfd, path, flags, mode)`` in ``tid``
     names, made first when the call would create it outside SYSTEM_DIRS (so
     it is ours before QEMU has it); None when it cannot be found (the caller's
@@ -90,7 +92,7 @@ def find(tid: int, dirfd: int, path: bytes, flags: int, mode: int) -> Target | N
         except FileNotFoundError:
             if not flags & os.O_CREAT:
                 return None
-            return _create(base, path, mode)
+            return _create(base, path, mode, bookkeeping)
         except OSError:
             return None
     finally:
@@ -106,7 +108,7 @@ def _target(fd: int, created: bool = False) -> Target | None:
         return None
 
 
-def _create(base: int, path: bytes, mode: int) -> Target | None:
+def _create(base: int, path: bytes, mode: int, bookkeeping: frozenset[str]) -> Target | None:
     """Create the file an O_CREAT names, where its directory is not a system one."""
     parent, _sep, name = path.rpartition(b"/")
     try:
@@ -115,7 +117,7 @@ def _create(base: int, path: bytes, mode: int) -> Target | None:
         return None
     try:
         real = os.readlink(f"/proc/self/fd/{pfd}").rstrip("/") + "/"
-        if real.startswith(SYSTEM_DIRS):
+        if real.startswith(SYSTEM_DIRS) or real + os.fsdecode(name) in bookkeeping:
             return Target(real=real)  # not ours: the caller creates it itself
         flags = os.O_RDONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
         made = os.open(name, flags, mode & 0o7777, dir_fd=pfd)
@@ -130,3 +132,35 @@ def _create(base: int, path: bytes, mode: int) -> Target | None:
     finally:
         os.close(made)
     return _target(fd, created=True)
+
+
+# Options whose files are QEMU's own bookkeeping, never disks: QEMU may lock
+# them itself (a -pidfile is lockf()ed whole), and a byte-0 lock of ours would
+# refuse that.  Files named there pass through (docs/supervisor.md).
+_FILE_OPTIONS = ("-pidfile", "-D")
+_FILE_KEYS = ("path=", "logfile=", "file=")
+_FILE_PREFIXES = ("file:", "pipe:")
+_KEYED_OPTIONS = ("-chardev", "-trace")
+_PREFIXED_OPTIONS = ("-serial", "-parallel", "-monitor", "-qmp", "-qmp-pretty", "-debugcon")
+
+
+def bookkeeping_files(args: list[str]) -> frozenset[str]:
+    """The real paths of the pid, log, trace and character-device files a QEMU
+    command line names (the leading dashes of an option may be one or two)."""
+    out: list[str] = []
+    for opt, value in itertools.pairwise(args):
+        name = "-" + opt.lstrip("-")
+        if name in _FILE_OPTIONS:
+            out.append(value)
+        elif name in _KEYED_OPTIONS:
+            out += [
+                part.split("=", 1)[1] for part in value.split(",") if part.startswith(_FILE_KEYS)
+            ]
+        elif name in _PREFIXED_OPTIONS and value.startswith(_FILE_PREFIXES):
+            out.append(value.split(":", 1)[1].split(",", 1)[0])
+    return frozenset(_real(p) for p in out if p)
+
+
+def _real(path: str) -> str:
+    head, tail = os.path.split(os.path.abspath(path))
+    return os.path.join(os.path.realpath(head), tail)

@@ -26,7 +26,7 @@ _SCM_RIGHTS = 1
 _SOL_SOCKET = 1
 
 
-def attach(lock_fds: list[int], config: Config, plan: Plan) -> None:
+def attach(lock_fds: list[int], config: Config, plan: Plan, args: list[str]) -> None:
     """Supervise the QEMU this process is about to become; raises BackendError
     (nothing started, nothing filtered) when the kernel cannot."""
     from qemu_locked.beside import spawn
@@ -36,7 +36,7 @@ def attach(lock_fds: list[int], config: Config, plan: Plan) -> None:
 
     def life(vm_pid: int, pidfd: int) -> NoReturn:
         ours.close()
-        _serve(theirs, vm_pid, pidfd, lock_fds, config, plan)
+        _serve(theirs, vm_pid, pidfd, lock_fds, config, plan, args)
 
     spawn.beside(life)
     theirs.close()
@@ -60,7 +60,7 @@ def attach(lock_fds: list[int], config: Config, plan: Plan) -> None:
 
 
 def _serve(sock: _socket.socket, vm_pid: int, pidfd: int, lock_fds: list[int],
-           config: Config, plan: Plan) -> NoReturn:  # fmt: skip
+           config: Config, plan: Plan, args: list[str]) -> NoReturn:  # fmt: skip
     from qemu_locked.beside import spawn
     from qemu_locked.lock import procfs
 
@@ -72,11 +72,16 @@ def _serve(sock: _socket.socket, vm_pid: int, pidfd: int, lock_fds: list[int],
             spawn.set_comm(procfs.SUPERVISOR_COMM.encode())
         except OSError as exc:  # status then lists our lock copies apart: say why
             spawn.say(f"supervisor: cannot name itself {procfs.SUPERVISOR_COMM}: {exc.strerror}")
+        if plan.daemonize:  # as QEMU's own: a caller reading our stderr must see it close
+            null = os.open("/dev/null", os.O_WRONLY | os.O_CLOEXEC)
+            os.dup2(null, 2)
+            os.close(null)
         sock.send(str(os.getpid()).encode())
         # While the wrapper installs the filter and execs QEMU: QEMU's first open
         # waits for this process, so everything it needs is ready before then.
         from qemu_locked.beside.guard_locks import Locks
         from qemu_locked.beside.supervisor.loop import Supervisor
+        from qemu_locked.beside.supervisor.paths import bookkeeping_files
 
         locks = Locks(config, plan, vm_pid)
         locks.adopt(lock_fds)
@@ -85,6 +90,6 @@ def _serve(sock: _socket.socket, vm_pid: int, pidfd: int, lock_fds: list[int],
         if not anc:
             os._exit(0)  # the wrapper could not install the filter: it says why
         listener = int.from_bytes(anc[0][2][:4], "little")
-        Supervisor(listener, vm_pid, locks, lock_fds).run()
+        Supervisor(listener, vm_pid, locks, lock_fds, bookkeeping_files(args)).run()
     finally:
         os._exit(0)
