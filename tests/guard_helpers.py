@@ -27,6 +27,17 @@ if TYPE_CHECKING:
 QEMU = shutil.which("qemu-system-x86_64")
 
 
+def helper_of(comm: str, qemu_pid: int) -> int:
+    """The helper beside this QEMU (ql-guard, ql-supervisor): its pidfd names it."""
+    for pid in procfs.pids():
+        if procfs.comm(pid) != comm:
+            continue
+        for _fd, target, info in procfs.fd_entries(pid):
+            if "pidfd" in target and f"Pid:\t{qemu_pid}\n" in info:
+                return pid
+    raise AssertionError(f"no {comm} for QEMU pid {qemu_pid}")
+
+
 class QMP:
     def __init__(self, path: str) -> None:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

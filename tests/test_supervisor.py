@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 from conftest import QEMU_LOCKED, base_env, lock_free, skip_unless_ci, wait_for
-from guard_helpers import QEMU, QMP
+from guard_helpers import QEMU, QMP, helper_of
 
 from qemu_locked.lock import procfs
 
@@ -53,14 +53,7 @@ class VM:
                             "read-only": read_only, "file": {"driver": "file", "filename": path}})  # fmt: skip
 
     def supervisor(self) -> int:
-        """Ours: the supervisor whose pidfd names this QEMU (its Pid: line)."""
-        for pid in procfs.pids():
-            if procfs.comm(pid) != procfs.SUPERVISOR_COMM:
-                continue
-            for _fd, target, info in procfs.fd_entries(pid):
-                if "pidfd" in target and f"Pid:\t{self.proc.pid}\n" in info:
-                    return pid
-        raise AssertionError(f"no supervisor for QEMU pid {self.proc.pid}")
+        return helper_of(procfs.SUPERVISOR_COMM, self.proc.pid)
 
     def quit(self) -> str:
         try:

@@ -14,6 +14,7 @@ import subprocess
 from collections.abc import Iterator
 
 import pytest
+from guard_helpers import helper_of
 
 from e2e.lab import PREFIX, QEMU_USER, Lab, disk_xml, domain_xml, lock_free, run, wait_for
 from qemu_locked.lock import procfs
@@ -46,14 +47,7 @@ def refused(proc: subprocess.CompletedProcess[str], holder: str) -> None:
 
 
 def guard_of(qemu_pid: int) -> int:
-    """The guard watching this QEMU (its pidfd's Pid: line names it)."""
-    for pid in procfs.pids():
-        if procfs.comm(pid) != procfs.GUARD_COMM:
-            continue
-        for _fd, target, info in procfs.fd_entries(pid):
-            if "pidfd" in target and f"Pid:\t{qemu_pid}\n" in info:
-                return pid
-    raise AssertionError(f"no guard for QEMU pid {qemu_pid}")
+    return helper_of(procfs.GUARD_COMM, qemu_pid)
 
 
 def test_attach_of_a_disk_another_vm_writes_is_refused_naming_it(lab: Lab) -> None:
