@@ -116,14 +116,20 @@ def wait_until(cond, what: str, timeout: float = 60) -> None:  # type: ignore[no
         time.sleep(0.05)
 
 
+@pytest.mark.parametrize("supervisor", ["false", "true"])
 @pytest.mark.parametrize("backend", ["direct", "lockspace"])
-def test_live_migration_hands_the_locks_to_the_destination(tmp_path: Path, backend: str) -> None:
+def test_live_migration_hands_the_locks_to_the_destination(
+    tmp_path: Path, backend: str, supervisor: str
+) -> None:
     image = str(tmp_path / "vm.qcow2")
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", image, "32M"], check=True)
     space = tmp_path / "lockspace"
     space.mkdir()
     env = base_env(
-        QEMU_LOCKED_EMULATOR=QEMU, QEMU_LOCKED_BACKEND=backend, QEMU_LOCKED_LOCKSPACE_DIR=str(space)
+        QEMU_LOCKED_EMULATOR=QEMU,
+        QEMU_LOCKED_BACKEND=backend,
+        QEMU_LOCKED_LOCKSPACE_DIR=str(space),
+        QEMU_LOCKED_SUPERVISOR=supervisor,
     )
     port = free_port()
     src = qemu(tmp_path, "src", image, env)
