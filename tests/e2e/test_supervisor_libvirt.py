@@ -114,3 +114,18 @@ def test_blockcopy_with_pivot(lab: Lab) -> None:
     lab.virsh("blockcopy", one, "vda", dest, "--transient-job", "--wait", "--pivot", timeout=120)
     assert not lock_free(dest, exclusive=False)
     wait_for(lambda: lock_free(a), 10, "the source freed after the pivot")
+
+
+def test_libvirtd_restart_changes_nothing(lab: Lab) -> None:
+    """The supervisor sits on no monitor: libvirtd's restart (and its reconnect)
+    is not its business; hot-plugs after it are locked as before."""
+    if "libvirtd" not in lab.daemons.started:
+        pytest.fail("libvirtd was not started by the harness: it cannot be restarted")
+    a, b, c = lab.image("sr-a.qcow2"), lab.image("sr-b.qcow2"), lab.image("sr-c.qcow2")
+    one = vm(lab, "sr1", [disk_xml(a)])
+    two = vm(lab, "sr2", [disk_xml(b)])
+    lab.daemons.restart_libvirtd()
+    assert lab.state(one) == lab.state(two) == "running"
+    refused_naming(lab, attach(lab, one, b, "sdb"), one, two)
+    attach(lab, one, c, "sdc", check=True)
+    assert not lock_free(c, exclusive=False)
