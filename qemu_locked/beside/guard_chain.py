@@ -11,10 +11,10 @@ from qemu_locked.model.plan import SHARED
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from qemu_locked.beside.guard_policy import Policy
+    from qemu_locked.beside.guard_view import PolicyView
 
 
-def header_files(policy: Policy, path: str, mode: str, user: str, origin: str,
+def header_files(policy: PolicyView, path: str, mode: str, user: str, origin: str,
                  backing: bool = True, defer_ok: bool = False) -> None:  # fmt: skip
     """Files QEMU opens from an image header on its own, as start/chains.py
     finds them at start: the external data file, in the image's mode (the

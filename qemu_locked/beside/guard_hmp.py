@@ -8,14 +8,14 @@ from __future__ import annotations
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from qemu_locked.beside.guard_policy import After, Policy
+    from qemu_locked.beside.guard_view import After, PolicyView
 
 
 def _words(line: str) -> list[str]:
     return line.split()
 
 
-def hmp_command(policy: Policy, line: str, tag: str) -> After | None:
+def hmp_command(policy: PolicyView, line: str, tag: str) -> After | None:
     from qemu_locked.beside.guard_media import medium_path, remove_medium
 
     words = _words(line)
@@ -38,7 +38,7 @@ def hmp_command(policy: Policy, line: str, tag: str) -> After | None:
     return None
 
 
-def _drive_add(policy: Policy, opts: str, tag: str) -> After | None:
+def _drive_add(policy: PolicyView, opts: str, tag: str) -> After | None:
     from qemu_locked.beside.guard_chain import header_files
     from qemu_locked.beside.guard_nodes import Node, truthy
     from qemu_locked.lock.safeopen import plain_name
@@ -67,7 +67,7 @@ def _drive_add(policy: Policy, opts: str, tag: str) -> After | None:
     return after
 
 
-def _drive_del(policy: Policy, drive_id: str) -> After:
+def _drive_del(policy: PolicyView, drive_id: str) -> After:
     def after(ok: bool) -> None:
         if ok:
             policy.graph.nodes.pop(drive_id, None)

@@ -14,7 +14,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
 
-    from qemu_locked.beside.guard_policy import After, Policy
+    from qemu_locked.beside.guard_view import After, PolicyView
 
 
 def _str(obj: object) -> str | None:
@@ -25,13 +25,13 @@ def _device_id(args: dict[str, Any]) -> str:
     return _str(args.get("id")) or _str(args.get("device")) or ""
 
 
-def change_medium(policy: Policy, args: dict[str, Any], tag: str) -> After:
+def change_medium(policy: PolicyView, args: dict[str, Any], tag: str) -> After:
     dev_id = _device_id(args)
     path = _str(args.get("filename"))
     return medium_path(policy, dev_id, path, args.get("read-only-mode") == "read-only", tag)
 
 
-def medium_path(policy: Policy, dev_id: str, path: str | None, ro: bool, tag: str) -> After:
+def medium_path(policy: PolicyView, dev_id: str, path: str | None, ro: bool, tag: str) -> After:
     dev = policy.graph.devices.get(dev_id)
     cd = dev.cd if dev is not None else False
     user = f"medium:{dev_id}:{tag}"
@@ -52,7 +52,7 @@ def medium_path(policy: Policy, dev_id: str, path: str | None, ro: bool, tag: st
     return after
 
 
-def insert_medium(policy: Policy, args: dict[str, Any], tag: str) -> After:
+def insert_medium(policy: PolicyView, args: dict[str, Any], tag: str) -> After:
     dev_id = _device_id(args)
     node = _str(args.get("node-name"))
     dev = policy.graph.devices.get(dev_id)
@@ -61,7 +61,7 @@ def insert_medium(policy: Policy, args: dict[str, Any], tag: str) -> After:
     return policy._tagged(tag)
 
 
-def remove_medium(policy: Policy, args: dict[str, Any], tag: str) -> After:
+def remove_medium(policy: PolicyView, args: dict[str, Any], tag: str) -> After:
     dev_id = _device_id(args)
 
     def after(ok: bool) -> None:

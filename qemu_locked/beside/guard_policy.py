@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable
     from typing import Any
 
-    After = Callable[[bool], None]
+    from qemu_locked.beside.guard_view import After
 
 
 def _args(obj: object) -> dict[str, Any]:

@@ -21,7 +21,36 @@ from qemu_locked.beside.guard_io import ANC, DONTWAIT, FLAGS, fds_of
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from qemu_locked.beside.guard_relay import Relay
+    import _socket
+    from collections import deque
+    from typing import Protocol
+
+    from qemu_locked.beside.guard_frame import Lines, Splitter, Unit
+    from qemu_locked.beside.guard_io import Out
+    from qemu_locked.beside.guard_reply import Inflight
+
+    class RelayView(Protocol):
+        """What this loop uses of guard_relay's Relay (which imports this module)."""
+
+        qemu: _socket.socket
+        client: _socket.socket | None
+        client_ready: bool
+        qemu_open: bool
+        queue: deque[Unit]
+        mine: deque[tuple[bytes, list[int], Inflight]]
+        inflight: Inflight | None
+        passing: Inflight
+        verdicts: Verdicts
+        q_out: Out
+        c_out: Out
+        q_split: Lines
+        c_split: Splitter
+        sweep_at: float
+
+        def qemu_data(self, data: bytes) -> None: ...
+
+        def client_data(self, data: bytes, fds: list[int]) -> None: ...
+
 
 # Words in every command the policy watches (tests/test_guard.py pins that):
 # a command containing none of them passes without being parsed.
@@ -69,7 +98,7 @@ class Verdicts:
         return verdict
 
 
-def is_steady(relay: Relay) -> bool:
+def is_steady(relay: RelayView) -> bool:
     """Nothing queued, half-read or owed on either side: the steady loop may run."""
     return (
         relay.client is not None and relay.client_ready and relay.qemu_open
@@ -78,7 +107,7 @@ def is_steady(relay: Relay) -> bool:
     )  # fmt: skip
 
 
-def steady_loop(relay: Relay, poller: select.poll, ready: list[tuple[int, int]],
+def steady_loop(relay: RelayView, poller: select.poll, ready: list[tuple[int, int]],
                 timeout: int | None) -> list[tuple[int, int]]:  # fmt: skip
     """Relay while only plain commands, their answers and events happen.
 
