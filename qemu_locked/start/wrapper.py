@@ -109,7 +109,8 @@ def prepare(args: list[str], cfg: Config, emulator: str | None = None) -> Plan:
     """The plan the wrapper locks: parsed, backing chains read, roles applied."""
     plan = resolve(parse(args, cfg, emulator), cfg)
     unknown = [s for s in plan.skipped if s.unknown]
-    if unknown and cfg.unknown_drivers == "refuse":
+    # Under the supervisor, what such a node opens is locked when QEMU opens it.
+    if unknown and cfg.unknown_drivers == "refuse" and not cfg.supervisor:
         from qemu_locked.model.errors import UsageError
 
         s = unknown[0]  # our policy, not QEMU's rule: exit 2, not QEMU's 1
