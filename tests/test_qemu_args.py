@@ -538,3 +538,15 @@ def test_drive_file_roundtrip(name: str) -> None:
     path = "/img/" + name
     got = parse_argv(["-drive", "file=" + path.replace(",", ",,") + ",format=raw"]).disks
     assert [d.path for d in got] == [path]
+
+
+def test_bookkeeping_files_come_from_the_one_argv_walk() -> None:
+    """Files QEMU's own options name (the supervisor lets their opens pass: QEMU
+    lockf()s a -pidfile whole), found by the same walk that finds the disks."""
+    plan = parse_argv(["-pidfile", "/run/x.pid", "--D", "log.txt", "-drive", "file=/d.img",
+                       "-chardev", "socket,id=m,path=/s.sock,server=on,logfile=/m.log",
+                       "-serial", "file:/ser.out", "-monitor", "pipe:/mon", "-qmp", "unix:/q.sock",
+                       "-trace", "enable=x*,file=/t.out"])  # fmt: skip
+    assert plan.bookkeeping == ("/run/x.pid", "log.txt", "/s.sock", "/m.log", "/ser.out", "/mon",
+                                "/t.out")  # fmt: skip
+    assert [d.path for d in plan.disks] == ["/d.img"]

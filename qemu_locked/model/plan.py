@@ -70,6 +70,8 @@ class Plan:
     daemonize: bool = False
     # A QMP monitor QEMU inherits as a listening socket (fd N): where the monitor guard sits.
     monitor_fd: int | None = None
+    # Files QEMU's own options name for its bookkeeping (pid, log, trace, chardev files).
+    bookkeeping: tuple[str, ...] = ()
 
     def apply_roles(self, none_roles: tuple[str, ...]) -> Plan:
         """Drop the disks of roles the config maps to ``none`` (noted as skipped)."""

@@ -28,6 +28,11 @@ if TYPE_CHECKING:
 USER_CONFIG = "/etc/qemu/qemu.conf"
 
 _MAX_READCONFIG_DEPTH = 16
+# Options naming QEMU's own bookkeeping files (never disks: QEMU may lock them
+# itself, as it lockf()s a -pidfile), and those taking a character device that
+# may be a file: or pipe: (the seccomp supervisor lets their opens pass).
+_BOOKKEEPING = ("pidfile", "D")
+_CHAR_BACKENDS = ("serial", "parallel", "monitor", "qmp", "qmp-pretty", "debugcon")
 
 
 class _Walk:
@@ -43,6 +48,7 @@ class _Walk:
         self.readconfig_depth = 0
         self.server_sockets: dict[str, int] = {}  # -chardev socket,fd=N,server=on by id
         self.control_mons: list[str] = []  # chardev ids of -mon ...,mode=control
+        self.bookkeeping: list[str] = []  # pid, log, trace and character-device files
 
     def parse(self, args: Sequence[str]) -> None:
         i, n = 0, len(args)
@@ -97,8 +103,16 @@ class _Walk:
             self._set(arg, value)
         elif name == "readconfig":
             self._readconfig(arg, value)
+        elif name in _BOOKKEEPING:
+            self.bookkeeping.append(value)
+        elif name in _CHAR_BACKENDS:
+            if value.startswith(("file:", "pipe:")):
+                self.bookkeeping.append(value.split(":", 1)[1].split(",", 1)[0])
+        elif name == "trace":
+            self.bookkeeping += [v for k, v in split_opts(value, "enable") if k == "file"]
         elif name == "chardev":
             kv = dict(split_opts(value, "backend"))
+            self.bookkeeping += [kv[k] for k in ("path", "logfile") if kv.get(k)]
             fd = kv.get("fd", "")
             if kv.get("backend") == "socket" and fd.isdigit() and kv.get("server", "off") in TRUE:
                 self.server_sockets[kv.get("id", "")] = int(fd)
@@ -187,4 +201,5 @@ def parse_argv(
         incoming=walk.incoming,
         daemonize=walk.daemonize,
         monitor_fd=walk.monitor_fd(),
+        bookkeeping=tuple(walk.bookkeeping),
     )

@@ -182,7 +182,7 @@ def main() -> NoReturn:
         if cfg.supervisor:
             from qemu_locked.beside.supervisor import start as supervisor
 
-            supervisor.attach(held.fds if held is not None else [], cfg, plan, args)
+            supervisor.attach(held.fds if held is not None else [], cfg, plan)
         elif cfg.monitor_guard and plan.monitor_fd is not None:
             from qemu_locked.beside import guard
 

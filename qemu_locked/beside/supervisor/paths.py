@@ -2,8 +2,10 @@
 
 The rule for what is locked, in one sentence (docs/supervisor.md): *a regular
 file or block device that QEMU opens by path is locked, unless its real path
-is under one of SYSTEM_DIRS, or the open is O_PATH.*  Libraries, firmware,
-/proc, /sys, character devices, shared memory and hugepage files pass.
+is under one of SYSTEM_DIRS, the open is O_PATH, or QEMU's own options name
+the file for its bookkeeping (Plan.bookkeeping: -pidfile, -D, chardev files).*
+Libraries, firmware, /proc, /sys, character devices, shared memory and
+hugepage files pass.
 
 The path is read from the caller's memory and resolved against the caller's
 own cwd or dirfd (``/proc/TID/cwd``, ``/proc/TID/fd/N``): the supervisor is
@@ -14,7 +16,6 @@ does, it does on its own O_PATH fd of what it found, never on the path again.
 from __future__ import annotations
 
 import errno
-import itertools
 import os
 import stat
 
@@ -40,12 +41,14 @@ def blind_if_denied(what: str, exc: OSError) -> None:
         raise Blind(f"{what}: {exc.strerror}") from None
 
 
+# What a system file's path is spelled as, before any lookup (the loader's paths).
+_SYSTEM_NAMES = _SELF_NAMES + tuple(d.encode() for d in SYSTEM_DIRS[:7])
+
+
 def system_name(path: bytes) -> bool:
     """A path string that is a system file by its spelling (cheap: no lookup).
     The dynamic loader's ~50 libraries stop here."""
-    return path.startswith(_SELF_NAMES) or path.startswith(
-        tuple(d.encode() for d in SYSTEM_DIRS[:7])
-    )
+    return path.startswith(_SYSTEM_NAMES)
 
 
 class Target:
@@ -134,33 +137,11 @@ def _create(base: int, path: bytes, mode: int, bookkeeping: frozenset[str]) -> T
     return _target(fd, created=True)
 
 
-# Options whose files are QEMU's own bookkeeping, never disks: QEMU may lock
-# them itself (a -pidfile is lockf()ed whole), and a byte-0 lock of ours would
-# refuse that.  Files named there pass through (docs/supervisor.md).
-_FILE_OPTIONS = ("-pidfile", "-D")
-_FILE_KEYS = ("path=", "logfile=", "file=")
-_FILE_PREFIXES = ("file:", "pipe:")
-_KEYED_OPTIONS = ("-chardev", "-trace")
-_PREFIXED_OPTIONS = ("-serial", "-parallel", "-monitor", "-qmp", "-qmp-pretty", "-debugcon")
-
-
-def bookkeeping_files(args: list[str]) -> frozenset[str]:
-    """The real paths of the pid, log, trace and character-device files a QEMU
-    command line names (the leading dashes of an option may be one or two)."""
-    out: list[str] = []
-    for opt, value in itertools.pairwise(args):
-        name = "-" + opt.lstrip("-")
-        if name in _FILE_OPTIONS:
-            out.append(value)
-        elif name in _KEYED_OPTIONS:
-            out += [
-                part.split("=", 1)[1] for part in value.split(",") if part.startswith(_FILE_KEYS)
-            ]
-        elif name in _PREFIXED_OPTIONS and value.startswith(_FILE_PREFIXES):
-            out.append(value.split(":", 1)[1].split(",", 1)[0])
-    return frozenset(_real(p) for p in out if p)
-
-
-def _real(path: str) -> str:
-    head, tail = os.path.split(os.path.abspath(path))
-    return os.path.join(os.path.realpath(head), tail)
+def real_paths(paths: tuple[str, ...]) -> frozenset[str]:
+    """Where files named on the command line really are (the file itself may not
+    exist yet: a pid file is created by QEMU)."""
+    out = set()
+    for path in paths:
+        head, tail = os.path.split(os.path.abspath(path))
+        out.add(os.path.join(os.path.realpath(head), tail))
+    return frozenset(out)

@@ -26,7 +26,7 @@ _SCM_RIGHTS = 1
 _SOL_SOCKET = 1
 
 
-def attach(lock_fds: list[int], config: Config, plan: Plan, args: list[str]) -> None:
+def attach(lock_fds: list[int], config: Config, plan: Plan) -> None:
     """Supervise the QEMU this process is about to become; raises BackendError
     (nothing started, nothing filtered) when the kernel cannot."""
     from qemu_locked.beside import spawn
@@ -36,7 +36,7 @@ def attach(lock_fds: list[int], config: Config, plan: Plan, args: list[str]) -> 
 
     def life(vm_pid: int, pidfd: int) -> NoReturn:
         ours.close()
-        _serve(theirs, vm_pid, pidfd, lock_fds, config, plan, args)
+        _serve(theirs, vm_pid, pidfd, lock_fds, config, plan)
 
     spawn.beside(life)
     theirs.close()
@@ -60,7 +60,7 @@ def attach(lock_fds: list[int], config: Config, plan: Plan, args: list[str]) -> 
 
 
 def _serve(sock: _socket.socket, vm_pid: int, pidfd: int, lock_fds: list[int],
-           config: Config, plan: Plan, args: list[str]) -> NoReturn:  # fmt: skip
+           config: Config, plan: Plan) -> NoReturn:  # fmt: skip
     from qemu_locked.beside import spawn
     from qemu_locked.lock import procfs
 
@@ -81,7 +81,7 @@ def _serve(sock: _socket.socket, vm_pid: int, pidfd: int, lock_fds: list[int],
         # waits for this process, so everything it needs is ready before then.
         from qemu_locked.beside.guard_locks import Locks
         from qemu_locked.beside.supervisor.loop import Supervisor
-        from qemu_locked.beside.supervisor.paths import bookkeeping_files
+        from qemu_locked.beside.supervisor.paths import real_paths
 
         locks = Locks(config, plan, vm_pid)
         locks.adopt(lock_fds)
@@ -90,6 +90,6 @@ def _serve(sock: _socket.socket, vm_pid: int, pidfd: int, lock_fds: list[int],
         if not anc:
             os._exit(0)  # the wrapper could not install the filter: it says why
         listener = int.from_bytes(anc[0][2][:4], "little")
-        Supervisor(listener, vm_pid, locks, lock_fds, bookkeeping_files(args)).run()
+        Supervisor(listener, vm_pid, locks, lock_fds, real_paths(plan.bookkeeping)).run()
     finally:
         os._exit(0)
