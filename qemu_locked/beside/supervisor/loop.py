@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import os
 import select
+from time import monotonic
 
 from qemu_locked.beside.spawn import say
 from qemu_locked.beside.supervisor import kernel, paths
@@ -36,7 +37,6 @@ class Supervisor:
         self.bookkeeping = bookkeeping  # pid, log, chardev files: never disks
         self.process_of: dict[int, int] = {}  # calling thread -> its process (QEMU or a child)
         self.mems: dict[int, int] = {}  # process -> its /proc/PID/mem
-        self.counts = {"trapped": 0, "locked": 0, "refused": 0}
         self.blind = False  # said once: QEMU's memory or cwd cannot be read
         # Our lock fds' numbers in QEMU: a released lock's copy stays there, unlocked,
         # and must not count as QEMU's own use of the file.
@@ -143,10 +143,13 @@ class Supervisor:
         except Refused as exc:
             self._refuse(n, exc.line.removeprefix("qemu-locked: "))
             return
+        # From here the sweep judges it by QEMU's fds: a lock taken for an open
+        # that then fails is let go like one QEMU closed.
+        self.opened.add(lock.key)
+        new, self.locks.give[:] = list(self.locks.give), []
         if lock.key != identity_key(target.st):  # renamed over between our two looks
             self._refuse(n, f"{target.real}: changed while being opened")
             return
-        self.opened.add(lock.key)
         try:
             fd = os.open(
                 f"/proc/self/fd/{target.fd}", (flags & ~_REAL_FLAGS_DROPPED) | os.O_CLOEXEC
@@ -157,20 +160,17 @@ class Supervisor:
             kernel.refuse(self.listener, n.id, exc.errno or errno.EIO)
             return
         try:
-            for _name, lock_fd in self.locks.give:  # new lock fds: a copy into QEMU
+            for _name, lock_fd in new:  # new lock fds: a copy into QEMU
                 planted = kernel.addfd(self.listener, n.id, lock_fd, True, False)
                 if self.process_of.get(n.pid) == self.vm_pid:  # QEMU's table, not a child's
                     self.planted.add(planted)
             kernel.addfd(self.listener, n.id, fd, bool(flags & os.O_CLOEXEC), True)
-            self.counts["locked"] += 1
         except OSError:
             pass  # the caller is gone (killed while waiting)
         finally:
-            self.locks.give.clear()
             os.close(fd)
 
     def _refuse(self, n: kernel.Notif, line: str) -> None:
-        self.counts["refused"] += 1
         say(line)  # first: in the domain log before QEMU's own error
         kernel.refuse(self.listener, n.id, errno.EBUSY)
 
@@ -198,10 +198,14 @@ class Supervisor:
         poller = select.poll()
         poller.register(self.listener, select.POLLIN)
         buf = bytearray(kernel.NOTIF_SIZE)
+        sweep_at = monotonic() + SWEEP_SECONDS
         while True:
-            events = poller.poll(SWEEP_SECONDS * 1000)
-            if not events:
+            # By deadline, not after a quiet second: a busy opener must not starve it.
+            events = poller.poll(max(0.0, sweep_at - monotonic()) * 1000)
+            if monotonic() >= sweep_at:
                 self.sweep()
+                sweep_at = monotonic() + SWEEP_SECONDS
+            if not events:
                 continue
             if events[0][1] & (select.POLLHUP | select.POLLERR):
                 return  # QEMU and every child of it are gone
@@ -211,7 +215,6 @@ class Supervisor:
                 if exc.errno in (errno.EINTR, errno.ENOENT):
                     continue  # the caller died before we read its call
                 return
-            self.counts["trapped"] += 1
             self._note(n.pid)
             try:
                 handlers[n.nr](n)
