@@ -70,29 +70,20 @@ def denied(path: str, action: str) -> QemuLockedError:
     return PolicyDenied(path, action, modules())
 
 
-def check_open(path: str, exc: OSError, want: int) -> None:
+def check_open(path: str, exc: OSError, want: int, at: tuple[int, str] | None = None) -> None:
     """Raise :class:`PolicyDenied` when an open of ``path`` was refused although
-    its mode bits allow ``want``: the policy's doing, not the file's."""
+    its mode bits allow ``want``: the policy's doing, not the file's.  ``at``:
+    (directory fd, name) the open resolved in, never following a symlink, where
+    it may have been creating the file (then the directory's bits decide)."""
     if exc.errno not in _DENIED:
         return
+    action = _ACTIONS[want & 2]
     try:
-        st = os.stat(path)
-    except OSError:
-        return
-    if by_policy(exc, st, want):
-        raise denied(path, _ACTIONS[want & 2]) from None
-
-
-def check_open_at(dirfd: int, path: str, name: str, exc: OSError, want: int) -> None:
-    """:func:`check_open` for ``name`` in an open directory, where the open may
-    have been creating it (``path`` names it in the message)."""
-    if exc.errno not in _DENIED:
-        return
-    try:
-        st = os.stat(name, dir_fd=dirfd, follow_symlinks=False)
-        action = _ACTIONS[want & 2]
+        st = os.stat(path) if at is None else os.stat(at[1], dir_fd=at[0], follow_symlinks=False)
     except FileNotFoundError:
-        st, want, action = os.fstat(dirfd), 3, "create"
+        if at is None:
+            return
+        st, want, action = os.fstat(at[0]), 3, "create"
     except OSError:
         return
     if by_policy(exc, st, want):

@@ -30,7 +30,7 @@ from qemu_locked.lock import ofd
 from qemu_locked.lock.acquire import NO_WAIT, take_all
 from qemu_locked.lock.held import Held, Pending
 from qemu_locked.lock.keys import digest
-from qemu_locked.lock.policy import check_open, check_open_at
+from qemu_locked.lock.policy import check_open
 from qemu_locked.model.claim import Claim, merged
 from qemu_locked.model.errors import BackendError
 from qemu_locked.model.value import frozen
@@ -162,7 +162,7 @@ class Lockspace:
             except OSError as exc:
                 if exc.errno == 40:
                     raise BackendError(f"{where}: is a symlink, refusing to use it") from None
-                check_open_at(self.dirfd, where, name, exc, 4 if readonly else 6)
+                check_open(where, exc, 4 if readonly else 6, at=(self.dirfd, name))
                 raise BackendError(f"{where}: {exc.strerror}") from None
             try:
                 st = os.fstat(fd)
