@@ -86,15 +86,21 @@ def _split(text: str) -> tuple[list[str], list[str] | None]:
     return lines[:start] + lines[end + 1 :], lines[start : end + 1]
 
 
-def current(root: str = APPARMOR_D) -> list[str] | None:
-    """The block now in the admin's file, or None."""
+def _read(path: str) -> tuple[list[str], list[str] | None] | None:
+    """:func:`_split` of the admin's file, or None when there is no such file."""
     try:
-        with open(os.path.join(root, LOCAL), encoding="utf-8") as f:
-            return _split(f.read())[1]
+        with open(path, encoding="utf-8") as f:
+            return _split(f.read())
     except FileNotFoundError:
         return None
     except OSError as exc:
-        raise BackendError(f"{os.path.join(root, LOCAL)}: {exc.strerror}") from None
+        raise BackendError(f"{path}: {exc.strerror}") from None
+
+
+def current(root: str = APPARMOR_D) -> list[str] | None:
+    """The block now in the admin's file, or None."""
+    found = _read(os.path.join(root, LOCAL))
+    return None if found is None else found[1]
 
 
 def _write(path: str, lines: list[str]) -> None:
@@ -131,14 +137,10 @@ def install(config: Config, launcher: str, root: str = APPARMOR_D) -> str | None
         return None
     path = os.path.join(root, LOCAL)
     want = block(config, launcher)
-    try:
-        with open(path, encoding="utf-8") as f:
-            others, ours = _split(f.read())
-    except FileNotFoundError:
+    found = _read(path)
+    if found is None:
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        others, ours = [], None
-    except OSError as exc:
-        raise BackendError(f"{path}: {exc.strerror}") from None
+    others, ours = found or ([], None)
     if ours == want:
         return None
     _write(path, [*others, *want])
@@ -153,14 +155,8 @@ def install(config: Config, launcher: str, root: str = APPARMOR_D) -> str | None
 def uninstall(root: str = APPARMOR_D) -> str | None:
     """Take our block out of the admin's file; what was done, or None."""
     path = os.path.join(root, LOCAL)
-    try:
-        with open(path, encoding="utf-8") as f:
-            others, ours = _split(f.read())
-    except FileNotFoundError:
+    found = _read(path)
+    if found is None or found[1] is None:
         return None
-    except OSError as exc:
-        raise BackendError(f"{path}: {exc.strerror}") from None
-    if ours is None:
-        return None
-    _write(path, others)
+    _write(path, found[0])
     return f"AppArmor: removed qemu-locked's rules from {path}"

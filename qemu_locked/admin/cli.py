@@ -225,16 +225,12 @@ def status(
         for r in rows:
             r.setdefault("state", "held")
     sys.stdout.write(table([[cell(r.get(k)) for k in keys] for r in rows], header))
-    hidden = sum(1 for r in rows if r.get("state") == "hidden")
-    if hidden:
-        sys.stdout.write(
-            f"\n{hidden} hidden: locked by a local process whose /proc entries this user "
-            "cannot read (`qemu-lockctl status PATH` as root names it)\n"
-        )
-    if any(r.get("state") == "elsewhere" for r in rows):
-        sys.stdout.write(
-            "\nelsewhere: locked by a process on another host (or in another PID namespace)\n"
-        )
+    from qemu_locked.admin.status import MEANING
+
+    for state, meaning in MEANING.items():
+        count = sum(1 for r in rows if r.get("state") == state)
+        if count:
+            sys.stdout.write(f"\n{count} {state}: {meaning}\n")
     stale = sum(1 for r in rows if r.get("state") == "stale")
     if stale:
         sys.stdout.write(

@@ -11,6 +11,7 @@ import os
 
 from qemu_locked.admin import apparmor, vmuser
 from qemu_locked.admin.finding import FAIL, OK, WARN, Finding
+from qemu_locked.model.errors import QemuLockedError
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -74,8 +75,8 @@ def check_apparmor(
     try:
         now = apparmor.current(root)
         want = apparmor.block(config, launcher)
-    except Exception as exc:  # a BackendError/UsageError: one line, whatever it was
-        return Finding(FAIL, check, str(exc), ENABLE_FIX)
+    except QemuLockedError as exc:  # the file unreadable, a path a rule cannot state
+        return Finding(FAIL, check, exc.message, ENABLE_FIX)
     if now is None:
         return Finding(
             FAIL,

@@ -93,8 +93,14 @@ def status_rows(config: Config, paths: list[str] | None = None) -> list[StatusRo
     return _with_origins(rows)
 
 
-# States of a lock the kernel reports but no holder this user can see.
+# States of a lock the kernel reports but no holder this user can see, and what
+# each means (said under status's table).
 HIDDEN, ELSEWHERE = "hidden", "elsewhere"
+MEANING = {
+    HIDDEN: "locked by a local process whose /proc entries this user cannot read "
+    "(`qemu-lockctl status PATH` as root names it)",
+    ELSEWHERE: "locked by a process on another host (or in another PID namespace)",
+}
 
 
 def unseen_rows(paths: list[str], rows: list[StatusRow]) -> list[StatusRow]:
