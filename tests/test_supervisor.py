@@ -159,7 +159,7 @@ def test_supervisor_killed_the_disks_stay_locked_and_new_opens_fail(vm: VM, tmp_
     assert lock_free(disk)  # and gone with QEMU
 
 
-def test_doctor_says_whether_this_kernel_can_supervise() -> None:
+def test_doctor_says_whether_this_kernel_can_supervise(tmp_path: Path, monkeypatch) -> None:
     from qemu_locked.admin import doctor_supervisor
     from qemu_locked.model.config import Config
 
@@ -167,6 +167,13 @@ def test_doctor_says_whether_this_kernel_can_supervise() -> None:
     assert off.status == "OK" and "seccomp user notification available" in off.message, off
     on = doctor_supervisor.check(Config(supervisor=True))
     assert on.status == "OK" and on.message.startswith("on: "), on
+    # A kernel without user_notif (seccomp's list as an older kernel writes it)
+    old = tmp_path / "actions_avail"
+    old.write_text("kill_process kill_thread trap errno trace log allow\n")
+    monkeypatch.setattr(doctor_supervisor, "ACTIONS", str(old))
+    unable = doctor_supervisor.check(Config(supervisor=True))
+    assert unable.status == "FAIL" and "not available" in unable.message, unable
+    assert doctor_supervisor.check(Config()).status == "WARN"
 
 
 @pytest.mark.parametrize("backend", ["direct", "lockspace"])
