@@ -6,6 +6,7 @@ verdict on it.  Run for real under an enforcing kernel: tests/e2e/test_aalab*.
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -136,3 +137,24 @@ def test_doctor_fails_before_the_rules_and_passes_after(root: Path) -> None:
     assert gone.status == "FAIL" and "is missing" in gone.message and "apt install" in gone.fix
     off = check_apparmor(cfg, launcher, str(root), active=False)
     assert off.status == "OK" and "not active" in off.message
+
+
+def test_doctor_reads_selinux_mode_and_the_launchers_label(tmp_path: Path, monkeypatch) -> None:
+    """This kernel has no SELinux: its mode file is a stand-in, the label is a
+    real security.selinux attribute on a real file (root may set it)."""
+    from qemu_locked.admin import doctor_confinement
+
+    launcher = tmp_path / "qemu-locked"
+    launcher.write_text("#!/usr/bin/python3 -IS\n")
+    enforce = tmp_path / "enforce"
+    monkeypatch.setattr(doctor_confinement, "SYS_SELINUX", str(enforce))
+    assert doctor_confinement.check_selinux(str(launcher)) is None  # no SELinux: nothing said
+    enforce.write_text("1")
+    unlabeled = doctor_confinement.check_selinux(str(launcher))
+    assert unlabeled is not None and unlabeled.status == "FAIL", unlabeled
+    assert "semodule -i qemu_locked.pp" in unlabeled.fix
+    enforce.write_text("0")
+    assert doctor_confinement.check_selinux(str(launcher)).status == "WARN"  # type: ignore[union-attr]
+    os.setxattr(launcher, "security.selinux", b"system_u:object_r:qemu_locked_exec_t:s0\0")
+    labelled = doctor_confinement.check_selinux(str(launcher))
+    assert labelled is not None and labelled.status == "OK", labelled
