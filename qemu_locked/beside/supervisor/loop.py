@@ -15,12 +15,13 @@ from time import monotonic
 
 from qemu_locked.beside.spawn import say
 from qemu_locked.beside.supervisor import kernel, paths
+from qemu_locked.model.errors import QemuLockedError
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from qemu_locked.beside.guard_locks import Locks
+    from qemu_locked.beside.guard_locks import Lock, Locks
 
 SWEEP_SECONDS = 1.0
 _REAL_FLAGS_DROPPED = os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_TRUNC
@@ -45,6 +46,7 @@ class Supervisor:
         # Files QEMU has opened through us: only those may be let go once it closes
         # them (a start-time disk QEMU has not opened yet must stay locked).
         self.opened: set[str] = set()
+        self.shareable = _declared_shareable(locks)
 
     # -- the trapped calls ------------------------------------------------------
 
@@ -137,12 +139,16 @@ class Supervisor:
         from qemu_locked.model.plan import EXCLUSIVE, SHARED
 
         assert target.st is not None
-        exclusive = flags & os.O_ACCMODE != os.O_RDONLY or bool(flags & os.O_TRUNC)
+        writes = flags & os.O_ACCMODE != os.O_RDONLY or bool(flags & os.O_TRUNC)
+        exclusive = writes and identity_key(target.st) not in self.shareable
         try:
             lock = self.locks.want(target.real, EXCLUSIVE if exclusive else SHARED, "open", "open")
         except Refused as exc:
-            self._refuse(n, exc.line.removeprefix("qemu-locked: "))
-            return
+            shared = self._share(target) if exclusive else None
+            if shared is None:
+                self._refuse(n, exc.line.removeprefix("qemu-locked: "))
+                return
+            lock = shared
         # From here the sweep judges it by QEMU's fds: a lock taken for an open
         # that then fails is let go like one QEMU closed.
         self.opened.add(lock.key)
@@ -169,6 +175,20 @@ class Supervisor:
             pass  # the caller is gone (killed while waiting)
         finally:
             os.close(fd)
+
+    def _share(self, target: paths.Target) -> Lock | None:
+        """A writer refused only by sharers: shared, if every QEMU writing the
+        disk declared it shareable (share.py); else None."""
+        from qemu_locked.beside.guard_locks import Refused
+        from qemu_locked.beside.supervisor import share
+        from qemu_locked.model.plan import SHARED
+
+        try:
+            if not share.written_shareably(target.fd):
+                return None
+            return self.locks.want(target.real, SHARED, "open", "open")
+        except (Refused, OSError, QemuLockedError):
+            return None  # the first refusal is the one to tell
 
     def _refuse(self, n: kernel.Notif, line: str) -> None:
         say(line)  # first: in the domain log before QEMU's own error
@@ -238,3 +258,19 @@ class Supervisor:
                         return
         except (OSError, ValueError):
             pass
+
+
+def _declared_shareable(locks: Locks) -> frozenset[str]:
+    """The identity keys of the disks the command line declares shareable: QEMU
+    writes them under the shared lock the wrapper took."""
+    from qemu_locked.lock.safeopen import identity_key
+    from qemu_locked.model.plan import SHAREABLE
+
+    keys = set()
+    for disk in locks.plan.disks:
+        if disk.role == SHAREABLE:
+            try:
+                keys.add(identity_key(os.stat(disk.path)))
+            except OSError:
+                continue  # QEMU cannot open it either
+    return frozenset(keys)
