@@ -30,6 +30,23 @@ def qcow2(path: Path, size: str = "16M") -> str:
     return str(path)
 
 
+def connect(sock: str, proc: subprocess.Popen[str]) -> QMP:
+    """QEMU's monitor, once it listens (the socket file appears at bind, before
+    listen: a connect in between is refused)."""
+    found: list[QMP] = []
+
+    def up() -> bool:
+        assert proc.poll() is None, proc.communicate()[1]
+        try:
+            found.append(QMP(sock))
+        except (FileNotFoundError, ConnectionRefusedError):
+            return False
+        return True
+
+    wait_for(up, "QEMU's QMP socket")
+    return found[0]
+
+
 class VM:
     """qemu-locked with the supervisor, the real QEMU, a QMP monitor given by path."""
 
@@ -43,9 +60,7 @@ class VM:
              "-m", "64", "-S", *args, "-qmp", f"unix:{self.sock},server=on,wait=off"],
             env=env, stderr=subprocess.PIPE, text=True,
         )  # fmt: skip
-        wait_for(lambda: os.path.exists(self.sock) or self.proc.poll() is not None, "QMP socket")
-        assert self.proc.poll() is None, self.proc.communicate()[1]
-        self.qmp = QMP(self.sock)
+        self.qmp = connect(self.sock, self.proc)
         assert "return" in self.qmp.cmd("qmp_capabilities")
 
     def add(self, path: str, node: str, read_only: bool = False) -> dict[str, object]:

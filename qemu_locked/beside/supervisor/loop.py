@@ -146,13 +146,14 @@ class Supervisor:
         except Refused as exc:
             shared = self._share(target) if exclusive else None
             if shared is None:
+                self._plant(n)  # a failed upgrade may have taken the shared lock anew
                 self._refuse(n, exc.line.removeprefix("qemu-locked: "))
                 return
             lock = shared
         # From here the sweep judges it by QEMU's fds: a lock taken for an open
         # that then fails is let go like one QEMU closed.
         self.opened.add(lock.key)
-        new, self.locks.give[:] = list(self.locks.give), []
+        self._plant(n)
         if lock.key != identity_key(target.st):  # renamed over between our two looks
             self._refuse(n, f"{target.real}: changed while being opened")
             return
@@ -166,15 +167,23 @@ class Supervisor:
             kernel.refuse(self.listener, n.id, exc.errno or errno.EIO)
             return
         try:
-            for _name, lock_fd in new:  # new lock fds: a copy into QEMU
-                planted = kernel.addfd(self.listener, n.id, lock_fd, True, False)
-                if self.process_of.get(n.pid) == self.vm_pid:  # QEMU's table, not a child's
-                    self.planted.add(planted)
             kernel.addfd(self.listener, n.id, fd, bool(flags & os.O_CLOEXEC), True)
         except OSError:
             pass  # the caller is gone (killed while waiting)
         finally:
             os.close(fd)
+
+    def _plant(self, n: kernel.Notif) -> None:
+        """A copy of each new lock fd into the caller (O_CLOEXEC) before it is
+        answered, whatever the answer: the lock then lives as long as QEMU."""
+        new, self.locks.give[:] = list(self.locks.give), []
+        for _name, lock_fd in new:
+            try:
+                planted = kernel.addfd(self.listener, n.id, lock_fd, True, False)
+            except OSError:
+                return  # the caller is gone (killed while waiting)
+            if self.process_of.get(n.pid) == self.vm_pid:  # QEMU's table, not a child's
+                self.planted.add(planted)
 
     def _share(self, target: paths.Target) -> Lock | None:
         """A writer refused only by sharers: shared, if every QEMU writing the
