@@ -17,7 +17,10 @@ from pathlib import Path
 import pytest
 from conftest import QEMU_LOCKED, base_env, byte0_modes, lock_free, skip_unless_ci, wait_for
 from guard_helpers import QEMU
-from test_supervisor import BUSY, VM, holder, qcow2, vm  # noqa: F401  (fixtures)
+import test_supervisor
+from test_supervisor import BUSY, VM, qcow2
+
+vm, holder = test_supervisor.vm, test_supervisor.holder  # the same fixtures
 
 pytestmark = pytest.mark.qemu
 
