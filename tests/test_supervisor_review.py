@@ -15,9 +15,9 @@ import time
 from pathlib import Path
 
 import pytest
+import test_supervisor
 from conftest import QEMU_LOCKED, base_env, byte0_modes, lock_free, skip_unless_ci, wait_for
 from guard_helpers import QEMU
-import test_supervisor
 from test_supervisor import BUSY, VM, qcow2
 
 vm, holder = test_supervisor.vm, test_supervisor.holder  # the same fixtures
