@@ -27,6 +27,12 @@ if TYPE_CHECKING:
 QEMU = shutil.which("qemu-system-x86_64")
 
 
+def guard_env(**extra: str) -> dict[str, str]:
+    """The real QEMU with the monitor guard: only where the supervisor is off."""
+    return base_env(QEMU_LOCKED_EMULATOR=str(QEMU), QEMU_LOCKED_SUPERVISOR="false",
+                    QEMU_LOCKED_MONITOR_GUARD="true", **extra)  # fmt: skip
+
+
 def helper_of(comm: str, qemu_pid: int) -> int:
     """The helper beside this QEMU (ql-guard, ql-supervisor): its pidfd names it."""
     for pid in procfs.pids():
@@ -102,7 +108,7 @@ class Domain:
                                             "drive": f"f{i}", "id": f"d{i}"})]  # fmt: skip
         self.proc = subprocess.Popen(
             [QEMU_LOCKED, *args], pass_fds=(n,), stderr=subprocess.PIPE, text=True,
-            env=env or base_env(QEMU_LOCKED_EMULATOR=str(QEMU)),
+            env=env or guard_env(),
         )  # fmt: skip
         listener.close()
 

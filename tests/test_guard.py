@@ -12,8 +12,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import QEMU_LOCKED, base_env, lock_free
-from guard_helpers import QEMU, QMP, Domain, negotiated, played_qemu, policy_for
+from conftest import QEMU_LOCKED, lock_free
+from guard_helpers import QEMU, QMP, Domain, guard_env, negotiated, played_qemu, policy_for
 
 from qemu_locked.beside.guard_frame import (
     HEAD,
@@ -234,7 +234,7 @@ def test_a_monitor_given_by_path_is_not_guarded(tmp_path: Path) -> None:
     proc = subprocess.Popen(
         [QEMU_LOCKED, "-S", "-nodefaults", "-machine", "none", "-display", "none",
          "-qmp", f"unix:{sock},server=on,wait=off"],
-        env=base_env(QEMU_LOCKED_EMULATOR=str(QEMU)), stderr=subprocess.PIPE,
+        env=guard_env(), stderr=subprocess.PIPE,
     )  # fmt: skip
     try:
         deadline = time.monotonic() + 30

@@ -627,7 +627,17 @@ def test_hot_plug_through_the_monitor_guard_takes_a_lease_for_qemu(
     base, extra = str(cluster.images / "gs-base.qcow2"), str(cluster.images / "gs-extra.qcow2")
     for path in (base, extra):
         subprocess.run([qcow, "create", "-q", "-f", "qcow2", path, "16M"], check=True)
-    vm = Domain(tmp_path, "gsl", [base], env=cluster.env(1, QEMU_LOCKED_EMULATOR=QEMU))
+    vm = Domain(
+        tmp_path,
+        "gsl",
+        [base],
+        env=cluster.env(
+            1,
+            QEMU_LOCKED_EMULATOR=QEMU,
+            QEMU_LOCKED_SUPERVISOR="false",
+            QEMU_LOCKED_MONITOR_GUARD="true",
+        ),
+    )
     try:
         q = vm.qmp()
         r = q.cmd("blockdev-add", driver="file", filename=extra,

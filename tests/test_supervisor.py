@@ -178,17 +178,20 @@ def test_doctor_says_whether_this_kernel_can_supervise(tmp_path: Path, monkeypat
     from qemu_locked.admin import doctor_supervisor
     from qemu_locked.model.config import Config
 
-    off = doctor_supervisor.check(Config())
-    assert off.status == "OK" and "seccomp user notification available" in off.message, off
-    on = doctor_supervisor.check(Config(supervisor=True))
+    off = doctor_supervisor.check(Config(supervisor=False))
+    assert off.status == "WARN" and "seccomp user notification available" in off.message, off
+    assert (
+        "disks opened after start are not locked" in off.message and off.fix == "supervisor = true"
+    )
+    on = doctor_supervisor.check(Config())  # on by default
     assert on.status == "OK" and on.message.startswith("on: "), on
     # A kernel without user_notif (seccomp's list as an older kernel writes it)
     old = tmp_path / "actions_avail"
     old.write_text("kill_process kill_thread trap errno trace log allow\n")
     monkeypatch.setattr(doctor_supervisor, "ACTIONS", str(old))
-    unable = doctor_supervisor.check(Config(supervisor=True))
+    unable = doctor_supervisor.check(Config())
     assert unable.status == "FAIL" and "not available" in unable.message, unable
-    assert doctor_supervisor.check(Config()).status == "WARN"
+    assert doctor_supervisor.check(Config(supervisor=False)).status == "WARN"
 
 
 @pytest.mark.parametrize("backend", ["direct", "lockspace"])

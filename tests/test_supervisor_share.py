@@ -96,3 +96,21 @@ def test_a_plain_writer_keeps_a_sharer_out(tmp_path: Path) -> None:
         assert byte0_modes(owner.proc.pid, disk) == ["exclusive"]
     finally:
         owner.quit(), late.quit()
+
+
+def test_files_left_unlocked_on_purpose_pass(tmp_path: Path) -> None:
+    """QEMU's own locking=off (honoured) and a force-share reader: the command
+    line says these are opened without locks, so the supervisor lets them pass."""
+    disk = raw(tmp_path / "free-for-all.img")
+    off = ("-drive", f"file.filename={disk},file.driver=file,file.locking=off,format=raw,if=virtio")
+    a = VM(tmp_path, *off, name="a")
+    b = VM(tmp_path, *off, name="b")
+    reader = VM(tmp_path, "-drive", f"driver=raw,file.driver=file,file.filename={disk},"
+                "read-only=on,force-share=on,if=virtio", name="r")  # fmt: skip
+    try:
+        for vm in (a, b, reader):
+            assert byte0_modes(vm.proc.pid, disk) == [], vm.proc.pid
+        assert lock_free(disk)
+    finally:
+        for vm in (a, b, reader):
+            vm.quit()

@@ -45,4 +45,12 @@ def check(config: Config) -> Finding:
         )
     if config.supervisor:
         return Finding(OK, "supervisor", f"on: {have}")
-    return Finding(OK if able else WARN, "supervisor", f"off (the monitor guard is used); {have}")
+    after = (
+        "the monitor guard locks what libvirt's QMP commands name"
+        if config.monitor_guard
+        else "disks opened after start are not locked"
+    )
+    return Finding(
+        WARN, "supervisor", f"supervisor = false: {after}; {have}",
+        "supervisor = true" if able else "a kernel >= 5.14 with seccomp",
+    )  # fmt: skip

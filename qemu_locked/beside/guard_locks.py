@@ -79,8 +79,10 @@ class Locks:
 
     # -- start-time locks -------------------------------------------------------------
 
-    def adopt(self, fds: list[int]) -> None:
-        """The wrapper's lock fds (shared with QEMU): which disk each one locks."""
+    def adopt(self, fds: list[int], keep: frozenset[int] = frozenset()) -> None:
+        """The wrapper's lock fds (shared with QEMU): which disk each one locks.
+        Others are closed (the domain lease: QEMU holds it), but for ``keep``
+        (a lock an incoming migration still waits for)."""
         idents: dict[str, DiskRef] = {}
         for disk in self.plan.disks:
             try:
@@ -97,7 +99,8 @@ class Locks:
             key = safeopen.identity_key(st)
             found = (key, idents[key]) if key in idents else leases.get(os.path.basename(target))
             if found is None:
-                os.close(fd)  # the domain lease: QEMU holds it, the guard never drops it
+                if fd not in keep:
+                    os.close(fd)  # the domain lease: QEMU holds it, the guard never drops it
                 continue
             key, disk = found
             lock = self.by_key.get(key)

@@ -42,7 +42,7 @@ COMM = b"ql-keeper"
 _SIGKILL = 9
 
 
-class _VM:
+class VM:
     """The QEMU this keeper serves, followed across ``-daemonize``.
 
     ``ref_fd`` is an fd whose open file description QEMU holds too: when the
@@ -68,20 +68,7 @@ class _VM:
         return False
 
 
-def _lock_or_vm_gone(p: Pending, vm: _VM, deadline: float) -> bool | None:
-    """True once locked, False on timeout, None when QEMU died first."""
-    import time
-
-    while not p.try_take():
-        left = deadline - time.monotonic()
-        if left <= 0:
-            return False
-        if vm.gone(min(0.1, left)):
-            return None
-    return True
-
-
-def _act(config: Config, vm: _VM, text: str) -> bool:
+def _act(config: Config, vm: VM, text: str) -> bool:
     """One line, then ``incoming_timeout_action``; True when the VM was killed."""
     kill = config.incoming_timeout_action == "kill"
     action = (
@@ -107,46 +94,73 @@ def _why(exc: BaseException, label: str) -> str:
     return f"internal error: {type(exc).__name__}: {exc}"
 
 
+class Wait:
+    """The keeper's work, one attempt at a time: driven by the keeper process
+    (run) or by the supervisor's loop (beside/supervisor), which then is the one
+    process beside QEMU.
+
+    Every way out that leaves a lock untaken -- the wait running out, an error
+    from the lock call (ENOLCK...), a bug of ours -- writes one line and applies
+    ``incoming_timeout_action``: it fails closed, never open.
+    """
+
+    def __init__(self, pending: list[Pending], config: Config, plan: Plan, vm: VM,
+                 close_taken: bool) -> None:  # fmt: skip
+        import time
+
+        self.pending, self.config, self.plan, self.vm = list(pending), config, plan, vm
+        self.deadline = time.monotonic() + config.incoming_wait
+        # The keeper closes what it took (QEMU holds the description); in the
+        # supervisor the fd is the lock's carrier and stays.
+        self.close_taken = close_taken
+        self.keep_alive = False  # something taken must be held for QEMU's life
+        self.killed = False
+
+    def step(self) -> None:
+        """One attempt at the first lock still pending."""
+        import time
+
+        p = self.pending[0]
+        try:
+            if p.try_take():
+                p.taken(self.config, self.plan, self.vm.pid)
+                self.pending.pop(0)
+                if p.holds_for_life:
+                    self.keep_alive = True
+                elif self.close_taken:
+                    os.close(p.fd)
+                return
+            if time.monotonic() < self.deadline:
+                return
+            text = (f"{p.label} is still locked {p.holders()} after "
+                    f"{self.config.incoming_wait:g} s of incoming migration")  # fmt: skip
+        except Exception as exc:
+            text = f"{p.label}: cannot take the lock ({_why(exc, p.label)})"
+        self.fail(text)
+
+    def fail(self, text: str) -> None:
+        self.pending.clear()
+        if _act(self.config, self.vm, text):
+            self.killed, self.keep_alive = True, False
+
+
 def run(
     pending: list[Pending], config: Config, plan: Plan, vm_pid: int, pidfd: int, ref_fd: int
 ) -> NoReturn:
-    """The keeper's whole life (in the forked grandchild); never returns.
-
-    Every way out that leaves a lock untaken -- the wait running out, an
-    error from the lock call (ENOLCK...), a bug of ours -- writes one line and
-    applies ``incoming_timeout_action``: the keeper fails closed, never open.
-    """
+    """The keeper's whole life (in the forked grandchild); never returns."""
     code = 0
-    vm = _VM(vm_pid, pidfd, ref_fd)
+    vm = VM(vm_pid, pidfd, ref_fd)
     try:
         spawn.close_all_but({2, pidfd, ref_fd} | {p.fd for p in pending if p.fd >= 0})
         spawn.set_comm(COMM)
-        import time
-
-        deadline = time.monotonic() + config.incoming_wait
-        keep_alive = False
-        for p in pending:
-            try:
-                got = _lock_or_vm_gone(p, vm, deadline)
-                if got is None:
-                    keep_alive = False
-                    break  # the VM is gone: nothing left to keep
-                if got:
-                    p.taken(config, plan, vm.pid)
-                    if p.holds_for_life:
-                        keep_alive = True
-                    else:
-                        os.close(p.fd)
-                    continue
-                text = (f"{p.label} is still locked {p.holders()} after "
-                        f"{config.incoming_wait:g} s of incoming migration")  # fmt: skip
-            except Exception as exc:
-                text = f"{p.label}: cannot take the lock ({_why(exc, p.label)})"
-            if _act(config, vm, text):
-                code = 1
-                keep_alive = False
+        wait = Wait(pending, config, plan, vm, close_taken=True)
+        while wait.pending:
+            wait.step()
+            if wait.pending and vm.gone(0.1):
+                wait.keep_alive = False  # the VM is gone: nothing left to keep
                 break
-        if keep_alive:
+        code = 1 if wait.killed else 0
+        if wait.keep_alive:
             vm.gone(None)  # hold what we took until QEMU exits
     except BaseException as exc:  # never a traceback into the domain log, never fail open
         code = 70
@@ -182,17 +196,19 @@ def _lease_key(path: str) -> str:
 
 
 def pending_rows(host: str, lockspace_prefix: str) -> list[StatusRow]:
-    """Locks a keeper still waits for, as ``qemu-lockctl status`` rows.
+    """Locks a keeper (or a supervisor) still waits for, as ``qemu-lockctl
+    status`` rows.
 
-    A keeper is found by its comm; the VM it serves by its pidfd's ``Pid:``
-    line; what it waits for by its other fds.
+    Found by its comm; the VM it serves by its pidfd's ``Pid:`` line; what it
+    waits for by its fds on files that carry no lock yet.
     """
     from qemu_locked.lock import procfs
     from qemu_locked.model.row import StatusRow
 
     rows: list[StatusRow] = []
+    waiters = {COMM.decode(), procfs.SUPERVISOR_COMM}
     for pid in procfs.pids():
-        if procfs.comm(pid).encode() != COMM:
+        if procfs.comm(pid) not in waiters:
             continue
         vm_pid = 0
         waiting: list[str] = []
@@ -202,7 +218,7 @@ def pending_rows(host: str, lockspace_prefix: str) -> list[StatusRow]:
             pid_line = [ln for ln in info.splitlines() if ln.startswith("Pid:")]
             if pid_line:
                 vm_pid = int(pid_line[0].split()[1])
-            else:
+            elif _waits_on(target, info):
                 waiting.append(target)
         if not vm_pid:
             continue
@@ -219,3 +235,10 @@ def pending_rows(host: str, lockspace_prefix: str) -> list[StatusRow]:
                 None, "pending (incoming migration)", "lease" if lease else "ofd", keeper=pid,
             ))  # fmt: skip
     return rows
+
+
+def _waits_on(target: str, info: str) -> bool:
+    """An fd on a file (image, device, lease) that holds no lock: one a keeper
+    or supervisor waits to lock (the supervisor's carriers hold theirs; its
+    listener, sockets and /proc files are not files of ours)."""
+    return target.startswith("/") and not target.startswith("/proc/") and "\nlock:" not in info

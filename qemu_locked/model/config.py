@@ -45,8 +45,10 @@ class Config:
     # A block node of a driver we do not know may open a file we cannot lock:
     # fail closed unless told otherwise (README, "Lock semantics").
     unknown_drivers: str = "refuse"
-    monitor_guard: bool = True
-    supervisor: bool = False
+    # The kernel's word on every open QEMU makes after start (docs/supervisor.md);
+    # off only by choice: start-time locks only, plus the monitor guard if asked.
+    supervisor: bool = True
+    monitor_guard: bool = False
     sanlock_lockspace: str = "qemu-locked"
     sanlock_path: str = ""
     sanlock_offset: int = 0

@@ -56,6 +56,10 @@ class Skipped:
     reason: str
     # QEMU may open a file here that we cannot name (config unknown_drivers)
     unknown: bool = False
+    # A file left unlocked on purpose: the supervisor lets QEMU's read-only opens
+    # of it pass, and with ``writes`` its read-write ones too.
+    path: str = ""
+    writes: bool = False
 
 
 @frozen
@@ -79,10 +83,11 @@ class Plan:
             return self
         keep = tuple(d for d in self.disks if d.role not in none_roles)
         dropped = tuple(
-            Skipped(d.path, f'{d.role} disk: not locked (config {d.role} = "none")')
+            Skipped(d.path, f'{d.role} disk: not locked (config {d.role} = "none")', path=d.path,
+                    writes=d.role == SHAREABLE)
             for d in self.disks
             if d.role in none_roles
-        )
+        )  # fmt: skip
         return replace(self, disks=keep, skipped=self.skipped + dropped)
 
     def to_json_obj(self) -> dict[str, object]:

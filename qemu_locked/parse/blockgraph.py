@@ -299,13 +299,13 @@ class Graph:
         filename = node.get("filename")
         if not isinstance(filename, str) or not filename:
             raise ArgumentError(origin, f"'{node.get('driver')}' node needs a filename")
+        named = "" if filename.startswith("/dev/fdset/") else filename
         if nolock:
-            self.skipped.append(Skipped(origin, nolock))
+            self.skipped.append(Skipped(origin, nolock, path=named))
             return
         if self.honor_locking_off and node.get("locking") in ("off", False):
-            self.skipped.append(
-                Skipped(origin, "locking=off: QEMU locks nothing here (config honor_locking_off)")
-            )
+            why = "locking=off: QEMU locks nothing here (config honor_locking_off)"
+            self.skipped.append(Skipped(origin, why, path=named, writes=True))
             return
         paths = [filename]
         if filename.startswith("/dev/fdset/"):

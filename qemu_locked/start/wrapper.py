@@ -175,14 +175,15 @@ def main() -> NoReturn:
             held = combined.acquire_all(plan, cfg, time.monotonic() + cfg.wait)
             if held is not None:
                 held.inherit()
-                if held.pending:
+                if held.pending and not cfg.supervisor:  # else the supervisor waits for them
                     from qemu_locked.beside import keeper
 
                     keeper.start(held.pending, cfg, plan, held.fds[0] if held.fds else -1)
         if cfg.supervisor:
             from qemu_locked.beside.supervisor import start as supervisor
 
-            supervisor.attach(held.fds if held is not None else [], cfg, plan)
+            fds, pending = (held.fds, held.pending) if held is not None else ([], [])
+            supervisor.attach(fds, cfg, plan, pending)
         elif cfg.monitor_guard and plan.monitor_fd is not None:
             from qemu_locked.beside import guard
 

@@ -50,12 +50,13 @@ def test_enable_puts_the_rules_in_a_marked_block_and_doctor_passes(result: vm.Re
     assert "libvirt's domain profiles include qemu-locked's rules" in doctor, doctor
 
 
-def test_qemu_runs_confined_with_its_guard(result: vm.Result) -> None:
+def test_qemu_runs_confined_with_its_supervisor(result: vm.Result) -> None:
     started = result.passed("start-aa1")
     assert started["label"] == started["expected"]
     assert started["exe"] == "/usr/bin/qemu-system-x86_64"
-    guards: dict[str, str] = started["guards"]
-    assert guards and set(guards.values()) == {started["expected"]}, guards
+    supervisors: dict[str, str] = started["supervisors"]
+    assert supervisors and set(supervisors.values()) == {started["expected"]}, supervisors
+    assert started["guards"] == [], "one process beside QEMU: no guard, no keeper"
 
 
 @pytest.mark.parametrize("suffix", ["", "-yama"])
@@ -65,8 +66,10 @@ def test_second_domain_and_hotplug_refused_naming_the_first(result: vm.Result, s
     refused = result.passed("refused-aa2" + suffix)["stderr"]
     assert "qemu-locked: " in refused and "guest 'aa1'" in refused, refused
     assert "this VM needs it exclusive" in refused, refused
-    hotplug = result.passed("refused-hotplug" + suffix)["stderr"]
-    assert "guest 'aa1'" in hotplug, hotplug
+    hotplug = result.passed("refused-hotplug" + suffix)
+    assert "Device or resource busy" in hotplug["stderr"], hotplug  # QEMU's open, refused
+    assert "/ql-shared.img is locked (exclusive) by pid" in hotplug["log"], hotplug
+    assert "guest 'aa1'" in hotplug["log"], hotplug  # our line, in the domain log
 
 
 @pytest.mark.parametrize("who", ["views-root", "views-vm-user", "views-vm-user-yama"])
@@ -95,15 +98,11 @@ def test_the_lockspace_backend_too(result: vm.Result) -> None:
     assert lockspace["denied"] == [], "\n".join(lockspace["denied"])
 
 
-def test_the_supervisor_under_apparmor_and_yama(result: vm.Result) -> None:
-    sup = result.passed("supervisor")
-    assert sup["supervisors"] and all(v.startswith("libvirt-") for v in sup["supervisors"].values())
-    assert "Device or resource busy" in sup["held"], sup["held"]
-    assert (
-        "qemu-locked: /var/lib/libvirt/images/ql-shared.img is locked (exclusive) by pid"
-        in sup["log"]
-    )
-    assert sup["denied"] == [], "\n".join(sup["denied"])
+def test_the_monitor_guard_where_the_supervisor_is_off(result: vm.Result) -> None:
+    guard = result.passed("guard")
+    assert guard["guards"] and all(v.startswith("libvirt-") for v in guard["guards"].values())
+    assert "qemu-locked: " in guard["held"] and "guest 'aa1'" in guard["held"], guard["held"]
+    assert guard["denied"] == [], "\n".join(guard["denied"])
 
 
 def test_not_one_apparmor_denial_once_enabled(result: vm.Result) -> None:

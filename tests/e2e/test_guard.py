@@ -24,8 +24,13 @@ pytestmark = pytest.mark.libvirt
 SCSI = "<controller type='scsi' index='0' model='virtio-scsi'/>"
 
 
+# The guard runs only where the supervisor is off (a kernel without seccomp user
+# notification): these domains say so, as such a host's config would.
+GUARDED = {"QEMU_LOCKED_SUPERVISOR": "false", "QEMU_LOCKED_MONITOR_GUARD": "true"}
+
+
 def vm(lab: Lab, name: str, disks: list[str], extra: str = "") -> str:
-    dom = lab.define(domain_xml(f"{PREFIX}{name}", disks, devices_extra=SCSI + extra))
+    dom = lab.define(domain_xml(f"{PREFIX}{name}", disks, devices_extra=SCSI + extra), env=GUARDED)
     lab.start(dom)
     return dom
 
@@ -143,7 +148,7 @@ def test_change_media_locks_the_new_medium_and_frees_the_old(lab: Lab) -> None:
     iso1, iso2 = lab.image("m1.iso", fmt="raw"), lab.image("m2.iso", fmt="raw")
     cd = disk_xml(None, "sdz", bus="scsi", fmt="raw", device="cdrom", readonly=True)
     # Paused: a booting firmware may lock the tray, and then libvirt's open-tray waits in vain.
-    one = lab.define(domain_xml(f"{PREFIX}m1", [disk_xml(a), cd], devices_extra=SCSI))
+    one = lab.define(domain_xml(f"{PREFIX}m1", [disk_xml(a), cd], devices_extra=SCSI), env=GUARDED)
     lab.virsh("start", "--paused", one)
     lab.virsh("change-media", one, "sdz", iso1, "--insert", "--live")
     assert not lock_free(iso1) and lock_free(iso1, exclusive=False)
@@ -230,7 +235,7 @@ def test_lockspace_backend_hot_plug(lab: Lab) -> None:
     """Leases in a lockspace directory (what spans hosts): taken and freed the same way."""
     space = lab.images / "guard-lockspace"
     lab.lockctl("lockspace", "init", str(space))
-    env = {"QEMU_LOCKED_BACKEND": "lockspace", "QEMU_LOCKED_LOCKSPACE_DIR": str(space)}
+    env = {"QEMU_LOCKED_BACKEND": "lockspace", "QEMU_LOCKED_LOCKSPACE_DIR": str(space), **GUARDED}
     a, b, c = lab.image("ls-a.qcow2"), lab.image("ls-b.qcow2"), lab.image("ls-c.qcow2")
     doms = []
     for name, disks in (("ls1", [disk_xml(a)]), ("ls2", [disk_xml(b)]), ("ls3", [disk_xml(c)])):
@@ -277,7 +282,7 @@ def sanlock_env(lab: Lab) -> Iterator[tuple[dict[str, str], dict[str, str]]]:
                        f'sanlock_resources = "{leases}"\nsanlock_host_id = 1\n'
                        "sanlock_io_timeout = 2\n")  # fmt: skip
         cfg.chmod(0o644)
-        dom_env = {"QEMU_LOCKED_CONFIG": str(cfg), "SANLOCK_RUN_DIR": str(run_dir)}
+        dom_env = {"QEMU_LOCKED_CONFIG": str(cfg), "SANLOCK_RUN_DIR": str(run_dir), **GUARDED}
         admin = dict(os.environ, **dom_env)
         run([lab.qemu_lockctl, "sanlock", "init", "--slots", "64"], env=admin)
         user = pwd.getpwnam(QEMU_USER)

@@ -22,8 +22,10 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
     from qemu_locked.beside.guard_locks import Lock, Locks
+    from qemu_locked.beside.keeper import VM, Wait
 
 SWEEP_SECONDS = 1.0
+WAIT_SECONDS = 0.1  # between attempts at a lock an incoming migration waits for
 _REAL_FLAGS_DROPPED = os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_TRUNC
 
 
@@ -33,8 +35,11 @@ class Supervisor:
     a copy of each is planted in QEMU so the lock lives as long as QEMU."""
 
     def __init__(self, listener: int, vm_pid: int, locks: Locks, inherited: list[int],
-                 bookkeeping: frozenset[str] = frozenset()) -> None:  # fmt: skip
+                 bookkeeping: frozenset[str] = frozenset(), vm: VM | None = None,
+                 wait: Wait | None = None) -> None:  # fmt: skip
         self.listener, self.vm_pid, self.locks = listener, vm_pid, locks
+        self.vm = vm  # QEMU's pidfd, followed across -daemonize; None: the listener alone
+        self.wait = wait  # the migration keeper's work, done here (beside/keeper.py)
         self.bookkeeping = bookkeeping  # pid, log, chardev files: never disks
         self.process_of: dict[int, int] = {}  # calling thread -> its process (QEMU or a child)
         self.mems: dict[int, int] = {}  # process -> its /proc/PID/mem
@@ -46,7 +51,8 @@ class Supervisor:
         # Files QEMU has opened through us: only those may be let go once it closes
         # them (a start-time disk QEMU has not opened yet must stay locked).
         self.opened: set[str] = set()
-        self.shareable = _declared_shareable(locks)
+        # What the command line declares: disks written shared, files left unlocked.
+        self.shareable, self.free_reads, self.free_all = _declared(locks)
 
     # -- the trapped calls ------------------------------------------------------
 
@@ -140,7 +146,11 @@ class Supervisor:
 
         assert target.st is not None
         writes = flags & os.O_ACCMODE != os.O_RDONLY or bool(flags & os.O_TRUNC)
-        exclusive = writes and identity_key(target.st) not in self.shareable
+        key = identity_key(target.st)
+        if key in self.free_all or (not writes and key in self.free_reads):
+            kernel.proceed(self.listener, n.id)  # unlocked on purpose (force-share, locking=off)
+            return
+        exclusive = writes and key not in self.shareable
         try:
             lock = self.locks.want(target.real, EXCLUSIVE if exclusive else SHARED, "open", "open")
         except Refused as exc:
@@ -226,17 +236,28 @@ class Supervisor:
         }  # fmt: skip
         poller = select.poll()
         poller.register(self.listener, select.POLLIN)
+        watched = self._watch(poller, -1)
         buf = bytearray(kernel.NOTIF_SIZE)
         sweep_at = monotonic() + SWEEP_SECONDS
+        wait_at = monotonic()
         while True:
             # By deadline, not after a quiet second: a busy opener must not starve it.
-            events = poller.poll(max(0.0, sweep_at - monotonic()) * 1000)
+            due = min(sweep_at, wait_at) if self.wait is not None else sweep_at
+            events = dict(poller.poll(max(0.0, due - monotonic()) * 1000))
+            if self.wait is not None and monotonic() >= wait_at:
+                self._keep()
+                wait_at = monotonic() + WAIT_SECONDS
             if monotonic() >= sweep_at:
                 self.sweep()
                 sweep_at = monotonic() + SWEEP_SECONDS
-            if not events:
+            if watched in events:  # QEMU exited (a daemonizing one: followed to its daemon)
+                assert self.vm is not None
+                if self.vm.gone(0):
+                    return
+                watched = self._watch(poller, watched)
+            if self.listener not in events:
                 continue
-            if events[0][1] & (select.POLLHUP | select.POLLERR):
+            if events[self.listener] & (select.POLLHUP | select.POLLERR):
                 return  # QEMU and every child of it are gone
             try:
                 n = kernel.recv(self.listener, buf)
@@ -254,6 +275,28 @@ class Supervisor:
                 except OSError:
                     pass
 
+    def _watch(self, poller: select.poll, old: int) -> int:
+        """Poll QEMU's pidfd too.  The listener hangs up only once every process
+        using the filter is reaped, not when it exits (before Linux 6.11), and a
+        caller that reads our stderr to its end before reaping QEMU (Python's
+        communicate, a PID 1 that never reaps) would wait for us forever."""
+        if old >= 0:
+            poller.unregister(old)
+        if self.vm is None:
+            return -1
+        poller.register(self.vm.pidfd, select.POLLIN)
+        return self.vm.pidfd
+
+    def _keep(self) -> None:
+        """One attempt at what an incoming migration still waits for."""
+        assert self.wait is not None
+        try:
+            self.wait.step()
+        except Exception as exc:  # never fail open
+            self.wait.fail(f"supervisor: incoming migration: {type(exc).__name__}: {exc}")
+        if not self.wait.pending:
+            self.wait = None  # what it took for QEMU's life stays in our hands till we exit
+
     def _note(self, tid: int) -> None:
         """The process a calling thread belongs to (QEMU, or a child of it)."""
         if tid in self.process_of:
@@ -269,17 +312,26 @@ class Supervisor:
             pass
 
 
-def _declared_shareable(locks: Locks) -> frozenset[str]:
-    """The identity keys of the disks the command line declares shareable: QEMU
-    writes them under the shared lock the wrapper took."""
+def _declared(locks: Locks) -> tuple[frozenset[str], frozenset[str], frozenset[str]]:
+    """By identity key, from the command line: the disks declared shareable (QEMU
+    writes them under the shared lock the wrapper took), the files QEMU reads
+    without a lock on purpose (force-share=on, a role the config does not lock)
+    and those it also writes so (locking=off, honoured)."""
     from qemu_locked.lock.safeopen import identity_key
     from qemu_locked.model.plan import SHAREABLE
 
-    keys = set()
-    for disk in locks.plan.disks:
-        if disk.role == SHAREABLE:
+    def keys(paths: list[str]) -> frozenset[str]:
+        out = set()
+        for path in paths:
             try:
-                keys.add(identity_key(os.stat(disk.path)))
+                out.add(identity_key(os.stat(path)))
             except OSError:
                 continue  # QEMU cannot open it either
-    return frozenset(keys)
+        return frozenset(out)
+
+    plan = locks.plan
+    return (
+        keys([d.path for d in plan.disks if d.role == SHAREABLE]),
+        keys([s.path for s in plan.skipped if s.path]),
+        keys([s.path for s in plan.skipped if s.path and s.writes]),
+    )

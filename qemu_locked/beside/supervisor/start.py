@@ -19,6 +19,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import NoReturn
 
+    from qemu_locked.lock.held import Pending
     from qemu_locked.model.config import Config
     from qemu_locked.model.plan import Plan
 
@@ -26,9 +27,11 @@ _SCM_RIGHTS = 1
 _SOL_SOCKET = 1
 
 
-def attach(lock_fds: list[int], config: Config, plan: Plan) -> None:
+def attach(lock_fds: list[int], config: Config, plan: Plan, pending: list[Pending]) -> None:
     """Supervise the QEMU this process is about to become; raises BackendError
-    (nothing started, nothing filtered) when the kernel cannot."""
+    (nothing started, nothing filtered) when the kernel cannot.  ``pending``:
+    locks an incoming migration's source still holds, which the supervisor
+    takes as the keeper would (beside/keeper.py), in its own loop."""
     from qemu_locked.beside import spawn
     from qemu_locked.beside.supervisor import kernel
 
@@ -36,7 +39,7 @@ def attach(lock_fds: list[int], config: Config, plan: Plan) -> None:
 
     def life(vm_pid: int, pidfd: int) -> NoReturn:
         ours.close()
-        _serve(theirs, vm_pid, pidfd, lock_fds, config, plan)
+        _serve(theirs, vm_pid, pidfd, lock_fds, config, plan, pending)
 
     spawn.beside(life)
     theirs.close()
@@ -60,19 +63,21 @@ def attach(lock_fds: list[int], config: Config, plan: Plan) -> None:
 
 
 def _serve(sock: _socket.socket, vm_pid: int, pidfd: int, lock_fds: list[int],
-           config: Config, plan: Plan) -> NoReturn:  # fmt: skip
+           config: Config, plan: Plan, pending: list[Pending]) -> NoReturn:  # fmt: skip
     from qemu_locked.beside import spawn
     from qemu_locked.lock import procfs
 
     try:
-        # The pidfd stays open unused: procfs tells a helper outliving its QEMU by
-        # it.  The listener's hang-up is how the supervisor learns QEMU is gone.
+        # The pidfd: how the supervisor learns QEMU is gone (and how procfs tells a
+        # helper outliving its QEMU).
         spawn.close_all_but({sock.fileno(), pidfd, 2, *lock_fds})
         try:
             spawn.set_comm(procfs.SUPERVISOR_COMM.encode())
         except OSError as exc:  # status then lists our lock copies apart: say why
             spawn.say(f"supervisor: cannot name itself {procfs.SUPERVISOR_COMM}: {exc.strerror}")
-        if plan.daemonize:  # as QEMU's own: a caller reading our stderr must see it close
+        if plan.daemonize and not _is_file(2):
+            # As QEMU's own: a caller reading a pipe must see it close.  A log
+            # file is kept: a refusal or a migration's timeout is written there.
             null = os.open("/dev/null", os.O_WRONLY | os.O_CLOEXEC)
             os.dup2(null, 2)
             os.close(null)
@@ -84,12 +89,31 @@ def _serve(sock: _socket.socket, vm_pid: int, pidfd: int, lock_fds: list[int],
         from qemu_locked.beside.supervisor.paths import real_paths
 
         locks = Locks(config, plan, vm_pid)
-        locks.adopt(lock_fds)
+        locks.adopt(lock_fds, keep=frozenset(p.fd for p in pending))
+        from qemu_locked.beside import keeper
+
+        # QEMU is followed across -daemonize by an fd it shares with us; with
+        # none, the listener's hang-up alone says when it is gone.
+        ref = next((fd for fd in lock_fds if fd >= 0), -1)
+        vm = keeper.VM(vm_pid, pidfd, ref) if ref >= 0 or not plan.daemonize else None
+        wait = None
+        if pending:
+            wait = keeper.Wait(pending, config, plan, vm or keeper.VM(vm_pid, pidfd, ref),
+                               close_taken=False)  # fmt: skip
         _msg, anc, _flags, _addr = sock.recvmsg(1, 64)
         sock.close()
         if not anc:
             os._exit(0)  # the wrapper could not install the filter: it says why
         listener = int.from_bytes(anc[0][2][:4], "little")
-        Supervisor(listener, vm_pid, locks, lock_fds, real_paths(plan.bookkeeping)).run()
+        Supervisor(listener, vm_pid, locks, lock_fds, real_paths(plan.bookkeeping), vm, wait).run()
     finally:
         os._exit(0)
+
+
+def _is_file(fd: int) -> bool:
+    import stat
+
+    try:
+        return stat.S_ISREG(os.fstat(fd).st_mode)
+    except OSError:
+        return False
