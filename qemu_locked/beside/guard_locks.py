@@ -276,13 +276,21 @@ class Locks:
     # -- what QEMU itself has open ----------------------------------------------------
 
     def qemu_uses(self, lock: Lock, writable_only: bool = False, ignore: set[int] | None = None,
-                  ) -> bool:  # fmt: skip
-        """Does QEMU hold an fd on this disk that is not one of our lock fds (nor
-        one of the fd numbers in ``ignore``)?  True whenever that cannot be known
-        (fail closed)."""
-        base = f"/proc/{self.qemu_pid}/fd"
+                  children: tuple[int, ...] = ()) -> bool:  # fmt: skip
+        """Does QEMU (or one of ``children``, processes it started that opened
+        files through the supervisor) hold an fd on this disk that is not one of
+        our lock fds (nor, in QEMU, one of the fd numbers in ``ignore``)?  True
+        whenever QEMU's cannot be known (fail closed); a child gone uses nothing."""
+        if self._uses(self.qemu_pid, lock, writable_only, ignore):
+            return True
+        return any(self._uses(pid, lock, writable_only, None) for pid in children)
+
+    def _uses(self, pid: int, lock: Lock, writable_only: bool, ignore: set[int] | None) -> bool:
+        base = f"/proc/{pid}/fd"
         try:
             entries = os.listdir(base)
+        except FileNotFoundError:
+            return pid == self.qemu_pid
         except OSError:
             return True
         for entry in entries:
@@ -292,15 +300,16 @@ class Locks:
                 continue  # closed meanwhile
             if safeopen.identity_key(st) != lock.key or (ignore and int(entry) in ignore):
                 continue
-            if any(self._same(int(entry), fd) for fd in lock.fds):
+            if any(self._same(pid, int(entry), fd) for fd in lock.fds):
                 continue
-            if not writable_only or self._writable(int(entry)):
+            if not writable_only or self._writable(pid, int(entry)):
                 return True
         return False
 
-    def _writable(self, qfd: int) -> bool:
+    @staticmethod
+    def _writable(pid: int, qfd: int) -> bool:
         try:
-            with open(f"/proc/{self.qemu_pid}/fdinfo/{qfd}") as f:
+            with open(f"/proc/{pid}/fdinfo/{qfd}") as f:
                 for line in f:
                     if line.startswith("flags:"):
                         return int(line.split()[1], 8) & _O_ACCMODE != os.O_RDONLY
@@ -308,12 +317,13 @@ class Locks:
             pass
         return True
 
-    def _same(self, qfd: int, fd: int) -> bool:
-        """Is QEMU's fd one of our lock fds?  No, whenever that cannot be known."""
+    @staticmethod
+    def _same(pid: int, qfd: int, fd: int) -> bool:
+        """Is that process's fd one of our lock fds?  No, whenever that cannot be known."""
         from qemu_locked.lock import procfs
 
         try:
-            return procfs.same_description(self.qemu_pid, qfd, os.getpid(), fd)
+            return procfs.same_description(pid, qfd, os.getpid(), fd)
         except OSError:
             return False
 

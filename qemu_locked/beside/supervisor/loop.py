@@ -218,12 +218,17 @@ class Supervisor:
         fds on the file that are not copies of ours: kcmp, as the guard does)."""
         from qemu_locked.model.plan import EXCLUSIVE
 
+        # QEMU's children that opened files through us: their fds count too (a
+        # `migrate exec:` child writing a file keeps its lock).
+        children = tuple({p for p in self.process_of.values() if p > 0 and p != self.vm_pid})
         for lock in list(self.locks.by_key.values()):
             if lock.key not in self.opened or not lock.fds:
                 continue  # not opened by QEMU yet (a start-time disk): kept
-            if not self.locks.qemu_uses(lock, ignore=self.planted):
+            if not self.locks.qemu_uses(lock, ignore=self.planted, children=children):
                 self.locks.release(lock)
-            elif lock.mode == EXCLUSIVE and not self.locks.qemu_uses(lock, True, self.planted):
+            elif lock.mode == EXCLUSIVE and not self.locks.qemu_uses(
+                lock, True, self.planted, children
+            ):
                 self.locks.downgrade(lock)
         self.locks.take_back.clear()  # QEMU's copies: unlocked, left open (no closefd here)
 
