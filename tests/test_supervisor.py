@@ -287,3 +287,23 @@ def test_a_file_a_child_of_qemu_writes_stays_locked_while_it_is_open(
     time.sleep(2.5)  # two sweeps: the child still has it open
     assert out.exists() and not lock_free(str(out))
     wait_for(lambda: lock_free(str(out)), "the lock to go once the child closed it", timeout=15)
+
+
+def test_a_disk_handed_over_as_an_fd_is_locked_too(vm: VM, tmp_path: Path, holder) -> None:
+    """add-fd, then /dev/fdset/N: QEMU dup()s the fd (no open to trap), so the
+    supervisor judges F_DUPFD as the open of the file behind it."""
+    held, free = qcow2(tmp_path / "held.qcow2"), qcow2(tmp_path / "free.qcow2")
+    pid = holder(held)
+    for fdset, path in ((1, held), (2, free)):
+        fd = os.open(path, os.O_RDWR)
+        try:
+            r = vm.qmp.cmd("add-fd", fds=[fd], **{"fdset-id": fdset})
+        finally:
+            os.close(fd)
+        assert "return" in r, r
+    r = vm.add("/dev/fdset/1", "h")
+    assert BUSY in r["error"]["desc"], r  # type: ignore[index]
+    assert "return" in vm.add("/dev/fdset/2", "f")
+    assert not lock_free(free, exclusive=False)  # written through the fd: exclusive
+    err = vm.quit()
+    assert f"qemu-locked: {held} is locked (exclusive) by pid {pid}" in err, err

@@ -14,6 +14,8 @@ import struct
 
 NR_OPEN, NR_CREAT, NR_OPENAT, NR_OPEN_BY_HANDLE_AT, NR_OPENAT2 = 2, 85, 257, 304, 437
 TRAPPED = (NR_OPEN, NR_CREAT, NR_OPENAT, NR_OPEN_BY_HANDLE_AT, NR_OPENAT2)
+# fcntl only when it duplicates an fd (QEMU's /dev/fdset/N takes its files so).
+NR_FCNTL, F_DUPFD, F_DUPFD_CLOEXEC = 72, 0, 1030
 _NR_SECCOMP = 317
 _SET_MODE_FILTER, _FLAG_NEW_LISTENER = 1, 8
 _PR_SET_NO_NEW_PRIVS, _PR_SET_PTRACER = 38, 0x59616D61
@@ -44,9 +46,13 @@ def _program() -> bytes:
     head = [(ld, 0, 0, 4), (jeq, 1, 0, _AUDIT_ARCH_X86_64), (ret, 0, 0, enosys),
             (ld, 0, 0, 0), (jge, 0, 1, _X32_BIT), (ret, 0, 0, enosys)]  # fmt: skip
     n = len(TRAPPED)
-    checks = [(jeq, n - i, 0, nr) for i, nr in enumerate(TRAPPED)]
+    # nr in A: each trapped call jumps to USER_NOTIF (the last instruction);
+    # fcntl goes on to its command (args[1], low half at offset 24).
+    checks = [(jeq, n - i + 4, 0, nr) for i, nr in enumerate(TRAPPED)]
+    fcntl = [(jeq, 0, 3, NR_FCNTL), (ld, 0, 0, 24),
+             (jeq, 2, 0, F_DUPFD), (jeq, 1, 0, F_DUPFD_CLOEXEC)]  # fmt: skip
     tail = [(ret, 0, 0, _RET_ALLOW), (ret, 0, 0, _RET_USER_NOTIF)]
-    return b"".join(struct.pack("=HBBI", *ins) for ins in head + checks + tail)
+    return b"".join(struct.pack("=HBBI", *ins) for ins in head + checks + fcntl + tail)
 
 
 class Filter:

@@ -14,7 +14,8 @@ import select
 from time import monotonic
 
 from qemu_locked.beside.spawn import say
-from qemu_locked.beside.supervisor import kernel, paths
+from qemu_locked.beside.supervisor import kernel, paths, share
+from qemu_locked.beside.supervisor.callers import Callers
 from qemu_locked.model.errors import QemuLockedError
 
 TYPE_CHECKING = False
@@ -41,8 +42,7 @@ class Supervisor:
         self.vm = vm  # QEMU's pidfd, followed across -daemonize; None: the listener alone
         self.wait = wait  # the migration keeper's work, done here (beside/keeper.py)
         self.bookkeeping = bookkeeping  # pid, log, chardev files: never disks
-        self.process_of: dict[int, int] = {}  # calling thread -> its process (QEMU or a child)
-        self.mems: dict[int, int] = {}  # process -> its /proc/PID/mem
+        self.callers = Callers()
         self.blind = False  # said once: QEMU's memory or cwd cannot be read
         # Our lock fds' numbers in QEMU: a released lock's copy stays there, unlocked,
         # and must not count as QEMU's own use of the file.
@@ -52,7 +52,7 @@ class Supervisor:
         # them (a start-time disk QEMU has not opened yet must stay locked).
         self.opened: set[str] = set()
         # What the command line declares: disks written shared, files left unlocked.
-        self.shareable, self.free_reads, self.free_all = _declared(locks)
+        self.shareable, self.free_reads, self.free_all = share.declared(locks.plan)
 
     # -- the trapped calls ------------------------------------------------------
 
@@ -82,7 +82,7 @@ class Supervisor:
             kernel.proceed(self.listener, n.id)
             return
         try:
-            path = self._path(n, addr)
+            path = self.callers.string(n.pid, addr)
             if path is None or paths.system_name(path):
                 kernel.proceed(self.listener, n.id)  # gone, a bad address (EFAULT), or the system
                 return
@@ -108,64 +108,10 @@ class Supervisor:
         finally:
             target.close()
 
-    def _path(self, n: kernel.Notif, addr: int) -> bytes | None:
-        """The path the call names, read from the caller's memory.  One /proc/PID/mem
-        per process (its threads share the memory), opened again once if reading
-        fails (the process may be gone and its pid reused)."""
-        process = self.process_of.get(n.pid, -1)
-        key = process if process > 0 else n.pid
-        for fresh in (False, True):
-            mem = self.mems.get(key, -1)
-            if fresh or mem < 0:
-                if mem >= 0:
-                    os.close(mem)
-                mem = self.mems[key] = self._open_mem(key if process > 0 else n.pid)
-                if mem < 0:
-                    del self.mems[key]
-                    return None  # the caller is gone
-            path = kernel.read_string(mem, addr)
-            if path is not None:
-                break
-        return path
-
-    def _open_mem(self, pid: int) -> int:
-        if len(self.mems) > 64:  # processes come and go (children of QEMU)
-            for fd in self.mems.values():
-                os.close(fd)
-            self.mems.clear()
-        try:
-            return os.open(f"/proc/{pid}/mem", os.O_RDONLY | os.O_CLOEXEC)
-        except OSError as exc:
-            paths.blind_if_denied(f"/proc/{pid}/mem", exc)
-            return -1
-
     def _serve(self, n: kernel.Notif, target: paths.Target, flags: int) -> None:
-        from qemu_locked.beside.guard_locks import Refused
-        from qemu_locked.lock.safeopen import identity_key
-        from qemu_locked.model.plan import EXCLUSIVE, SHARED
-
         assert target.st is not None
         writes = flags & os.O_ACCMODE != os.O_RDONLY or bool(flags & os.O_TRUNC)
-        key = identity_key(target.st)
-        if key in self.free_all or (not writes and key in self.free_reads):
-            kernel.proceed(self.listener, n.id)  # unlocked on purpose (force-share, locking=off)
-            return
-        exclusive = writes and key not in self.shareable
-        try:
-            lock = self.locks.want(target.real, EXCLUSIVE if exclusive else SHARED, "open", "open")
-        except Refused as exc:
-            shared = self._share(target) if exclusive else None
-            if shared is None:
-                self._plant(n)  # a failed upgrade may have taken the shared lock anew
-                self._refuse(n, exc.line.removeprefix("qemu-locked: "))
-                return
-            lock = shared
-        # From here the sweep judges it by QEMU's fds: a lock taken for an open
-        # that then fails is let go like one QEMU closed.
-        self.opened.add(lock.key)
-        self._plant(n)
-        if lock.key != identity_key(target.st):  # renamed over between our two looks
-            self._refuse(n, f"{target.real}: changed while being opened")
+        if not self._take(n, target.real, target.st, f"/proc/self/fd/{target.fd}", writes):
             return
         try:
             fd = os.open(
@@ -183,6 +129,58 @@ class Supervisor:
         finally:
             os.close(fd)
 
+    def fcntl(self, n: kernel.Notif) -> None:
+        """F_DUPFD(_CLOEXEC): how QEMU takes a file it was handed as an fd
+        (`add-fd`, `-add-fd`, then `/dev/fdset/N`): no path is opened, so the
+        file behind the fd is judged as an open of it would be, then the dup
+        runs as QEMU made it."""
+        fd = n.args[0] & 0xFFFFFFFF
+        link = f"/proc/{n.pid}/fd/{fd}"
+        try:
+            st = os.stat(link)
+            real = os.readlink(link)
+        except OSError:
+            kernel.proceed(self.listener, n.id)  # EBADF and friends: the kernel says it
+            return
+        if not paths.lockable(real, st, self.bookkeeping):
+            kernel.proceed(self.listener, n.id)
+            return
+        if self._take(n, real, st, link, _fd_writes(n.pid, fd)):
+            kernel.proceed(self.listener, n.id)
+
+    def _take(self, n: kernel.Notif, real: str, st: os.stat_result, probe: str,
+              writes: bool) -> bool:  # fmt: skip
+        """Lock what the call reaches, as the open it is: read-write exclusive
+        (shared for a shareable disk), read-only shared.  False when it was
+        answered here: refused, or let through unlocked on purpose.  ``probe``:
+        a path that reopens the very file (for share.py)."""
+        from qemu_locked.beside.guard_locks import Refused
+        from qemu_locked.lock.safeopen import identity_key
+        from qemu_locked.model.plan import EXCLUSIVE, SHARED
+
+        key = identity_key(st)
+        if key in self.free_all or (not writes and key in self.free_reads):
+            kernel.proceed(self.listener, n.id)  # unlocked on purpose (force-share, locking=off)
+            return False
+        exclusive = writes and key not in self.shareable
+        try:
+            lock = self.locks.want(real, EXCLUSIVE if exclusive else SHARED, "open", "open")
+        except Refused as exc:
+            shared = self._share(real, probe) if exclusive else None
+            if shared is None:
+                self._plant(n)  # a failed upgrade may have taken the shared lock anew
+                self._refuse(n, exc.line.removeprefix("qemu-locked: "))
+                return False
+            lock = shared
+        # From here the sweep judges it by QEMU's fds: a lock taken for a call
+        # that then fails is let go like one QEMU closed.
+        self.opened.add(lock.key)
+        self._plant(n)
+        if lock.key != key:  # renamed over between our two looks
+            self._refuse(n, f"{real}: changed while being opened")
+            return False
+        return True
+
     def _plant(self, n: kernel.Notif) -> None:
         """A copy of each new lock fd into the caller (O_CLOEXEC) before it is
         answered, whatever the answer: the lock then lives as long as QEMU."""
@@ -192,20 +190,19 @@ class Supervisor:
                 planted = kernel.addfd(self.listener, n.id, lock_fd, True, False)
             except OSError:
                 return  # the caller is gone (killed while waiting)
-            if self.process_of.get(n.pid) == self.vm_pid:  # QEMU's table, not a child's
+            if self.callers.process_of.get(n.pid) == self.vm_pid:  # QEMU's table, not a child's
                 self.planted.add(planted)
 
-    def _share(self, target: paths.Target) -> Lock | None:
+    def _share(self, real: str, probe: str) -> Lock | None:
         """A writer refused only by sharers: shared, if every QEMU writing the
         disk declared it shareable (share.py); else None."""
         from qemu_locked.beside.guard_locks import Refused
-        from qemu_locked.beside.supervisor import share
         from qemu_locked.model.plan import SHARED
 
         try:
-            if not share.written_shareably(target.fd):
+            if not share.written_shareably(probe):
                 return None
-            return self.locks.want(target.real, SHARED, "open", "open")
+            return self.locks.want(real, SHARED, "open", "open")
         except (Refused, OSError, QemuLockedError):
             return None  # the first refusal is the one to tell
 
@@ -220,7 +217,7 @@ class Supervisor:
 
         # QEMU's children that opened files through us: their fds count too (a
         # `migrate exec:` child writing a file keeps its lock).
-        children = tuple({p for p in self.process_of.values() if p > 0 and p != self.vm_pid})
+        children = tuple(self.callers.processes() - {self.vm_pid})
         for lock in list(self.locks.by_key.values()):
             if lock.key not in self.opened or not lock.fds:
                 continue  # not opened by QEMU yet (a start-time disk): kept
@@ -238,6 +235,7 @@ class Supervisor:
         handlers: dict[int, Callable[[kernel.Notif], None]] = {
             kernel.NR_OPENAT: self.openat, kernel.NR_OPEN: self.open, kernel.NR_CREAT: self.creat,
             kernel.NR_OPENAT2: self.openat2, kernel.NR_OPEN_BY_HANDLE_AT: self.open_by_handle_at,
+            kernel.NR_FCNTL: self.fcntl,
         }  # fmt: skip
         poller = select.poll()
         poller.register(self.listener, select.POLLIN)
@@ -270,7 +268,7 @@ class Supervisor:
                 if exc.errno in (errno.EINTR, errno.ENOENT):
                     continue  # the caller died before we read its call
                 return
-            self._note(n.pid)
+            self.callers.note(n.pid)
             try:
                 handlers[n.nr](n)
             except Exception as exc:  # a bug of ours: that one open fails, closed
@@ -302,41 +300,14 @@ class Supervisor:
         if not self.wait.pending:
             self.wait = None  # what it took for QEMU's life stays in our hands till we exit
 
-    def _note(self, tid: int) -> None:
-        """The process a calling thread belongs to (QEMU, or a child of it)."""
-        if tid in self.process_of:
-            return
-        self.process_of[tid] = -1
-        try:
-            with open(f"/proc/{tid}/status", "rb") as f:
-                for line in f:
-                    if line.startswith(b"Tgid:"):
-                        self.process_of[tid] = int(line.split()[1])
-                        return
-        except (OSError, ValueError):
-            pass
 
-
-def _declared(locks: Locks) -> tuple[frozenset[str], frozenset[str], frozenset[str]]:
-    """By identity key, from the command line: the disks declared shareable (QEMU
-    writes them under the shared lock the wrapper took), the files QEMU reads
-    without a lock on purpose (force-share=on, a role the config does not lock)
-    and those it also writes so (locking=off, honoured)."""
-    from qemu_locked.lock.safeopen import identity_key
-    from qemu_locked.model.plan import SHAREABLE
-
-    def keys(paths: list[str]) -> frozenset[str]:
-        out = set()
-        for path in paths:
-            try:
-                out.add(identity_key(os.stat(path)))
-            except OSError:
-                continue  # QEMU cannot open it either
-        return frozenset(out)
-
-    plan = locks.plan
-    return (
-        keys([d.path for d in plan.disks if d.role == SHAREABLE]),
-        keys([s.path for s in plan.skipped if s.path]),
-        keys([s.path for s in plan.skipped if s.path and s.writes]),
-    )
+def _fd_writes(pid: int, fd: int) -> bool:
+    """Whether that fd of that process was opened for writing (fail closed: yes)."""
+    try:
+        with open(f"/proc/{pid}/fdinfo/{fd}", "rb") as f:
+            for line in f:
+                if line.startswith(b"flags:"):
+                    return int(line.split()[1], 8) & os.O_ACCMODE != os.O_RDONLY
+    except (OSError, ValueError, IndexError):
+        pass
+    return True

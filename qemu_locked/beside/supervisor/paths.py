@@ -65,10 +65,15 @@ class Target:
             self.fd = -1
 
     def lockable(self, bookkeeping: frozenset[str] = frozenset()) -> bool:
-        st = self.st
-        if st is None or not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
-            return False
-        return not self.real.startswith(SYSTEM_DIRS) and self.real not in bookkeeping
+        return self.st is not None and lockable(self.real, self.st, bookkeeping)
+
+
+def lockable(real: str, st: os.stat_result, bookkeeping: frozenset[str] = frozenset()) -> bool:
+    """The docs' one sentence: a regular file or block device outside the
+    system's directories that is not one of QEMU's bookkeeping files."""
+    if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
+        return False
+    return not real.startswith(SYSTEM_DIRS) and real not in bookkeeping
 
 
 def base_of(tid: int, dirfd: int, path: bytes) -> str:

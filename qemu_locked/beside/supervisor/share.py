@@ -25,15 +25,19 @@ import os
 
 from qemu_locked.lock import ofd
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from qemu_locked.model.plan import Plan
+
 QEMU_WRITE = 101  # held (shared) by every QEMU with write permission on the image
 QEMU_WRITE_UNSHARED = 201  # held by every QEMU that forbids other writers
 
 
-def written_shareably(path_fd: int) -> bool:
-    """Whether the file ``path_fd`` (an O_PATH fd) names is written only by
-    QEMUs that let others write too.  Asked through a fresh read-only
-    description of ours (O_PATH cannot ask; a fresh one holds no lock)."""
-    fd = os.open(f"/proc/self/fd/{path_fd}", os.O_RDONLY | os.O_CLOEXEC)
+def written_shareably(probe: str) -> bool:
+    """Whether the file ``probe`` reopens (a /proc/PID/fd/N link) is written
+    only by QEMUs that let others write too.  Asked through a fresh read-only
+    description of ours (an O_PATH one cannot ask; a fresh one holds no lock)."""
+    fd = os.open(probe, os.O_RDONLY | os.O_CLOEXEC)
     try:
         return (
             ofd.conflicting(fd, True, QEMU_WRITE) is not None
@@ -41,3 +45,27 @@ def written_shareably(path_fd: int) -> bool:
         )
     finally:
         os.close(fd)
+
+
+def declared(plan: Plan) -> tuple[frozenset[str], frozenset[str], frozenset[str]]:
+    """By identity key, from the command line: the disks declared shareable (QEMU
+    writes them under the shared lock the wrapper took), the files QEMU reads
+    without a lock on purpose (force-share=on, a role the config does not lock)
+    and those it also writes so (locking=off, honoured)."""
+    from qemu_locked.lock.safeopen import identity_key
+    from qemu_locked.model.plan import SHAREABLE
+
+    def keys(paths: list[str]) -> frozenset[str]:
+        out = set()
+        for path in paths:
+            try:
+                out.add(identity_key(os.stat(path)))
+            except OSError:
+                continue  # QEMU cannot open it either
+        return frozenset(out)
+
+    return (
+        keys([d.path for d in plan.disks if d.role == SHAREABLE]),
+        keys([s.path for s in plan.skipped if s.path]),
+        keys([s.path for s in plan.skipped if s.path and s.writes]),
+    )
