@@ -254,3 +254,43 @@ def test_qemu_10_first_pass_agrees_with_the_table(lab: Lab) -> None:
         if got != want:
             wrong.append((name, want, got))
     assert len(r.stdout.splitlines()) > 150 and wrong == []
+
+
+def test_hot_plug_under_the_supervisor(lab: Lab, images: Path) -> None:
+    """libvirt 11.3 + QEMU 10.0 hot-plug, locked by the kernel's word: the
+    supervisor (the default) is the one process beside each QEMU; a disk another
+    domain writes is refused (QEMU's open fails, our line names the holder in the
+    domain log), a free one is locked while attached and freed on detach, a
+    shareable one joins a domain that shares it."""
+    from guard_helpers import helper_of
+
+    from qemu_locked.lock.procfs import SUPERVISOR_COMM
+
+    for name, fmt in (("ha.qcow2", "qcow2"), ("hb.qcow2", "qcow2"), ("free.qcow2", "qcow2"),
+                      ("sh.img", "raw")):  # fmt: skip
+        qemu_img("create", "-q", "-f", fmt, str(images / name), "16M")
+    shareable = disk_xml(f"{IMAGES}/sh.img", "raw", dev="vdb", extra="<shareable/>")
+    # SCSI: unplugging it needs no guest to answer (a virtio-pci unplug waits for one).
+    scsi = "<controller type='scsi' model='virtio-scsi'/>"
+    define(lab, "qlk-ha", [disk_xml(f"{IMAGES}/ha.qcow2"), shareable, scsi])
+    define(lab, "qlk-hb", [disk_xml(f"{IMAGES}/hb.qcow2"), scsi])
+    assert start(lab, "qlk-ha").returncode == 0 and start(lab, "qlk-hb").returncode == 0
+    assert helper_of(SUPERVISOR_COMM, qemu_pid("qlk-hb"))
+    log = lab.path("/var/log/libvirt/qemu/qlk-hb.log")
+    before = len(log.read_text())
+    r = lab.virsh("attach-disk", "qlk-hb", f"{IMAGES}/ha.qcow2", "sdc", "--live",
+                  "--targetbus", "scsi", "--subdriver", "qcow2", check=False)  # fmt: skip
+    assert r.returncode != 0 and "Device or resource busy" in r.stderr, r.stderr
+    ours = [ln for ln in log.read_text()[before:].splitlines() if ln.startswith("qemu-locked: ")]
+    assert ours and f"{IMAGES}/ha.qcow2 is locked (exclusive)" in ours[0], ours
+    assert "guest 'qlk-ha'" in ours[0], ours
+    r = lab.virsh("attach-disk", "qlk-hb", f"{IMAGES}/free.qcow2", "sdd", "--live",
+                  "--targetbus", "scsi", "--subdriver", "qcow2", check=False)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert not lock_free(str(images / "free.qcow2"), exclusive=False)
+    assert lab.virsh("detach-disk", "qlk-hb", "sdd", "--live", check=False).returncode == 0
+    assert wait_free(images / "free.qcow2")
+    r = lab.virsh("attach-disk", "qlk-hb", f"{IMAGES}/sh.img", "sde", "--live", "--targetbus",
+                  "scsi", "--subdriver", "raw", "--mode", "shareable", check=False)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert not lock_free(str(images / "sh.img")) and lock_free(str(images / "sh.img"), False)
