@@ -237,6 +237,7 @@ class Supervisor:
             kernel.NR_OPENAT2: self.openat2, kernel.NR_OPEN_BY_HANDLE_AT: self.open_by_handle_at,
             kernel.NR_FCNTL: self.fcntl,
         }  # fmt: skip
+        kernel.wake_in_step(self.listener)
         poller = select.poll()
         poller.register(self.listener, select.POLLIN)
         watched = self._watch(poller, -1)
