@@ -63,6 +63,7 @@ def start(tmp: str, name: str, guard: bool, cfg: str) -> tuple[subprocess.Popen[
             "-chardev", f"socket,id=charmonitor,fd={n},server=on,wait=off",
             "-mon", "chardev=charmonitor,id=monitor,mode=control"]  # fmt: skip
     env = dict(os.environ, QEMU_LOCKED_CONFIG=cfg, QEMU_LOCKED_EMULATOR=QEMU,
+               QEMU_LOCKED_SUPERVISOR="false",  # the guard runs only without it
                QEMU_LOCKED_MONITOR_GUARD="true" if guard else "false")  # fmt: skip
     proc = subprocess.Popen(args, pass_fds=(n,), env=env, stderr=subprocess.DEVNULL)
     listener.close()
