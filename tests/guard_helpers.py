@@ -21,8 +21,8 @@ from conftest import QEMU_LOCKED, base_env
 from qemu_locked.lock import procfs
 
 if TYPE_CHECKING:
-    from qemu_locked.beside.guard_policy import Policy
-    from qemu_locked.beside.guard_relay import Relay
+    from qemu_locked.beside.guard.policy import Policy
+    from qemu_locked.beside.guard.relay import Relay
 
 QEMU = shutil.which("qemu-system-x86_64")
 
@@ -191,7 +191,7 @@ def played_qemu(tmp: Path, policy: Policy | None = None) -> Iterator[tuple[Relay
     its /proc/PID/fd is what the policy inspects) and a stand-in "VM" whose exit
     ends the relay.  Yields the relay, QEMU's side and libvirt's socket path,
     after QEMU's greeting was said."""
-    from qemu_locked.beside.guard_relay import Relay
+    from qemu_locked.beside.guard.relay import Relay
 
     path = str(tmp / "monitor.sock")
     guard_end, qemu_end = socket.socketpair()
@@ -220,9 +220,9 @@ def played_qemu(tmp: Path, policy: Policy | None = None) -> Iterator[tuple[Relay
 
 def policy_for(tmp: Path, guest: str) -> Policy:
     """The guard's lock policy (direct backend) for a VM this test process plays."""
-    from qemu_locked.beside.guard_locks import Locks
-    from qemu_locked.beside.guard_nodes import Graph
-    from qemu_locked.beside.guard_policy import Policy
+    from qemu_locked.beside.guard.nodes import Graph
+    from qemu_locked.beside.guard.policy import Policy
+    from qemu_locked.beside.locks import Locks
     from qemu_locked.model.config import Config
     from qemu_locked.model.plan import Plan
 

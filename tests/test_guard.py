@@ -15,7 +15,7 @@ import pytest
 from conftest import QEMU_LOCKED, lock_free
 from guard_helpers import QEMU, QMP, Domain, guard_env, negotiated, played_qemu, policy_for
 
-from qemu_locked.beside.guard_frame import (
+from qemu_locked.beside.guard.frame import (
     HEAD,
     OBJECT,
     OTHER,
@@ -328,8 +328,8 @@ def test_splitter_fast_path_agrees_with_the_byte_by_byte_walk(text: bytes) -> No
 
 def test_every_watched_command_is_caught_before_the_unparsed_pass() -> None:
     """Commands the policy watches must never take the relay's parse-free path."""
-    from qemu_locked.beside.guard_policy import _HANDLERS, _TX
-    from qemu_locked.beside.guard_steady import GUARDED
+    from qemu_locked.beside.guard.policy import _HANDLERS, _TX
+    from qemu_locked.beside.guard.steady import GUARDED
 
     for name in [*_HANDLERS, *_TX]:
         raw = b'{"execute": "%s", "id": 1}' % name.encode()

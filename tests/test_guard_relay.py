@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from guard_helpers import QMP, negotiated, played_qemu, policy_for
 
-from qemu_locked.beside.guard_steady import Verdicts
+from qemu_locked.beside.guard.steady import Verdicts
 
 QUERY = b'{"execute": "query-status", "id": 7}\r\n'
 
@@ -194,7 +194,7 @@ def test_an_upgrade_that_loses_the_lock_is_a_refusal(
 
     from conftest import lock_free
 
-    from qemu_locked.beside.guard_locks import Locks, Refused
+    from qemu_locked.beside.locks import Locks, Refused
     from qemu_locked.model.config import Config
     from qemu_locked.model.plan import EXCLUSIVE, SHARED, Plan
 

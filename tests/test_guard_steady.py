@@ -1,4 +1,4 @@
-"""The monitor guard's steady state (guard_steady): plain commands relayed with
+"""The monitor guard's steady state (guard/steady): plain commands relayed with
 as little work as a bare relay, and everything else handed to the general loop
 without a byte, an fd or the one-at-a-time order lost.  QEMU is played by the
 test, so it can answer late, in pieces, or not at all."""
@@ -15,8 +15,8 @@ from guard_helpers import QMP, FakeQemu, negotiated, played_qemu
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from qemu_locked.beside.guard_frame import OBJECT, SPACE, Splitter, plain
-from qemu_locked.beside.guard_steady import WAIT_S, Verdicts, watched
+from qemu_locked.beside.guard.frame import OBJECT, SPACE, Splitter, plain
+from qemu_locked.beside.guard.steady import WAIT_S, Verdicts, watched
 
 QUERY = b'{"execute": "query-status", "id": 7}\r\n'
 

@@ -196,7 +196,7 @@ def test_doctor_says_whether_this_kernel_can_supervise(tmp_path: Path, monkeypat
 
 @pytest.mark.parametrize("backend", ["direct", "lockspace"])
 def test_two_vms_one_disk_through_the_backend(tmp_path: Path, backend: str) -> None:
-    """The lock is the configured backend's (guard_locks, as the guard takes it):
+    """The lock is the configured backend's (locks, as the guard takes it):
     with lockspace, a lease file too, and the refusal names the other guest."""
     space = tmp_path / "ls"
     space.mkdir()

@@ -139,7 +139,7 @@ def _stat(path: str) -> os.stat_result | None:
 
 def _with_origins(rows: list[StatusRow]) -> list[StatusRow]:
     """What each lock of a guarded VM is for (``hot-plug scsi0-0-0-1``...)."""
-    from qemu_locked.beside.guard_locks import published
+    from qemu_locked.beside.locks import published
     from qemu_locked.model.value import replace
 
     origins = published()

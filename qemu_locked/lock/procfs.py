@@ -195,7 +195,7 @@ def pids() -> list[int]:
         return []
 
 
-# The monitor guard (beside/guard.py) and the supervisor (beside/supervisor) keep
+# The monitor guard (beside/guard/start.py) and the supervisor (beside/supervisor) keep
 # a copy of lock fds of their QEMU, which holds the same open file description:
 # the lock is QEMU's.  Each keeps a pidfd of its QEMU, by which it is told apart.
 GUARD_COMM = "ql-guard"

@@ -185,7 +185,7 @@ def main() -> NoReturn:
             fds, pending = (held.fds, held.pending) if held is not None else ([], [])
             supervisor.attach(fds, cfg, plan, pending)
         elif cfg.monitor_guard and plan.monitor_fd is not None:
-            from qemu_locked.beside import guard
+            from qemu_locked.beside.guard import start as guard
 
             guard.attach(args, held.fds if held is not None else [], cfg, plan)
     except QemuLockedError as exc:

@@ -22,8 +22,8 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from qemu_locked.beside.guard_locks import Lock, Locks
     from qemu_locked.beside.keeper import VM, Wait
+    from qemu_locked.beside.locks import Lock, Locks
 
 SWEEP_SECONDS = 1.0
 WAIT_SECONDS = 0.1  # between attempts at a lock an incoming migration waits for
@@ -32,7 +32,7 @@ _REAL_FLAGS_DROPPED = os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_TRUNC
 
 class Supervisor:
     """``locks``: the VM's locks, taken through the configured backend exactly as
-    the monitor guard takes them (guard_locks): our copies are the carriers, and
+    the monitor guard takes them (locks): our copies are the carriers, and
     a copy of each is planted in QEMU so the lock lives as long as QEMU."""
 
     def __init__(self, listener: int, vm_pid: int, locks: Locks, inherited: list[int],
@@ -154,7 +154,7 @@ class Supervisor:
         (shared for a shareable disk), read-only shared.  False when it was
         answered here: refused, or let through unlocked on purpose.  ``probe``:
         a path that reopens the very file (for share.py)."""
-        from qemu_locked.beside.guard_locks import Refused
+        from qemu_locked.beside.locks import Refused
         from qemu_locked.lock.safeopen import identity_key
         from qemu_locked.model.plan import EXCLUSIVE, SHARED
 
@@ -196,7 +196,7 @@ class Supervisor:
     def _share(self, real: str, probe: str) -> Lock | None:
         """A writer refused only by sharers: shared, if every QEMU writing the
         disk declared it shareable (share.py); else None."""
-        from qemu_locked.beside.guard_locks import Refused
+        from qemu_locked.beside.locks import Refused
         from qemu_locked.model.plan import SHARED
 
         try:

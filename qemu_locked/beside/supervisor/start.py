@@ -84,7 +84,7 @@ def _serve(sock: _socket.socket, vm_pid: int, pidfd: int, lock_fds: list[int],
         sock.send(str(os.getpid()).encode())
         # While the wrapper installs the filter and execs QEMU: QEMU's first open
         # waits for this process, so everything it needs is ready before then.
-        from qemu_locked.beside.guard_locks import Locks
+        from qemu_locked.beside.locks import Locks
         from qemu_locked.beside.supervisor.loop import Supervisor
         from qemu_locked.beside.supervisor.paths import real_paths
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from qemu_locked.beside.guard_view import After
+    from qemu_locked.beside.guard.view import After
 
 
 class Inflight:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from qemu_locked.beside.guard_view import After, PolicyView
+    from qemu_locked.beside.guard.view import After, PolicyView
 
 
 def _words(line: str) -> list[str]:
@@ -16,7 +16,7 @@ def _words(line: str) -> list[str]:
 
 
 def hmp_command(policy: PolicyView, line: str, tag: str) -> After | None:
-    from qemu_locked.beside.guard_media import medium_path, remove_medium
+    from qemu_locked.beside.guard.media import medium_path, remove_medium
 
     words = _words(line)
     if not words:
@@ -39,8 +39,8 @@ def hmp_command(policy: PolicyView, line: str, tag: str) -> After | None:
 
 
 def _drive_add(policy: PolicyView, opts: str, tag: str) -> After | None:
-    from qemu_locked.beside.guard_chain import header_files
-    from qemu_locked.beside.guard_nodes import Node, truthy
+    from qemu_locked.beside.guard.chain import header_files
+    from qemu_locked.beside.guard.nodes import Node, truthy
     from qemu_locked.lock.safeopen import plain_name
     from qemu_locked.model.plan import EXCLUSIVE, SHARED
     from qemu_locked.parse.keyval import split_opts

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import os
 
-from qemu_locked.beside.guard_locks import Refused
+from qemu_locked.beside.locks import Refused
 from qemu_locked.lock.safeopen import MAX_CHAIN, plain_name, qcow2_names
 from qemu_locked.model.plan import SHARED
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from qemu_locked.beside.guard_view import PolicyView
+    from qemu_locked.beside.guard.view import PolicyView
 
 
 def header_files(policy: PolicyView, path: str, mode: str, user: str, origin: str,

@@ -4,7 +4,7 @@ as little work as a bare relay does.
 Most monitor traffic is libvirt's queries and their replies, and each costs the
 VM's management a round trip through the guard.  While nothing is queued,
 half-read or owed (``is_steady``), a command that is one object for certain
-(``guard_frame.plain``) naming no watched word goes straight to QEMU, and
+(``guard/frame.plain``) naming no watched word goes straight to QEMU, and
 QEMU's one-line answer or event straight back; anything else is handed to the
 relay's general loop, which cuts, parses and checks.  On a busy host each step
 here runs with cold caches, so the loop is written flat, with local names, and
@@ -16,8 +16,8 @@ from __future__ import annotations
 import select
 from time import monotonic
 
-from qemu_locked.beside.guard_frame import plain
-from qemu_locked.beside.guard_io import ANC, DONTWAIT, FLAGS, fds_of
+from qemu_locked.beside.guard.frame import plain
+from qemu_locked.beside.guard.io import ANC, DONTWAIT, FLAGS, fds_of
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -25,12 +25,12 @@ if TYPE_CHECKING:
     from collections import deque
     from typing import Protocol
 
-    from qemu_locked.beside.guard_frame import Lines, Splitter, Unit
-    from qemu_locked.beside.guard_io import Out
-    from qemu_locked.beside.guard_reply import Inflight
+    from qemu_locked.beside.guard.frame import Lines, Splitter, Unit
+    from qemu_locked.beside.guard.io import Out
+    from qemu_locked.beside.guard.reply import Inflight
 
     class RelayView(Protocol):
-        """What this loop uses of guard_relay's Relay (which imports this module)."""
+        """What this loop uses of guard/relay's Relay (which imports this module)."""
 
         qemu: _socket.socket
         client: _socket.socket | None

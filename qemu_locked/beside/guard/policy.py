@@ -12,17 +12,17 @@ DESIGN section 4's modes, applied at run time:
 - media: shared on cdroms or with ``read-only-mode = read-only``.
 A lock is released when no node, device or medium uses its file any more
 (``blockdev-del``, ``DEVICE_DELETED`` of a drive that dies with its device,
-eject, a failed add) *and* QEMU holds no fd on it (:mod:`guard_locks`).
+eject, a failed add) *and* QEMU holds no fd on it (:mod:`locks`).
 """
 
 from __future__ import annotations
 
 import os
 
-from qemu_locked.beside import guard_media as media
-from qemu_locked.beside.guard_chain import header_files
-from qemu_locked.beside.guard_locks import FD_NAME_PREFIX, Locks, Refused
-from qemu_locked.beside.guard_nodes import Graph, Node, truthy
+from qemu_locked.beside.guard import media
+from qemu_locked.beside.guard.chain import header_files
+from qemu_locked.beside.guard.nodes import Graph, Node, truthy
+from qemu_locked.beside.locks import FD_NAME_PREFIX, Locks, Refused
 from qemu_locked.model.plan import EXCLUSIVE, SHARED
 from qemu_locked.parse.blockgraph import CD_DEVICES, IMPLICIT_BACKING
 
@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable
     from typing import Any
 
-    from qemu_locked.beside.guard_view import After
+    from qemu_locked.beside.guard.view import After
 
 
 def _args(obj: object) -> dict[str, Any]:
@@ -318,7 +318,7 @@ class Policy:
                           "for the monitor guard's locks")  # fmt: skip
 
     def hmp(self, args: dict[str, Any], tag: str) -> After | None:
-        from qemu_locked.beside.guard_hmp import hmp_command
+        from qemu_locked.beside.guard.hmp import hmp_command
 
         return hmp_command(self, _str(args.get("command-line")) or "", tag)
 

@@ -9,7 +9,7 @@ each with the fds it arrived with; the next is read only once the previous
 one was answered, so every reply is matched to its command and the lock
 policy learns whether it succeeded (QEMU's own monitor runs them one at a
 time too).  Replies and events go back byte for byte.  Plain traffic
-(libvirt's queries) takes guard_steady's short loop instead of this one.
+(libvirt's queries) takes guard/steady's short loop instead of this one.
 """
 
 from __future__ import annotations
@@ -19,11 +19,10 @@ import select
 import struct
 from time import monotonic
 
-from qemu_locked.beside import guard_frame as frame
-from qemu_locked.beside import guard_steady as steady
-from qemu_locked.beside.guard_io import DONTWAIT, Out, close_fds, recv
-from qemu_locked.beside.guard_locks import Refused
-from qemu_locked.beside.guard_reply import Inflight, oops, own_command
+from qemu_locked.beside.guard import frame, steady
+from qemu_locked.beside.guard.io import DONTWAIT, Out, close_fds, recv
+from qemu_locked.beside.guard.reply import Inflight, oops, own_command
+from qemu_locked.beside.locks import Refused
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -31,9 +30,9 @@ if TYPE_CHECKING:
     from collections.abc import Callable
     from typing import Any
 
-    from qemu_locked.beside.guard_policy import Policy
+    from qemu_locked.beside.guard.policy import Policy
 
-else:  # as in guard_io: the C type, without importing `collections`
+else:  # as in guard/io: the C type, without importing `collections`
     from _collections import deque
 
 _READ = 1 << 16
@@ -72,7 +71,7 @@ class Relay:
         self.verdicts = steady.Verdicts()
         self.sweep_at = 0.0  # when due releases are looked at next
         listener.setblocking(False)
-        qemu.setblocking(True)  # see guard_io.DONTWAIT and guard_steady
+        qemu.setblocking(True)  # see guard/io.DONTWAIT and guard/steady
         wait = struct.pack("@ll", steady.WAIT_S, 0)  # struct timeval
         qemu.setsockopt(_socket.SOL_SOCKET, _socket.SO_RCVTIMEO, wait)
 
@@ -257,7 +256,7 @@ class Relay:
     def _finish(self, cur: Inflight, ok: bool, ret: object) -> bool:
         """A command answered: the policy learns how; True if the client gets the reply."""
         if ok and cur.hmp:
-            from qemu_locked.beside.guard_hmp import hmp_ok
+            from qemu_locked.beside.guard.hmp import hmp_ok
 
             ok = hmp_ok(ret)
         if cur.after is not None:

@@ -9,8 +9,8 @@ wrapper (here) keeps libvirt's listening socket for the guard and puts a
 listening socket of its own at fd N, which the guard connects to at once and
 then makes unreachable (its path is unlinked): QEMU accepts that queued
 connection when it starts, so QEMU's argv is unchanged and only the guard can
-talk to it.  The guard relays between the two (guard_relay), taking and
-releasing locks as commands need (guard_policy).
+talk to it.  The guard relays between the two (guard/relay), taking and
+releasing locks as commands need (guard/policy).
 
 If the guard dies, libvirt sees its monitor close and stops the VM; QEMU holds
 every lock fd itself, so nothing stays locked once QEMU is gone.
@@ -27,7 +27,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import NoReturn
 
-    from qemu_locked.beside.guard_policy import Policy
+    from qemu_locked.beside.guard.policy import Policy
     from qemu_locked.model.config import Config
     from qemu_locked.model.plan import Plan
 
@@ -120,7 +120,7 @@ def _life(vm_pid: int, pidfd: int, keep: set[int], libvirt: _socket.socket,
         from qemu_locked.lock.procfs import GUARD_COMM
 
         spawn.set_comm(GUARD_COMM.encode())
-        from qemu_locked.beside.guard_relay import Relay
+        from qemu_locked.beside.guard.relay import Relay
 
         policy = _policy(args, lock_fds, config, plan, vm_pid)
         policy.locks.publish()
@@ -133,9 +133,9 @@ def _life(vm_pid: int, pidfd: int, keep: set[int], libvirt: _socket.socket,
 
 def _policy(args: list[str], lock_fds: list[int], config: Config, plan: Plan, vm_pid: int,
             ) -> Policy:  # fmt: skip
-    from qemu_locked.beside.guard_locks import Locks
-    from qemu_locked.beside.guard_nodes import Graph
-    from qemu_locked.beside.guard_policy import Policy
+    from qemu_locked.beside.guard.nodes import Graph
+    from qemu_locked.beside.guard.policy import Policy
+    from qemu_locked.beside.locks import Locks
     from qemu_locked.lock import safeopen
     from qemu_locked.model.errors import QemuLockedError
     from qemu_locked.parse.keyval import dict_or_opts

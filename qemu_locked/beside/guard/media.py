@@ -7,14 +7,14 @@ the change succeeded.
 
 from __future__ import annotations
 
-from qemu_locked.beside.guard_chain import header_files
+from qemu_locked.beside.guard.chain import header_files
 from qemu_locked.model.plan import EXCLUSIVE, SHARED
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
 
-    from qemu_locked.beside.guard_view import After, PolicyView
+    from qemu_locked.beside.guard.view import After, PolicyView
 
 
 def _str(obj: object) -> str | None:

@@ -11,7 +11,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections import deque
 else:  # the C type itself: `collections` costs the guard ~1.2 ms at every VM start
-    from _collections import deque  # (guard_relay does the same)
+    from _collections import deque  # (guard/relay does the same)
 
 _READ = 1 << 16
 _MAX_FDS = 32

@@ -1,6 +1,6 @@
-"""What the guard's command handlers (guard_chain, guard_hmp, guard_media) use
+"""What the guard's command handlers (guard/chain, guard/hmp, guard/media) use
 of the Policy that calls them, as a Protocol: they depend on this shape, not
-on guard_policy, which imports them.  Imported for type checking only.
+on guard/policy, which imports them.  Imported for type checking only.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable
     from typing import Any
 
-    from qemu_locked.beside.guard_nodes import Graph
+    from qemu_locked.beside.guard.nodes import Graph
 
     After = Callable[[bool], None]  # what runs once QEMU has answered (ok or not)
 
