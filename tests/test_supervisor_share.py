@@ -5,10 +5,11 @@ write is refused.  Real QEMU 7.2 under TCG, real locks, the VMs are real QEMUs.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
-from conftest import byte0_modes, lock_free
+from conftest import byte0_modes, has_open, lock_free
 from test_supervisor import VM
 
 pytestmark = pytest.mark.qemu
@@ -114,3 +115,22 @@ def test_files_left_unlocked_on_purpose_pass(tmp_path: Path) -> None:
     finally:
         for vm in (a, b, reader):
             vm.quit()
+
+
+def test_shared_memory_between_two_vms_keeps_working(tmp_path: Path) -> None:
+    """libvirt's <shmem>: ivshmem over a share=on memory-backend-file in /dev/shm,
+    opened read-write by both VMs: not a disk, so the supervisor lets it pass."""
+    shm = f"/dev/shm/ql-test-{os.getpid()}-{tmp_path.name}"
+    args = ("-object", f"memory-backend-file,id=shm0,mem-path={shm},size=1M,share=on",
+            "-device", "ivshmem-plain,memdev=shm0")  # fmt: skip
+    try:
+        a = VM(tmp_path, *args, name="a")
+        b = VM(tmp_path, *args, name="b")
+        try:
+            assert has_open(a.proc.pid, shm) and has_open(b.proc.pid, shm)
+            assert byte0_modes(a.proc.pid, shm) == [] == byte0_modes(b.proc.pid, shm)
+        finally:
+            a.quit(), b.quit()
+    finally:
+        if os.path.exists(shm):
+            os.unlink(shm)  # QEMU leaves a file it created for a backend
