@@ -89,10 +89,14 @@ def _trapped(tmp: str) -> int:
     proc = subprocess.Popen(["strace", "-f", "-qq", "-e", "trace=open,openat,creat,openat2,fcntl",
                              "-o", out, QEMU, *_args(tmp, sock_path)],
                             stderr=subprocess.DEVNULL)  # fmt: skip
-    while not os.path.exists(sock_path):
-        time.sleep(0.01)
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.connect(sock_path)
+    while True:  # the socket file appears at bind, before listen: retry until it listens
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            s.connect(sock_path)
+            break
+        except OSError:
+            s.close()
+            time.sleep(0.01)
     s.recv(4096)
     _quit(s, proc)  # type: ignore[arg-type]
     # A call another thread interrupted is printed twice (unfinished, resumed): count it once.

@@ -14,7 +14,7 @@ import select
 from time import monotonic
 
 from qemu_locked.beside.spawn import say
-from qemu_locked.beside.supervisor import kernel, paths, share
+from qemu_locked.beside.supervisor import kernel, paths
 from qemu_locked.beside.supervisor.callers import Callers
 from qemu_locked.model.errors import QemuLockedError
 
@@ -35,10 +35,12 @@ class Supervisor:
     the monitor guard takes them (locks): our copies are the carriers, and
     a copy of each is planted in QEMU so the lock lives as long as QEMU."""
 
-    def __init__(self, listener: int, vm_pid: int, locks: Locks, inherited: list[int],
+    def __init__(self, listener: int, vm_pid: int, locks: Callable[[], Locks], inherited: list[int],
                  bookkeeping: frozenset[str] = frozenset(), vm: VM | None = None,
                  wait: Wait | None = None) -> None:  # fmt: skip
-        self.listener, self.vm_pid, self.locks = listener, vm_pid, locks
+        self.listener, self.vm_pid = listener, vm_pid
+        self._make_locks = locks  # made once needed, or in the first idle moment (ready)
+        self._locks: Locks | None = None
         self.vm = vm  # QEMU's pidfd, followed across -daemonize; None: the listener alone
         self.wait = wait  # the migration keeper's work, done here (beside/keeper.py)
         self.bookkeeping = bookkeeping  # pid, log, chardev files: never disks
@@ -52,7 +54,16 @@ class Supervisor:
         # them (a start-time disk QEMU has not opened yet must stay locked).
         self.opened: set[str] = set()
         # What the command line declares: disks written shared, files left unlocked.
-        self.shareable, self.free_reads, self.free_all = share.declared(locks.plan)
+        self.shareable = self.free_reads = self.free_all = frozenset[str]()
+
+    @property
+    def locks(self) -> Locks:
+        if self._locks is None:
+            from qemu_locked.beside.supervisor import share
+
+            self._locks = self._make_locks()
+            self.shareable, self.free_reads, self.free_all = share.declared(self._locks.plan)
+        return self._locks
 
     # -- the trapped calls ------------------------------------------------------
 
@@ -158,13 +169,14 @@ class Supervisor:
         from qemu_locked.lock.safeopen import identity_key
         from qemu_locked.model.plan import EXCLUSIVE, SHARED
 
+        locks = self.locks  # first: it reads the command line's declarations
         key = identity_key(st)
         if key in self.free_all or (not writes and key in self.free_reads):
             kernel.proceed(self.listener, n.id)  # unlocked on purpose (force-share, locking=off)
             return False
         exclusive = writes and key not in self.shareable
         try:
-            lock = self.locks.want(real, EXCLUSIVE if exclusive else SHARED, "open", "open")
+            lock = locks.want(real, EXCLUSIVE if exclusive else SHARED, "open", "open")
         except Refused as exc:
             shared = self._share(real, probe) if exclusive else None
             if shared is None:
@@ -197,6 +209,7 @@ class Supervisor:
         """A writer refused only by sharers: shared, if every QEMU writing the
         disk declared it shareable (share.py); else None."""
         from qemu_locked.beside.locks import Refused
+        from qemu_locked.beside.supervisor import share
         from qemu_locked.model.plan import SHARED
 
         try:
@@ -215,6 +228,8 @@ class Supervisor:
         fds on the file that are not copies of ours: kcmp, as the guard does)."""
         from qemu_locked.model.plan import EXCLUSIVE
 
+        if self._locks is None:
+            return  # nothing taken yet
         # QEMU's children that opened files through us: their fds count too (a
         # `migrate exec:` child writing a file keeps its lock).
         children = tuple(self.callers.processes() - {self.vm_pid})
@@ -247,7 +262,11 @@ class Supervisor:
         while True:
             # By deadline, not after a quiet second: a busy opener must not starve it.
             due = min(sweep_at, wait_at) if self.wait is not None else sweep_at
-            events = dict(poller.poll(max(0.0, due - monotonic()) * 1000))
+            idle = 0.0 if self._locks is None else max(0.0, due - monotonic())
+            events = dict(poller.poll(idle * 1000))
+            if not events and self._locks is None:
+                _ = self.locks  # QEMU is busy elsewhere: make them now, off its path
+                continue
             if self.wait is not None and monotonic() >= wait_at:
                 self._keep()
                 wait_at = monotonic() + WAIT_SECONDS

@@ -19,6 +19,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import NoReturn
 
+    from qemu_locked.beside.locks import Locks
     from qemu_locked.lock.held import Pending
     from qemu_locked.model.config import Config
     from qemu_locked.model.plan import Plan
@@ -83,14 +84,12 @@ def _serve(sock: _socket.socket, vm_pid: int, pidfd: int, lock_fds: list[int],
             os.close(null)
         sock.send(str(os.getpid()).encode())
         # While the wrapper installs the filter and execs QEMU: QEMU's first open
-        # waits for this process, so everything it needs is ready before then.
-        from qemu_locked.beside.locks import Locks
+        # waits for this process, so only what the loop needs is imported before
+        # then; the locks' machinery comes in the loop's first idle moment (the
+        # loader's ~50 library opens need none of it).
+        from qemu_locked.beside import keeper
         from qemu_locked.beside.supervisor.loop import Supervisor
         from qemu_locked.beside.supervisor.paths import real_paths
-
-        locks = Locks(config, plan, vm_pid)
-        locks.adopt(lock_fds, keep=frozenset(p.fd for p in pending))
-        from qemu_locked.beside import keeper
 
         # QEMU is followed across -daemonize by an fd it shares with us; with
         # none, the listener's hang-up alone says when it is gone.
@@ -100,12 +99,22 @@ def _serve(sock: _socket.socket, vm_pid: int, pidfd: int, lock_fds: list[int],
         if pending:
             wait = keeper.Wait(pending, config, plan, vm or keeper.VM(vm_pid, pidfd, ref),
                                close_taken=False)  # fmt: skip
+        keep = frozenset(p.fd for p in pending)
+
+        def locks() -> Locks:
+            from qemu_locked.beside.locks import Locks
+
+            held = Locks(config, plan, vm_pid)
+            held.adopt(lock_fds, keep=keep)
+            return held
+
         _msg, anc, _flags, _addr = sock.recvmsg(1, 64)
         sock.close()
         if not anc:
             os._exit(0)  # the wrapper could not install the filter: it says why
         listener = int.from_bytes(anc[0][2][:4], "little")
-        Supervisor(listener, vm_pid, locks, lock_fds, real_paths(plan.bookkeeping), vm, wait).run()
+        bookkeeping = real_paths(plan.bookkeeping)
+        Supervisor(listener, vm_pid, locks, lock_fds, bookkeeping, vm, wait).run()
     finally:
         os._exit(0)
 
