@@ -307,3 +307,26 @@ def test_a_disk_handed_over_as_an_fd_is_locked_too(vm: VM, tmp_path: Path, holde
     assert not lock_free(free, exclusive=False)  # written through the fd: exclusive
     err = vm.quit()
     assert f"qemu-locked: {held} is locked (exclusive) by pid {pid}" in err, err
+
+
+@pytest.mark.parametrize("supervisor", ["true", "false"])
+def test_where_seccomp_is_forbidden_the_start_is_refused_unless_told(
+    tmp_path: Path, supervisor: str
+) -> None:
+    """A container whose profile forbids seccomp filters: with the supervisor on
+    (the default) the start is refused with one line (exit 5), nothing left
+    locked; `supervisor = false` accepts start-time locking only."""
+    disk = qcow2(tmp_path / "d.qcow2")
+    helper = str(Path(__file__).parent / "no_seccomp.py")
+    env = base_env(QEMU_LOCKED_EMULATOR="/bin/true", QEMU_LOCKED_SUPERVISOR=supervisor)
+    r = subprocess.run([sys.executable, helper, QEMU_LOCKED, "-drive", f"file={disk}"],
+                       env=env, capture_output=True, text=True, timeout=60)  # fmt: skip
+    if supervisor == "true":
+        assert r.returncode == 5, r
+        assert r.stderr.count("\n") == 1 and r.stderr.startswith(
+            "qemu-locked: seccomp user notification is not available here ("
+        ), r.stderr
+        assert "Operation not permitted" in r.stderr and "set supervisor = false" in r.stderr
+    else:
+        assert r.returncode == 0 and r.stderr == "", r
+    assert lock_free(disk)

@@ -50,9 +50,11 @@ def attach(lock_fds: list[int], config: Config, plan: Plan, pending: list[Pendin
         listener = seccomp.install(pid)
     except (OSError, ValueError) as exc:
         ours.close()  # the supervisor sees the end of the socket and leaves
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         raise BackendError(
-            f"seccomp user notification is not available here ({exc}); set supervisor = false "
-            "to start with start-time locks and the monitor guard only"
+            f"seccomp user notification is not available here ({why}): disks QEMU opens after "
+            "start could not be locked; set supervisor = false to lock the command line's disks "
+            "at start only"
         ) from None
     try:
         ours.sendmsg([b"L"], [(_SOL_SOCKET, _SCM_RIGHTS, listener.to_bytes(4, "little"))])
