@@ -82,6 +82,11 @@ def imgs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
         check=True,
         cwd=tmp_path,
     )
+    subprocess.run(
+        ["qemu-img", "create", "-q", "-f", "qcow2", "-b", "top.qcow2", "-F", "qcow2", "deep.qcow2"],
+        check=True,
+        cwd=tmp_path,
+    )
     (tmp_path / "x.cfg").write_text('[drive]\n  file = "a.img"\n  if = "none"\n  format = "raw"\n')
     monkeypatch.chdir(tmp_path)
     return tmp_path
@@ -116,6 +121,15 @@ ACCEPTED = [
         {"top.qcow2": "exclusive"},
     ),
     (["-drive", "file=a.img,format=raw,if=none,readonly=on,force-share=on"], {}),
+    # QEMU's iotests: names for the header's chain, two levels down; raw over qcow2
+    (
+        ["-drive", "file=deep.qcow2,if=none,backing.backing.node-name=base"],
+        {"deep.qcow2": "exclusive"},
+    ),
+    (
+        ["-drive", "driver=raw,file.driver=qcow2,file.file.filename=top.qcow2,if=none"],
+        {"top.qcow2": "exclusive"},
+    ),  # fmt: skip
     (["-async-teardown", "-readconfig", "x.cfg"], {"a.img": "exclusive"}),
     (["--drive", "file=a.img,format=raw,if=none"], {"a.img": "exclusive"}),
     (["-name", "-drive", "-drive", "file=a.img,format=raw,if=none"], {"a.img": "exclusive"}),
@@ -246,3 +260,16 @@ def test_default_config_file_drives_are_read_unless_no_user_config(imgs: Path) -
         env=real_env(),
     )
     assert p.returncode == 0 and json.loads(p.stdout)["disks"] == [], p.stderr
+
+
+IOTESTS = [
+    ["-drive", "file=deep.qcow2,if=none,backing.backing.node-name=base"],
+    ["-drive", "driver=raw,file.driver=qcow2,file.file.filename=top.qcow2,if=none"],
+]
+
+
+@pytest.mark.parametrize("args", IOTESTS, ids=[" ".join(a) for a in IOTESTS])
+def test_qemu_locked_starts_what_qemus_own_tests_start(imgs: Path, args: list[str]) -> None:
+    """Issue 21: the plan must never refuse a command line QEMU accepts."""
+    rc, err = outcome([QEMU_LOCKED, *args], real_env())
+    assert rc == 0, err

@@ -264,8 +264,12 @@ class Graph:
         # Options for the backing file the header names (backing.node-name=x), no image.
         header_backing = isinstance(backing, dict) and "driver" not in backing and not (
             "filename" in backing or _has_child(backing))  # fmt: skip
-        if header_backing and isinstance(backing, dict) and "node-name" in backing:
-            self.visited.add(str(backing["node-name"]))
+        if header_backing and isinstance(backing, dict):
+            # Names given to the header's chain (backing.backing.node-name=base, as
+            # QEMU's iotests do) are that chain's nodes, not roots of their own.
+            names: dict[str, dict[str, Any]] = {}
+            _inline_names(backing, names)
+            self.visited.update(names)
         # A qcow2 node without "backing" opens the backing file named in its header.
         # Bits of what the header may make QEMU open besides the file itself.
         child_probe = (PROBE_BACKING if ("backing" not in node or header_backing) and (
