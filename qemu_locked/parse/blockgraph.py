@@ -261,15 +261,12 @@ class Graph:
             raise ArgumentError(origin, "block node has no driver")
         found = False
         backing = node.get("backing")
-        # Options for the backing file the header names (backing.node-name=x), no image.
+        # Options for the chain the header names (backing.node-name=x; QEMU's iotests write
+        # backing.backing.node-name=base): no image, and the names there are no roots.
         header_backing = isinstance(backing, dict) and "driver" not in backing and not (
             "filename" in backing or _has_child(backing))  # fmt: skip
         if header_backing and isinstance(backing, dict):
-            # Names given to the header's chain (backing.backing.node-name=base, as
-            # QEMU's iotests do) are that chain's nodes, not roots of their own.
-            names: dict[str, dict[str, Any]] = {}
-            _inline_names(backing, names)
-            self.visited.update(names)
+            self.visited.update(_inline_names(backing, {}))
         # A qcow2 node without "backing" opens the backing file named in its header.
         # Bits of what the header may make QEMU open besides the file itself.
         child_probe = (PROBE_BACKING if ("backing" not in node or header_backing) and (
@@ -386,9 +383,9 @@ def _driverless(node: dict[str, Any], origin: str, protocol: bool) -> dict[str, 
     return {"driver": "(probed)", "file": leaf}
 
 
-def _inline_names(node: object, names: dict[str, dict[str, Any]]) -> None:
+def _inline_names(node: object, names: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
     if not isinstance(node, dict):
-        return
+        return names
     name = node.get("node-name")
     if isinstance(name, str):
         if name in names:
@@ -400,3 +397,4 @@ def _inline_names(node: object, names: dict[str, dict[str, Any]]) -> None:
             child if isinstance(child, list) else (child,))  # fmt: skip
         for c in items:
             _inline_names(c, names)
+    return names

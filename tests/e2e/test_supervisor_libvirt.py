@@ -11,11 +11,13 @@ from pathlib import Path
 
 import pytest
 
+from e2e import test_guard
 from e2e.lab import PREFIX, Lab, disk_xml, domain_xml, lock_free, wait_for
 
 pytestmark = pytest.mark.libvirt
 
 SUPERVISED = {"QEMU_LOCKED_SUPERVISOR": "true"}
+sanlock_env = test_guard.sanlock_env  # the same daemon and lockspace as the guard's test
 SCSI = "<controller type='scsi' index='0' model='virtio-scsi'/>"
 BUSY = "Device or resource busy"
 
@@ -129,3 +131,28 @@ def test_libvirtd_restart_changes_nothing(lab: Lab) -> None:
     refused_naming(lab, attach(lab, one, b, "sdb"), one, two)
     attach(lab, one, c, "sdc", check=True)
     assert not lock_free(c, exclusive=False)
+
+
+def test_sanlock_backend_under_libvirt(
+    lab: Lab, sanlock_env: tuple[dict[str, str], dict[str, str]]
+) -> None:
+    """The supervisor as the VM user reaches the sanlock daemon: a hot-plug of a
+    disk another domain holds is refused naming the holder's host; a hot-plug's
+    lease is held (a third domain on that disk is refused) and freed on detach."""
+    dom_env, _admin = sanlock_env
+    env = {**dom_env, "QEMU_LOCKED_SUPERVISOR": "true", "QEMU_LOCKED_MONITOR_GUARD": "false"}
+    a, b, c = lab.image("ssl-a.qcow2"), lab.image("ssl-b.qcow2"), lab.image("ssl-c.qcow2")
+    one, two, three = (lab.define(domain_xml(f"{PREFIX}{name}", disks, devices_extra=SCSI), env=env)
+                       for name, disks in (("ssl1", [disk_xml(a)]), ("ssl2", [disk_xml(b)]),
+                                           ("ssl3", [disk_xml(c)])))  # fmt: skip
+    lab.start(one)
+    lab.start(two)
+    r = attach(lab, one, b, "sdb")
+    assert r.returncode != 0 and BUSY in r.stderr, r.stderr
+    wait_for(lambda: "by host id 1 (host-1)" in logged(one), 10, "our line in the domain log")
+    attach(lab, one, c, "sdc", check=True)
+    r = lab.start(three, check=False)
+    assert r.returncode != 0 and "by host id 1 (host-1)" in r.stderr, r.stderr
+    lab.virsh("detach-disk", one, "sdc", "--live")
+    wait_for(lambda: lab.start(three, check=False).returncode == 0, 15, "the lease freed on detach")
+    assert lab.state(three) == "running"
