@@ -109,7 +109,7 @@ def unseen_rows(paths: list[str], rows: list[StatusRow]) -> list[StatusRow]:
     status never calls free what a start would be refused."""
     from qemu_locked.lock import ofd, safeopen
 
-    seen = {(st.st_dev, st.st_ino) for st in map(_stat, (r.path for r in rows)) if st}
+    seen = {(st.st_dev, st.st_ino) for st in map(_row_stat, rows) if st}
     out = []
     for path in paths:
         st = _stat(path)
@@ -128,6 +128,17 @@ def unseen_rows(paths: list[str], rows: list[StatusRow]) -> list[StatusRow]:
             state = ELSEWHERE if here is False else HIDDEN
             out.append(StatusRow(path, found[0], state=state, source="ofd"))
     return out
+
+
+def _row_stat(row: StatusRow) -> os.stat_result | None:
+    """The file a row is about: through the holder's own fd when it has one (its
+    path is the holder's, which another mount namespace, a container or a host
+    of the two-host lab, may not show here)."""
+    if row.pid is not None and row.fd is not None:
+        found = _stat(f"/proc/{row.pid}/fd/{row.fd}")
+        if found is not None:
+            return found
+    return _stat(row.path)
 
 
 def _stat(path: str) -> os.stat_result | None:

@@ -85,9 +85,17 @@ def _cgroup_places() -> list[tuple[str, str]]:
 
 
 class Lab:
-    def __init__(self, repo: Path = REPO, cache: Path = rootfs.CACHE) -> None:
+    """``host``/``binds``/``net_of``: a host of the two-host lab (hosts.py): its
+    hostname, host directories over tree paths (its own libvirt state, the shared
+    storage), and the lab whose network namespace it joins (both reach each
+    other's libvirtd and QEMU on 127.0.0.1, and nothing else)."""
+
+    def __init__(self, repo: Path = REPO, cache: Path = rootfs.CACHE, host: str = "",
+                 binds: tuple[tuple[str, str], ...] = (), net_of: Lab | None = None,
+                 ) -> None:  # fmt: skip
         self.repo = repo
         self.cache = cache
+        self.host, self.binds, self.net_of = host, binds, net_of
         self.root = Path()
         self.proc: subprocess.Popen[str] | None = None
         self.cgroups: list[Path] = []
@@ -125,7 +133,7 @@ class Lab:
         if not Path("/proc/self/ns/cgroup").exists():
             raise LabError("kernel without cgroup namespaces")
         places = _cgroup_places()
-        name = f"qemu-locked-lab.{os.getpid()}"
+        name = f"qemu-locked-lab{'-' + self.host if self.host else ''}.{os.getpid()}"
         for mnt, place in places:
             d = Path(mnt + place) / name
             d.mkdir(exist_ok=True)
@@ -146,12 +154,20 @@ class Lab:
         if _is_cgroup2_only():
             raise LabError("pure cgroup v2 host: not supported (see the README)")
         self.root = rootfs.build(self.cache)
-        self._prepare_tree()
-        pidfile = self.cache / "lab.pid"
+        if self.net_of is None:  # the second host of a pair finds the tree ready
+            self._prepare_tree()
+        pidfile = self.cache / f"lab{'-' + self.host if self.host else ''}.pid"
+        net = ["--net"] if self.net_of is None else []
+        join = (
+            ["nsenter", f"--net=/proc/{self.net_of.host_pid}/ns/net", "--"] if self.net_of else []
+        )
+        host = ["--host", self.host] if self.host else []
+        binds = [a for src, dst in self.binds for a in ("--bind", f"{src}:{dst}")]
         cmd = [
-            "unshare", "--mount", "--pid", "--ipc", "--uts", "--cgroup", "--net", "--fork",
+            *join, "unshare", "--mount", "--pid", "--ipc", "--uts", "--cgroup", *net, "--fork",
             "--propagation", "private", "--",
-            sys.executable, str(HERE / "nsinit.py"), "lab", str(self.root), str(pidfile), "--",
+            sys.executable, str(HERE / "nsinit.py"), "lab", str(self.root), str(pidfile),
+            *host, *binds, "--",
         ]  # fmt: skip
         places = self._enter_cgroups()
         try:

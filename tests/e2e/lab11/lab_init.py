@@ -34,8 +34,12 @@ def start_daemons() -> None:
     subprocess.run(["ip", "link", "set", "lo", "up"], check=False, capture_output=True)
     env = dict(os.environ, LIBVIRT_LOG_OUTPUTS=f"3:file:{LOGS}/libvirtd.log")
     subprocess.run(["virtlogd", "-d", "-p", f"{STATE}/virtlogd.pid"], check=True)
+    # A host of the two-host lab listens on TCP (its libvirtd.conf says where).
+    listen = ["--listen"] if os.path.exists("/etc/libvirt/lab-listen") else []
     subprocess.run(
-        ["taskset", "-c", "0", "libvirtd", "-d", "-p", f"{STATE}/libvirtd.pid"], check=True, env=env
+        ["taskset", "-c", "0", "libvirtd", "-d", *listen, "-p", f"{STATE}/libvirtd.pid"],
+        check=True,
+        env=env,
     )
     for _ in range(300):
         if virsh("list").returncode == 0:

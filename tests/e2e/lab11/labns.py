@@ -115,17 +115,31 @@ def _make_dev(root: str) -> None:
 
 
 def enter_lab(root: str, pidfile: str, argv: list[str]) -> None:
-    """argv: -- init args.  Never returns."""
+    """argv: [--host NAME] [--bind SRC:DST]... -- init args.  Never returns.
+
+    ``--host``: the lab's hostname (a host of the two-host lab); ``--bind``: a
+    host directory put over DST in the tree, in this mount namespace only (a
+    host's own libvirt state, or the storage both hosts share)."""
+    hostname, binds = "qemu-locked-lab", []
+    while argv and argv[0] in ("--host", "--bind"):
+        if argv[0] == "--host":
+            hostname = argv[1]
+        else:
+            binds.append(tuple(argv[1].split(":", 1)))
+        argv = argv[2:]
     if argv and argv[0] == "--":
         argv = argv[1:]
     with open("/proc/self/stat", encoding="ascii") as f:
         host_pid = f.read().split()[0]  # the host's /proc is still mounted here: host pid
     with open(pidfile, "w", encoding="ascii") as f:
         f.write(host_pid + "\n")
-    sethostname("qemu-locked-lab")
+    sethostname(hostname)
     hierarchies = _cgroup_mounts()  # before our own mounts add copies
     mount("none", "/", None, MS_REC | MS_PRIVATE)
     mount(root, root, None, MS_BIND)  # a mount point, as pivot_root wants
+    for src, dst in binds:
+        os.makedirs(f"{root}{dst}", exist_ok=True)
+        mount(src, f"{root}{dst}", None, MS_BIND)
     mount("proc", f"{root}/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
     mount("/sys", f"{root}/sys", None, MS_BIND)
     mount(

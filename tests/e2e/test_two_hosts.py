@@ -1,0 +1,185 @@
+"""Two real libvirt 11.3 hosts sharing storage (issue 22): tests/e2e/lab11/hosts.py.
+
+Each host has its own namespaces, libvirtd, hostname and host UUID; the images and
+the lockspace are shared, and the two libvirtd reach each other over TCP in a
+network namespace of their own.  Every domain runs qemu-locked (the supervisor on,
+the default).  After every step the lock state is read on the machine itself:
+`qemu-lockctl status --json` (which host's QEMU holds what) and /proc/locks
+(never two writers).  Under CI=true it must run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import QEMU_LOCKCTL, base_env
+
+from e2e.lab11.harness import Lab, LabError
+from e2e.lab11.hosts import IMAGES, TwoHosts
+
+pytestmark = [pytest.mark.libvirt, pytest.mark.qemu, pytest.mark.root]
+EMULATOR = "/usr/local/bin/qemu-locked"
+BACKENDS = ["direct", "lockspace"]
+
+
+@pytest.fixture(scope="module")
+def hosts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TwoHosts]:
+    why = None if os.geteuid() == 0 else "needs root"
+    pair = TwoHosts(tmp_path_factory.mktemp("two-hosts"))
+    if why is None:
+        try:
+            pair.start()
+        except (LabError, RuntimeError, OSError) as exc:
+            pair.stop()
+            why = f"two-host lab: {exc}"
+    if why is not None:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"under CI=true the two-host lab must run: {why}")
+        pytest.skip(why)
+    try:
+        yield pair
+    finally:
+        pair.stop()
+
+
+@pytest.fixture
+def a_b(hosts: TwoHosts) -> Iterator[tuple[Lab, Lab]]:
+    yield hosts.hosts["host-a"], hosts.hosts["host-b"]
+    for lab in hosts.hosts.values():
+        for name in lab.virsh("list", "--all", "--name").stdout.split():
+            lab.virsh("destroy", name, check=False)
+            lab.virsh("undefine", name, check=False)
+    for f in hosts.images.iterdir():
+        f.unlink()
+
+
+def image(hosts: TwoHosts, name: str) -> str:
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(hosts.images / name), "32M"],
+                   check=True)  # fmt: skip
+    return f"{IMAGES}/{name}"
+
+
+def define(hosts: TwoHosts, lab: Lab, name: str, disk: str, backend: str, uid: str = "") -> str:
+    """The same XML a cluster would give every host (same name, same UUID)."""
+    xml = (
+        "<domain type='qemu' xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'>"
+        f"<name>{name}</name><uuid>{uid or uuid.uuid5(uuid.NAMESPACE_DNS, name)}</uuid>"
+        "<memory unit='MiB'>64</memory><vcpu>1</vcpu>"
+        "<os><type arch='x86_64' machine='pc'>hvm</type></os><devices>"
+        f"<emulator>{EMULATOR}</emulator><disk type='file' device='disk'>"
+        f"<driver name='qemu' type='qcow2'/><source file='{disk}'/><target dev='vda' bus='virtio'/>"
+        "</disk><serial type='pty'/><console type='pty'/></devices>"
+        f"<qemu:commandline><qemu:env name='QEMU_LOCKED_BACKEND' value='{backend}'/>"
+        "</qemu:commandline></domain>"
+    )
+    f = hosts.work / f"{name}.{lab.host}.xml"
+    f.write_text(xml)
+    lab.virsh("define", str(f))
+    return name
+
+
+def held(hosts: TwoHosts, disk: str, backend: str) -> dict[str, str]:
+    """{host: mode} of who holds ``disk``, read on the machine itself: the rows of
+    `qemu-lockctl status --json` (a lease record names its host; an image's own
+    lock names a pid, whose PID namespace tells the host) and /proc/locks."""
+    path = str(hosts.images / Path(disk).name)
+    env = base_env(QEMU_LOCKED_BACKEND=backend, QEMU_LOCKED_LOCKSPACE_DIR=str(hosts.lockspace))
+    r = subprocess.run([QEMU_LOCKCTL, "status", "--json", path], env=env, capture_output=True,
+                       text=True, timeout=60)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    ns = {os.readlink(f"/proc/{lab.host_pid}/ns/pid"): h for h, lab in hosts.hosts.items()}
+    out: dict[str, str] = {}
+    for row in json.loads(r.stdout)["locks"]:
+        host = row.get("host")
+        if host not in hosts.hosts:
+            try:
+                host = ns.get(os.readlink(f"/proc/{row['pid']}/ns/pid"), host)
+            except OSError:
+                pass
+        out[str(host)] = row["mode"]
+    writers = byte0_writers(path)
+    assert writers <= 1, f"{writers} writers on {path}"
+    assert (writers == 1) == ("exclusive" in out.values()), (writers, out)
+    return out
+
+
+def byte0_writers(path: str) -> int:
+    ino = os.stat(path).st_ino
+    lines = [ln.split() for ln in Path("/proc/locks").read_text().splitlines()]
+    return sum(1 for f in lines if f[5].endswith(f":{ino}") and f[3] == "WRITE" and f[6] == "0")
+
+
+def refused(r: subprocess.CompletedProcess[str]) -> str:
+    assert r.returncode != 0, r
+    line = next((ln for ln in r.stderr.splitlines() if "qemu-locked: " in ln), "")
+    assert line, r.stderr
+    return line[line.index("qemu-locked: ") :]
+
+
+def migrate(hosts: TwoHosts, src: Lab, dst: str, name: str) -> float:
+    t0 = time.monotonic()
+    r = src.virsh("migrate", "--live", "--p2p", "--unsafe", name, hosts.uri(dst),
+                  "tcp://127.0.0.1", check=False)  # fmt: skip
+    took = time.monotonic() - t0
+    assert r.returncode == 0, r.stderr
+    return took
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_one_domain_on_both_hosts_runs_once(
+    hosts: TwoHosts, a_b: tuple[Lab, Lab], backend: str
+) -> None:
+    a, b = a_b
+    disk = image(hosts, "one.qcow2")
+    for lab in (a, b):
+        define(hosts, lab, "qlk-one", disk, backend)
+    assert a.virsh("start", "qlk-one", check=False).returncode == 0
+    assert held(hosts, disk, backend) == {"host-a": "exclusive"}
+    line = refused(b.virsh("start", "qlk-one", check=False))
+    assert "guest 'qlk-one' on host 'host-a'" in line, line  # the domain lease's record
+    assert held(hosts, disk, backend) == {"host-a": "exclusive"}
+    assert b.virsh("domstate", "qlk-one").stdout.strip() == "shut off"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_two_domains_one_disk_across_hosts(
+    hosts: TwoHosts, a_b: tuple[Lab, Lab], backend: str
+) -> None:
+    a, b = a_b
+    disk = image(hosts, "shared.qcow2")
+    define(hosts, a, "qlk-d1", disk, backend)
+    define(hosts, b, "qlk-d2", disk, backend)
+    assert a.virsh("start", "qlk-d1", check=False).returncode == 0
+    line = refused(b.virsh("start", "qlk-d2", check=False))
+    assert f"{disk} is locked (exclusive) by" in line, line
+    if backend == "lockspace":  # the lease record names the guest and its host
+        assert "guest 'qlk-d1' on host 'host-a'" in line, line
+    assert held(hosts, disk, backend) == {"host-a": "exclusive"}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_live_migration_there_and_back(hosts: TwoHosts, a_b: tuple[Lab, Lab], backend: str) -> None:
+    """virsh migrate --live --p2p between the two libvirtd: the guest keeps
+    running, the locks follow it, a start on the host it left is refused."""
+    a, b = a_b
+    disk = image(hosts, "mig.qcow2")
+    for lab in (a, b):
+        define(hosts, lab, "qlk-mig", disk, backend)
+    assert a.virsh("start", "qlk-mig", check=False).returncode == 0
+    migrate(hosts, a, "host-b", "qlk-mig")
+    assert b.virsh("domstate", "qlk-mig").stdout.strip() == "running"
+    assert a.virsh("domstate", "qlk-mig").stdout.strip() == "shut off"
+    assert held(hosts, disk, backend) == {"host-b": "exclusive"}
+    line = refused(a.virsh("start", "qlk-mig", check=False))
+    assert "guest 'qlk-mig' on host 'host-b'" in line, line
+    migrate(hosts, b, "host-a", "qlk-mig")
+    assert a.virsh("domstate", "qlk-mig").stdout.strip() == "running"
+    assert held(hosts, disk, backend) == {"host-a": "exclusive"}
+    refused(b.virsh("start", "qlk-mig", check=False))
