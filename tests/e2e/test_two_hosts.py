@@ -19,20 +19,20 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import QEMU_LOCKCTL, base_env
 
 from e2e.lab11.harness import Lab, LabError
 from e2e.lab11.hosts import IMAGES, TwoHosts
 
 pytestmark = [pytest.mark.libvirt, pytest.mark.qemu, pytest.mark.root]
 EMULATOR = "/usr/local/bin/qemu-locked"
-BACKENDS = ["direct", "lockspace"]
+STOCK = "/usr/bin/qemu-system-x86_64"
+# qemu-locked's backends, and libvirt's own lock manager (virtlockd) as the anchor
+BACKENDS = ["direct", "lockspace", "lockd"]
 
 
-@pytest.fixture(scope="module")
-def hosts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TwoHosts]:
+def _pair(work: Path, lockd: bool) -> Iterator[TwoHosts]:
     why = None if os.geteuid() == 0 else "needs root"
-    pair = TwoHosts(tmp_path_factory.mktemp("two-hosts"))
+    pair = TwoHosts(work, lockd=lockd)
     if why is None:
         try:
             pair.start()
@@ -49,15 +49,31 @@ def hosts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TwoHosts]:
         pair.stop()
 
 
+@pytest.fixture(scope="module")
+def ql_hosts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TwoHosts]:
+    yield from _pair(tmp_path_factory.mktemp("two-hosts"), lockd=False)
+
+
+@pytest.fixture(scope="module")
+def lockd_hosts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TwoHosts]:
+    yield from _pair(tmp_path_factory.mktemp("two-hosts-lockd"), lockd=True)
+
+
 @pytest.fixture
-def a_b(hosts: TwoHosts) -> Iterator[tuple[Lab, Lab]]:
-    yield hosts.hosts["host-a"], hosts.hosts["host-b"]
-    for lab in hosts.hosts.values():
+def hosts(request: pytest.FixtureRequest, backend: str) -> Iterator[TwoHosts]:
+    pair: TwoHosts = request.getfixturevalue("lockd_hosts" if backend == "lockd" else "ql_hosts")
+    yield pair
+    for lab in pair.hosts.values():
         for name in lab.virsh("list", "--all", "--name").stdout.split():
             lab.virsh("destroy", name, check=False)
             lab.virsh("undefine", name, check=False)
-    for f in hosts.images.iterdir():
+    for f in pair.images.iterdir():
         f.unlink()
+
+
+@pytest.fixture
+def a_b(hosts: TwoHosts) -> tuple[Lab, Lab]:
+    return hosts.hosts["host-a"], hosts.hosts["host-b"]
 
 
 def image(hosts: TwoHosts, name: str) -> str:
@@ -73,12 +89,14 @@ def define(hosts: TwoHosts, lab: Lab, name: str, disk: str, backend: str, uid: s
         f"<name>{name}</name><uuid>{uid or uuid.uuid5(uuid.NAMESPACE_DNS, name)}</uuid>"
         "<memory unit='MiB'>64</memory><vcpu>1</vcpu>"
         "<os><type arch='x86_64' machine='pc'>hvm</type></os><devices>"
-        f"<emulator>{EMULATOR}</emulator><disk type='file' device='disk'>"
+        f"<emulator>{STOCK if backend == 'lockd' else EMULATOR}</emulator>"
+        "<disk type='file' device='disk'>"
         f"<driver name='qemu' type='qcow2'/><source file='{disk}'/><target dev='vda' bus='virtio'/>"
         "</disk><serial type='pty'/><console type='pty'/></devices>"
-        f"<qemu:commandline><qemu:env name='QEMU_LOCKED_BACKEND' value='{backend}'/>"
-        "</qemu:commandline></domain>"
-    )
+        + ("" if backend == "lockd" else "<qemu:commandline><qemu:env name='QEMU_LOCKED_BACKEND' "
+           f"value='{backend}'/></qemu:commandline>")
+        + "</domain>"
+    )  # fmt: skip
     f = hosts.work / f"{name}.{lab.host}.xml"
     f.write_text(xml)
     lab.virsh("define", str(f))
@@ -86,27 +104,41 @@ def define(hosts: TwoHosts, lab: Lab, name: str, disk: str, backend: str, uid: s
 
 
 def held(hosts: TwoHosts, disk: str, backend: str) -> dict[str, str]:
-    """{host: mode} of who holds ``disk``, read on the machine itself: the rows of
-    `qemu-lockctl status --json` (a lease record names its host; an image's own
-    lock names a pid, whose PID namespace tells the host) and /proc/locks."""
-    path = str(hosts.images / Path(disk).name)
-    env = base_env(QEMU_LOCKED_BACKEND=backend, QEMU_LOCKED_LOCKSPACE_DIR=str(hosts.lockspace))
-    r = subprocess.run([QEMU_LOCKCTL, "status", "--json", path], env=env, capture_output=True,
-                       text=True, timeout=60)  # fmt: skip
-    assert r.returncode == 0, r.stderr
-    ns = {os.readlink(f"/proc/{lab.host_pid}/ns/pid"): h for h, lab in hosts.hosts.items()}
+    """{host: mode} of who holds ``disk``, from `qemu-lockctl status --json` run on
+    each host (its own namespaces): a host names its own QEMU; the other must show
+    the disk held too (by the lease record, or "held elsewhere"), never free.  And
+    /proc/locks on the machine: never two writers."""
+    if backend == "lockd":
+        return held_by_virtlockd(hosts)
     out: dict[str, str] = {}
-    for row in json.loads(r.stdout)["locks"]:
-        host = row.get("host")
-        if host not in hosts.hosts:
-            try:
-                host = ns.get(os.readlink(f"/proc/{row['pid']}/ns/pid"), host)
-            except OSError:
-                pass
-        out[str(host)] = row["mode"]
+    views: dict[str, list[dict[str, object]]] = {}
+    for host in hosts.hosts:
+        r = hosts.lockctl(host, backend, "status", "--json", disk)
+        assert r.returncode == 0, r.stderr
+        views[host] = json.loads(r.stdout)["locks"]
+        for row in views[host]:
+            if row.get("host") in hosts.hosts and row.get("state") not in ("hidden", "elsewhere"):
+                out[str(row["host"])] = str(row["mode"])
+    if out:
+        for host, rows in views.items():
+            assert rows, f"{host}'s status calls {disk} free while {out} holds it"
+    path = str(hosts.images / Path(disk).name)
     writers = byte0_writers(path)
     assert writers <= 1, f"{writers} writers on {path}"
-    assert (writers == 1) == ("exclusive" in out.values()), (writers, out)
+    assert (writers == 1) == ("exclusive" in out.values()), (writers, out, views)
+    return out
+
+
+def held_by_virtlockd(hosts: TwoHosts) -> dict[str, str]:
+    """{host: mode} of virtlockd's leases in the shared directory: /proc/locks on
+    the machine (POSIX locks name their process; its PID namespace, its host)."""
+    inodes = {os.stat(f).st_ino for f in hosts.lockd_files.iterdir()}
+    ns = {os.readlink(f"/proc/{lab.host_pid}/ns/pid"): h for h, lab in hosts.hosts.items()}
+    out: dict[str, str] = {}
+    for f in (ln.split() for ln in Path("/proc/locks").read_text().splitlines()):
+        if f[1] == "POSIX" and int(f[5].rsplit(":", 1)[1]) in inodes:
+            host = ns.get(os.readlink(f"/proc/{f[4]}/ns/pid"), "?")
+            out[host] = "exclusive" if f[3] == "WRITE" else "shared"
     return out
 
 
@@ -117,7 +149,13 @@ def byte0_writers(path: str) -> int:
 
 
 def refused(r: subprocess.CompletedProcess[str]) -> str:
+    """The refusal's line: ours; under lockd, libvirt's or QEMU's own (libvirt takes
+    lockd's disk leases when the CPUs start, after QEMU has opened its images: on a
+    filesystem whose locks reach QEMU, QEMU's own image lock refuses first)."""
     assert r.returncode != 0, r
+    for sign in ("Lockspace resource", 'Failed to get "write" lock'):
+        if sign in r.stderr:
+            return "lockd: " + next(ln for ln in r.stderr.splitlines() if sign in ln)
     line = next((ln for ln in r.stderr.splitlines() if "qemu-locked: " in ln), "")
     assert line, r.stderr
     return line[line.index("qemu-locked: ") :]
@@ -143,7 +181,8 @@ def test_one_domain_on_both_hosts_runs_once(
     assert a.virsh("start", "qlk-one", check=False).returncode == 0
     assert held(hosts, disk, backend) == {"host-a": "exclusive"}
     line = refused(b.virsh("start", "qlk-one", check=False))
-    assert "guest 'qlk-one' on host 'host-a'" in line, line  # the domain lease's record
+    if backend != "lockd":  # virtlockd names the lease's hash only
+        assert "guest 'qlk-one' on host 'host-a'" in line, line  # the domain lease's record
     assert held(hosts, disk, backend) == {"host-a": "exclusive"}
     assert b.virsh("domstate", "qlk-one").stdout.strip() == "shut off"
 
@@ -158,7 +197,7 @@ def test_two_domains_one_disk_across_hosts(
     define(hosts, b, "qlk-d2", disk, backend)
     assert a.virsh("start", "qlk-d1", check=False).returncode == 0
     line = refused(b.virsh("start", "qlk-d2", check=False))
-    assert f"{disk} is locked (exclusive) by" in line, line
+    assert backend == "lockd" or f"{disk} is locked (exclusive) by" in line, line
     if backend == "lockspace":  # the lease record names the guest and its host
         assert "guest 'qlk-d1' on host 'host-a'" in line, line
     assert held(hosts, disk, backend) == {"host-a": "exclusive"}
@@ -178,7 +217,7 @@ def test_live_migration_there_and_back(hosts: TwoHosts, a_b: tuple[Lab, Lab], ba
     assert a.virsh("domstate", "qlk-mig").stdout.strip() == "shut off"
     assert held(hosts, disk, backend) == {"host-b": "exclusive"}
     line = refused(a.virsh("start", "qlk-mig", check=False))
-    assert "guest 'qlk-mig' on host 'host-b'" in line, line
+    assert backend == "lockd" or "guest 'qlk-mig' on host 'host-b'" in line, line
     migrate(hosts, b, "host-a", "qlk-mig")
     assert a.virsh("domstate", "qlk-mig").stdout.strip() == "running"
     assert held(hosts, disk, backend) == {"host-a": "exclusive"}

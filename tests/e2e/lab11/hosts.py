@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 import uuid
 from pathlib import Path
 from types import TracebackType
@@ -25,15 +26,23 @@ from e2e.lab11.harness import LOCKSPACE_MODE, Lab, _tree_gid
 
 IMAGES = "/var/lib/libvirt/images/shared"  # in each host's tree
 LOCKSPACE = "/var/lib/qemu-locked/lockspace"
+LOCKD_FILES = "/var/lib/libvirt/lockd/files"  # virtlockd's leases (lock_manager = "lockd")
+LOCKCTL = ("python3", "-c", "import sys; sys.path.insert(0, '/opt/qemu-locked/src'); "
+           "from qemu_locked.admin.cli import main; main()")  # fmt: skip
 PORTS = {"host-a": 16509, "host-b": 16510}
 MIGRATION_PORTS = {"host-a": (49152, 49171), "host-b": (49200, 49219)}
 
 
 class TwoHosts:
-    def __init__(self, work: Path) -> None:
+    """``lockd``: libvirt's own lock manager instead (virtlockd on each host, its
+    leases in one shared directory), the anchor qemu-locked is compared with."""
+
+    def __init__(self, work: Path, lockd: bool = False) -> None:
         self.work = work
+        self.lockd = lockd
         self.images = work / "shared-images"
         self.lockspace = work / "shared-lockspace"
+        self.lockd_files = work / "shared-lockd"
         self.hosts: dict[str, Lab] = {}
 
     def uri(self, host: str) -> str:
@@ -52,6 +61,13 @@ class TwoHosts:
         low, high = MIGRATION_PORTS[host]
         with (etc / "qemu.conf").open("a") as f:
             f.write(f"\nmigration_port_min = {low}\nmigration_port_max = {high}\n")
+            if self.lockd:
+                f.write('lock_manager = "lockd"\n')
+        if self.lockd:
+            (etc / "lab-lockd").touch()
+            with (etc / "qemu-lockd.conf").open("a") as f:
+                f.write(f'\nauto_disk_leases = 1\nrequire_lease_for_disks = 1\n'
+                        f'file_lockspace_dir = "{LOCKD_FILES}"\n')  # fmt: skip
         state = d / "var-lib-libvirt"
         shutil.copytree(root / "var/lib/libvirt", state, symlinks=True)
         logs = d / "var-log-libvirt"
@@ -63,6 +79,7 @@ class TwoHosts:
             (str(logs), "/var/log/libvirt"),
             (str(self.images), IMAGES),  # after /var/lib/libvirt: on top of it
             (str(self.lockspace), LOCKSPACE),
+            (str(self.lockd_files), LOCKD_FILES),
         )
 
     def start(self) -> TwoHosts:
@@ -72,12 +89,17 @@ class TwoHosts:
         self.lockspace.mkdir()
         os.chown(self.lockspace, 0, _tree_gid(root, "libvirt-qemu"))
         self.lockspace.chmod(LOCKSPACE_MODE)
+        self.lockd_files.mkdir(mode=0o700)
         first = None
         for host in PORTS:
             lab = Lab(host=host, binds=self._host_dirs(root, host), net_of=first)
             self.hosts[host] = lab.start()
             first = first or lab
         return self
+
+    def lockctl(self, host: str, backend: str, *args: str) -> subprocess.CompletedProcess[str]:
+        """qemu-lockctl as that host's admin runs it (its namespaces, its tree)."""
+        return self.hosts[host].run("env", f"QEMU_LOCKED_BACKEND={backend}", *LOCKCTL, *args)
 
     def stop(self) -> None:
         for lab in reversed(list(self.hosts.values())):

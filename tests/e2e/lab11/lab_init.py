@@ -34,6 +34,8 @@ def start_daemons() -> None:
     subprocess.run(["ip", "link", "set", "lo", "up"], check=False, capture_output=True)
     env = dict(os.environ, LIBVIRT_LOG_OUTPUTS=f"3:file:{LOGS}/libvirtd.log")
     subprocess.run(["virtlogd", "-d", "-p", f"{STATE}/virtlogd.pid"], check=True)
+    if os.path.exists("/etc/libvirt/lab-lockd"):  # lock_manager = "lockd" on this host
+        subprocess.run(["virtlockd", "-d", "-p", f"{STATE}/virtlockd.pid"], check=True)
     # A host of the two-host lab listens on TCP (its libvirtd.conf says where).
     listen = ["--listen"] if os.path.exists("/etc/libvirt/lab-listen") else []
     subprocess.run(
@@ -79,6 +81,7 @@ def main(argv: list[str]) -> int:
     for name in virsh("list", "--name").stdout.split():
         virsh("destroy", name)
     stop(f"{STATE}/libvirtd.pid")
+    stop(f"{STATE}/virtlockd.pid")
     stop(f"{STATE}/virtlogd.pid")
     return rc
 

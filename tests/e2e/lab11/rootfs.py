@@ -25,15 +25,23 @@ from typing import TypeVar
 T = TypeVar("T")
 CACHE = Path("/var/cache/qemu-locked-lab")
 SUITE = "trixie"
-# python3: the in-tree init and qemu-locked itself (libvirt runs it as the emulator).
+# python3: the in-tree init and qemu-locked itself (libvirt runs it as the emulator);
+# python3-typer, -lxml, -portalocker: qemu-lockctl on each host of the two-host lab;
+# libvirt-daemon-lock, -plugin-lockd: virtlockd and its plugin, libvirt's own lock manager there
+# (the anchor).
 PACKAGES = (
     "libvirt-daemon-system",
     "libvirt-clients",
+    "libvirt-daemon-lock",
+    "libvirt-daemon-plugin-lockd",
     "qemu-system-x86",
     "qemu-utils",
     "tini",
     "procps",
     "python3",
+    "python3-typer",
+    "python3-lxml",
+    "python3-portalocker",
 )
 STAMP = "qemu-locked-lab.json"
 
