@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: e2e.lab11
 
-from e2e.lab11.hosts import IMAGES, TwoHosts  # noqa: E402
+from e2e.lab11.hosts import IMAGES, TwoHosts
 
 ROUNDS = 10
 KINDS = {"stock": "/usr/bin/qemu-system-x86_64", "qemu-locked": "/usr/local/bin/qemu-locked"}
