@@ -241,6 +241,9 @@ def main() -> None:
 
     lines += ["## Supervisor (seccomp user notification, `supervisor = true`)", "",
               *supervisor_bench.run(), ""]  # fmt: skip
+    import migration_bench
+
+    lines += ["## Live migration between two libvirt 11.3 hosts", "", *migration_bench.run(), ""]
     lines += [
         "## libvirt: `virsh start` + `virsh destroy` of a 64 MiB TCG domain",
         "",

@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: e2e.lab11
@@ -32,7 +33,8 @@ def _define(pair: TwoHosts, name: str, emulator: str) -> None:
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(pair.images / f"{name}.qcow2"),
                     "32M"], check=True)  # fmt: skip
     xml = (
-        f"<domain type='qemu'><name>{name}</name><memory unit='MiB'>64</memory><vcpu>1</vcpu>"
+        f"<domain type='qemu'><name>{name}</name><uuid>{uuid.uuid5(uuid.NAMESPACE_DNS, name)}</uuid>"
+        "<memory unit='MiB'>64</memory><vcpu>1</vcpu>"
         "<os><type arch='x86_64' machine='pc'>hvm</type></os><devices>"
         f"<emulator>{emulator}</emulator><disk type='file' device='disk'>"
         f"<driver name='qemu' type='qcow2'/><source file='{IMAGES}/{name}.qcow2'/>"
