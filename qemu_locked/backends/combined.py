@@ -66,7 +66,7 @@ def acquire_all(plan: Plan, config: Config, deadline: float) -> Held | None:
 
             held.extend(direct.image_locks(plan, deadline, defer))
     except BaseException:
-        held.release()
+        held.abandon()  # the domain lease's record too: a refused start leaves none
         raise
     return held if held.fds or held.pending else None
 

@@ -55,6 +55,20 @@ class Held:
     def __init__(self, fds: list[int] | None = None) -> None:
         self.fds: list[int] = fds or []
         self.pending: list[Pending] = []
+        # (fd, offset, length) of the holder records this start wrote (lease files):
+        # a start refused after writing them erases them (abandon), leaving none stale.
+        self.records: list[tuple[int, int, int]] = []
+
+    def abandon(self) -> None:
+        """A start that fails: erase its records while their slots are still
+        ours, then let everything go."""
+        for fd, offset, length in self.records:
+            try:
+                os.pwrite(fd, bytes(length), offset)
+            except OSError:
+                pass  # left for `qemu-lockctl lockspace gc`, as a crash's would be
+        self.records = []
+        self.release()
 
     def release(self) -> None:
         while self.fds:
@@ -70,5 +84,7 @@ class Held:
     def extend(self, other: Held) -> None:
         self.fds.extend(other.fds)
         self.pending.extend(other.pending)
+        self.records.extend(other.records)
         other.fds = []
         other.pending = []
+        other.records = []

@@ -162,11 +162,11 @@ def main() -> NoReturn:
     fill_stdio()  # before anything else is opened
     argv0 = sys.argv[0]
     args = sys.argv[1:]
+    held = None
     try:
         cfg = _config.load()
         path = _emulator.find(cfg.emulator, argv0, argv0, os.environ.get("PATH", os.defpath))
         plan = prepare(args, cfg, path)
-        held = None
         if plan.disks or plan.uuid or plan.guest:
             import time
 
@@ -189,10 +189,14 @@ def main() -> NoReturn:
 
             guard.attach(args, held.fds if held is not None else [], cfg, plan)
     except QemuLockedError as exc:
+        if held is not None:
+            held.abandon()  # QEMU will not run: no record of ours may say it does
         fail(exc)
     except Exception as exc:  # a bug of ours: still one line, and QEMU does not start unlocked
         from qemu_locked.model.errors import InternalError
 
+        if held is not None:
+            held.abandon()
         fail(InternalError(f"internal error: {type(exc).__name__}: {exc}"))
     name = os.path.basename(argv0)
     exec_emulator(path, path if name in _emulator.OWN_NAMES else argv0, args)

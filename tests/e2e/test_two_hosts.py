@@ -142,6 +142,23 @@ def held_by_virtlockd(hosts: TwoHosts) -> dict[str, str]:
     return out
 
 
+def stale_records(hosts: TwoHosts, host: str) -> list[str]:
+    """Lease records ``host`` left in the shared lockspace whose writer no longer
+    holds its slot: a refused start must leave none behind (a VM that ran and quit
+    leaves its own, overwritten by the next holder or removed by lockspace gc)."""
+    from qemu_locked.backends.lockspace.leases import read_records
+
+    out = []
+    for lease in hosts.lockspace.glob("*.lease"):
+        fd = os.open(lease, os.O_RDONLY)
+        try:
+            out += [f"{lease.name}: {r.describe()}" for r in read_records(fd)
+                    if not r.live and r.host == host]  # fmt: skip
+        finally:
+            os.close(fd)
+    return out
+
+
 def byte0_writers(path: str) -> int:
     ino = os.stat(path).st_ino
     lines = [ln.split() for ln in Path("/proc/locks").read_text().splitlines()]
@@ -185,6 +202,7 @@ def test_one_domain_on_both_hosts_runs_once(
         assert "guest 'qlk-one' on host 'host-a'" in line, line  # the domain lease's record
     assert held(hosts, disk, backend) == {"host-a": "exclusive"}
     assert b.virsh("domstate", "qlk-one").stdout.strip() == "shut off"
+    assert stale_records(hosts, "host-b") == []  # the refused start left no record
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -201,6 +219,7 @@ def test_two_domains_one_disk_across_hosts(
     if backend == "lockspace":  # the lease record names the guest and its host
         assert "guest 'qlk-d1' on host 'host-a'" in line, line
     assert held(hosts, disk, backend) == {"host-a": "exclusive"}
+    assert stale_records(hosts, "host-b") == []
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -348,9 +348,10 @@ def acquire(
                 continue
             slot = take_slot(fd)
             if slot is not None:
+                held.records.append((fd, slot * RECORD_SIZE, RECORD_SIZE))
                 write_record(fd, slot, claim.key, claim.mode, me)
     except BaseException:
-        held.release()
+        held.abandon()
         raise
     return held
 
