@@ -241,3 +241,70 @@ def test_live_migration_there_and_back(hosts: TwoHosts, a_b: tuple[Lab, Lab], ba
     assert a.virsh("domstate", "qlk-mig").stdout.strip() == "running"
     assert held(hosts, disk, backend) == {"host-a": "exclusive"}
     refused(b.virsh("start", "qlk-mig", check=False))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_failed_migration_rolls_back(hosts: TwoHosts, a_b: tuple[Lab, Lab], backend: str) -> None:
+    """The destination cannot listen (a privileged port for an unprivileged QEMU):
+    the migration fails, the guest runs on where it was, nothing moved."""
+    a, b = a_b
+    disk = image(hosts, "fail.qcow2")
+    for lab in (a, b):
+        define(hosts, lab, "qlk-fail", disk, backend)
+    assert a.virsh("start", "qlk-fail", check=False).returncode == 0
+    r = a.virsh("migrate", "--live", "--p2p", "--unsafe", "qlk-fail", hosts.uri("host-b"),
+                "tcp://127.0.0.1:1", check=False)  # fmt: skip
+    assert r.returncode != 0, r
+    assert a.virsh("domstate", "qlk-fail").stdout.strip() == "running"
+    assert b.virsh("domstate", "qlk-fail").stdout.strip() == "shut off"
+    assert held(hosts, disk, backend) == {"host-a": "exclusive"}
+    if backend == "lockspace":
+        assert stale_records(hosts, "host-b") == []
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_vm_its_libvirtd_forgot_still_holds(
+    hosts: TwoHosts, a_b: tuple[Lab, Lab], backend: str
+) -> None:
+    """Host A's libvirtd stops while its VM runs: host B cannot start that VM; A's
+    libvirtd, back, finds it running."""
+    a, b = a_b
+    disk = image(hosts, "forgot.qcow2")
+    for lab in (a, b):
+        define(hosts, lab, "qlk-forgot", disk, backend)
+    assert a.virsh("start", "qlk-forgot", check=False).returncode == 0
+    pidfile = "/run/qemu-locked-lab/libvirtd.pid"
+    pid = a.run("cat", pidfile).stdout.strip()
+    assert pid.isdigit() and a.run("kill", pid).returncode == 0
+    deadline = time.monotonic() + 30
+    while a.run("kill", "-0", pid).returncode == 0 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    try:
+        refused(b.virsh("start", "qlk-forgot", check=False))
+        assert held(hosts, disk, backend) == {"host-a": "exclusive"}
+    finally:
+        r = a.run("taskset", "-c", "0", "libvirtd", "-d", "--listen", "-p", pidfile)
+        assert r.returncode == 0, r.stderr
+        deadline = time.monotonic() + 30
+        while a.virsh("list", check=False).returncode != 0 and time.monotonic() < deadline:
+            time.sleep(0.1)
+    assert a.virsh("domstate", "qlk-forgot").stdout.strip() == "running"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_managedsave_then_the_other_host(
+    hosts: TwoHosts, a_b: tuple[Lab, Lab], backend: str
+) -> None:
+    """managedsave on A (its QEMU gone, the state saved on A): B may start the
+    domain from its disk; A's restore of the saved state is then refused."""
+    a, b = a_b
+    disk = image(hosts, "saved.qcow2")
+    for lab in (a, b):
+        define(hosts, lab, "qlk-saved", disk, backend)
+    assert a.virsh("start", "qlk-saved", check=False).returncode == 0
+    assert a.virsh("managedsave", "qlk-saved", check=False).returncode == 0
+    assert held(hosts, disk, backend) == {}
+    assert b.virsh("start", "qlk-saved", check=False).returncode == 0
+    assert held(hosts, disk, backend) == {"host-b": "exclusive"}
+    refused(a.virsh("start", "qlk-saved", check=False))  # the restore
+    assert held(hosts, disk, backend) == {"host-b": "exclusive"}
