@@ -133,7 +133,9 @@ class Lab:
         if not Path("/proc/self/ns/cgroup").exists():
             raise LabError("kernel without cgroup namespaces")
         places = _cgroup_places()
-        name = f"qemu-locked-lab{'-' + self.host if self.host else ''}.{os.getpid()}"
+        # One per lab, even two labs of one test process named alike (two pairs of
+        # hosts): a shared cgroup would give their libvirtds one /machine tree.
+        name = f"qemu-locked-lab{'-' + self.host if self.host else ''}.{os.getpid()}.{id(self):x}"
         for mnt, place in places:
             d = Path(mnt + place) / name
             d.mkdir(exist_ok=True)
