@@ -9,6 +9,7 @@ import grp
 import json
 import os
 import pwd
+import shutil
 import signal
 import subprocess
 from collections.abc import Iterator
@@ -296,6 +297,7 @@ def sanlock_env(lab: Lab) -> Iterator[tuple[dict[str, str], dict[str, str]]]:
         daemon.kill()
         daemon.wait(10)
         log.close()
+        shutil.rmtree(base)  # the next test's daemon starts from nothing
 
 
 def test_sanlock_backend_under_libvirt(
