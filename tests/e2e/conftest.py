@@ -7,13 +7,32 @@ Under CI=true the lab must come up: a reason to skip becomes a failure.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
 from e2e import lab as _lab
 from e2e.aalab import image as _aalab_image
+from e2e.lab11.harness import LabError
+
+T = TypeVar("T")
+
+
+def lab11_up(what: str, start: Callable[[], T], stop: Callable[[], object]) -> T:
+    """A lab11 lab (or pair of hosts) started, or the test skipped with the reason;
+    under CI=true a reason to skip is a failure."""
+    why = None if os.geteuid() == 0 else "needs root"
+    if why is None:
+        try:
+            return start()
+        except (LabError, RuntimeError, OSError) as exc:
+            stop()
+            why = f"{what}: {exc}"
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"under CI=true the {what} must run: {why}")
+    pytest.skip(why)
 
 
 # Package scope: libvirtd is stopped as soon as the e2e tests are done, not at the

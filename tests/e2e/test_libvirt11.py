@@ -20,7 +20,8 @@ from pathlib import Path
 import pytest
 from conftest import QEMU_LOCKCTL, base_env, lock_free
 
-from e2e.lab11.harness import Lab, LabError
+from e2e.conftest import lab11_up
+from e2e.lab11.harness import Lab
 
 pytestmark = [pytest.mark.libvirt, pytest.mark.qemu, pytest.mark.root]
 IMAGES = "/var/lib/libvirt/images/lab11"  # inside the tree
@@ -29,18 +30,8 @@ EMULATOR = "/usr/local/bin/qemu-locked"
 
 @pytest.fixture(scope="module")
 def lab() -> Iterator[Lab]:
-    why = None
-    if os.geteuid() != 0:
-        why = "needs root"
-    if why is None:
-        try:
-            the_lab = Lab().start()
-        except (LabError, RuntimeError, OSError) as exc:
-            why = f"libvirt 11 lab: {exc}"
-    if why is not None:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"under CI=true the libvirt 11 lab must run: {why}")
-        pytest.skip(why)
+    the_lab = Lab()
+    lab11_up("libvirt 11 lab", the_lab.start, the_lab.stop)
     try:
         yield the_lab
     finally:

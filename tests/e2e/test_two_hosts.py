@@ -20,7 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from e2e.lab11.harness import Lab, LabError
+from e2e.conftest import lab11_up
+from e2e.lab11.harness import Lab
 from e2e.lab11.hosts import IMAGES, TwoHosts
 
 pytestmark = [pytest.mark.libvirt, pytest.mark.qemu, pytest.mark.root]
@@ -31,18 +32,8 @@ BACKENDS = ["direct", "lockspace", "lockd"]
 
 
 def _pair(work: Path, lockd: bool) -> Iterator[TwoHosts]:
-    why = None if os.geteuid() == 0 else "needs root"
     pair = TwoHosts(work, lockd=lockd)
-    if why is None:
-        try:
-            pair.start()
-        except (LabError, RuntimeError, OSError) as exc:
-            pair.stop()
-            why = f"two-host lab: {exc}"
-    if why is not None:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"under CI=true the two-host lab must run: {why}")
-        pytest.skip(why)
+    lab11_up("two-host lab", pair.start, pair.stop)
     try:
         yield pair
     finally:
