@@ -32,14 +32,14 @@ _REAL_FLAGS_DROPPED = os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_TRUNC
 
 class Supervisor:
     """``locks``: the VM's locks, taken through the configured backend exactly as
-    the monitor guard takes them (locks): our copies are the carriers, and
+    the monitor guard takes them (beside/locks.py): our copies are the carriers, and
     a copy of each is planted in QEMU so the lock lives as long as QEMU."""
 
     def __init__(self, listener: int, vm_pid: int, locks: Callable[[], Locks], inherited: list[int],
                  bookkeeping: frozenset[str] = frozenset(), vm: VM | None = None,
                  wait: Wait | None = None) -> None:  # fmt: skip
         self.listener, self.vm_pid = listener, vm_pid
-        self._make_locks = locks  # made once needed, or in the first idle moment (ready)
+        self._make_locks = locks  # made once needed, or in the loop's first idle moment
         self._locks: Locks | None = None
         self.vm = vm  # QEMU's pidfd, followed across -daemonize; None: the listener alone
         self.wait = wait  # the migration keeper's work, done here (beside/keeper.py)
