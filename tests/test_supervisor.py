@@ -330,3 +330,17 @@ def test_where_seccomp_is_forbidden_the_start_is_refused_unless_told(
     else:
         assert r.returncode == 0 and r.stderr == "", r
     assert lock_free(disk)
+
+
+def test_another_name_for_a_held_disk_is_refused(vm: VM, tmp_path: Path, holder) -> None:
+    """The same identity rules as at start: a hard link and a symlink reach the
+    same inode, so the lock another process holds on it refuses them too."""
+    disk = qcow2(tmp_path / "disk.qcow2")
+    pid = holder(disk)
+    (tmp_path / "link.qcow2").hardlink_to(disk)
+    (tmp_path / "sym.qcow2").symlink_to(disk)
+    for name in ("link.qcow2", "sym.qcow2"):
+        r = vm.add(str(tmp_path / name), name.split(".")[0])
+        assert BUSY in r["error"]["desc"], r  # type: ignore[index]
+    err = vm.quit()
+    assert err.count(f"is locked (exclusive) by pid {pid}") == 2, err

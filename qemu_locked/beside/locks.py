@@ -302,20 +302,9 @@ class Locks:
                 continue
             if any(self._same(pid, int(entry), fd) for fd in lock.fds):
                 continue
-            if not writable_only or self._writable(pid, int(entry)):
+            if not writable_only or fd_writable(pid, int(entry)):
                 return True
         return False
-
-    @staticmethod
-    def _writable(pid: int, qfd: int) -> bool:
-        try:
-            with open(f"/proc/{pid}/fdinfo/{qfd}") as f:
-                for line in f:
-                    if line.startswith("flags:"):
-                        return int(line.split()[1], 8) & _O_ACCMODE != os.O_RDONLY
-        except (OSError, ValueError, IndexError):
-            pass
-        return True
 
     @staticmethod
     def _same(pid: int, qfd: int, fd: int) -> bool:
@@ -366,3 +355,16 @@ def published() -> dict[tuple[int, str], str]:
                 if qemu.isdigit():
                     out[(int(qemu), os.path.realpath(path))] = origin
     return out
+
+
+def fd_writable(pid: int, fd: int) -> bool:
+    """Whether that fd of that process was opened for writing (yes whenever that
+    cannot be known: fail closed)."""
+    try:
+        with open(f"/proc/{pid}/fdinfo/{fd}") as f:
+            for line in f:
+                if line.startswith("flags:"):
+                    return int(line.split()[1], 8) & _O_ACCMODE != os.O_RDONLY
+    except (OSError, ValueError, IndexError):
+        pass
+    return True

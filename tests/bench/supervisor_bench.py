@@ -53,16 +53,23 @@ def _greeted(
     t0 = time.perf_counter()
     proc = subprocess.Popen([QEMU_LOCKED, *_args(tmp, sock_path)], env=_env(cfg, supervised),
                             stderr=subprocess.DEVNULL)  # fmt: skip
+    s = _greeting(sock_path)
+    return time.perf_counter() - t0, s, proc
+
+
+def _greeting(sock_path: str) -> socket.socket:
+    """Connected to QEMU's monitor, its greeting read.  The socket file appears
+    at bind, before listen: retried until QEMU listens."""
     while True:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             s.connect(sock_path)
             break
         except OSError:
             s.close()
             time.sleep(0.0005)
     s.recv(4096)
-    return time.perf_counter() - t0, s, proc
+    return s
 
 
 def _quit(s: socket.socket, proc: subprocess.Popen[bytes]) -> None:
@@ -89,16 +96,7 @@ def _trapped(tmp: str) -> int:
     proc = subprocess.Popen(["strace", "-f", "-qq", "-e", "trace=open,openat,creat,openat2,fcntl",
                              "-o", out, QEMU, *_args(tmp, sock_path)],
                             stderr=subprocess.DEVNULL)  # fmt: skip
-    while True:  # the socket file appears at bind, before listen: retry until it listens
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            s.connect(sock_path)
-            break
-        except OSError:
-            s.close()
-            time.sleep(0.01)
-    s.recv(4096)
-    _quit(s, proc)  # type: ignore[arg-type]
+    _quit(_greeting(sock_path), proc)  # type: ignore[arg-type]
     # A call another thread interrupted is printed twice (unfinished, resumed): count it once.
     lines = Path(out).read_text().splitlines()
     return sum(1 for line in lines if "resumed>" not in line

@@ -156,7 +156,9 @@ class Supervisor:
         if not paths.lockable(real, st, self.bookkeeping):
             kernel.proceed(self.listener, n.id)
             return
-        if self._take(n, real, st, link, _fd_writes(n.pid, fd)):
+        from qemu_locked.beside.locks import fd_writable
+
+        if self._take(n, real, st, link, fd_writable(n.pid, fd)):
             kernel.proceed(self.listener, n.id)
 
     def _take(self, n: kernel.Notif, real: str, st: os.stat_result, probe: str,
@@ -319,15 +321,3 @@ class Supervisor:
             self.wait.fail(f"supervisor: incoming migration: {type(exc).__name__}: {exc}")
         if not self.wait.pending:
             self.wait = None  # what it took for QEMU's life stays in our hands till we exit
-
-
-def _fd_writes(pid: int, fd: int) -> bool:
-    """Whether that fd of that process was opened for writing (fail closed: yes)."""
-    try:
-        with open(f"/proc/{pid}/fdinfo/{fd}", "rb") as f:
-            for line in f:
-                if line.startswith(b"flags:"):
-                    return int(line.split()[1], 8) & os.O_ACCMODE != os.O_RDONLY
-    except (OSError, ValueError, IndexError):
-        pass
-    return True

@@ -68,12 +68,14 @@ def attach(lock_fds: list[int], config: Config, plan: Plan, pending: list[Pendin
 def _serve(sock: _socket.socket, vm_pid: int, pidfd: int, lock_fds: list[int],
            config: Config, plan: Plan, pending: list[Pending]) -> NoReturn:  # fmt: skip
     from qemu_locked.beside import spawn
-    from qemu_locked.lock import procfs
 
     try:
         # The pidfd: how the supervisor learns QEMU is gone (and how procfs tells a
         # helper outliving its QEMU).
         spawn.close_all_but({sock.fileno(), pidfd, 2, *lock_fds})
+        sock.send(str(os.getpid()).encode())  # first: the wrapper waits for it to filter itself
+        from qemu_locked.lock import procfs
+
         try:
             spawn.set_comm(procfs.SUPERVISOR_COMM.encode())
         except OSError as exc:  # status then lists our lock copies apart: say why
@@ -84,7 +86,6 @@ def _serve(sock: _socket.socket, vm_pid: int, pidfd: int, lock_fds: list[int],
             null = os.open("/dev/null", os.O_WRONLY | os.O_CLOEXEC)
             os.dup2(null, 2)
             os.close(null)
-        sock.send(str(os.getpid()).encode())
         # While the wrapper installs the filter and execs QEMU: QEMU's first open
         # waits for this process, so only what the loop needs is imported before
         # then; the locks' machinery comes in the loop's first idle moment (the
