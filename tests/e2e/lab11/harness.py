@@ -21,6 +21,7 @@ import sys
 import time
 from pathlib import Path
 from types import TracebackType
+from typing import IO
 
 from e2e.lab11 import rootfs
 
@@ -85,17 +86,19 @@ def _cgroup_places() -> list[tuple[str, str]]:
 
 
 class Lab:
-    """``host``/``binds``/``net_of``: a host of the two-host lab (hosts.py): its
-    hostname, host directories over tree paths (its own libvirt state, the shared
-    storage), and the lab whose network namespace it joins (both reach each
-    other's libvirtd and QEMU on 127.0.0.1, and nothing else)."""
+    """``host``/``binds``/``blocks``/``net_of``: a host of the two-host lab
+    (hosts.py): its hostname, host directories over tree paths (its own libvirt
+    state, the shared storage), block devices in its /dev ((name, major, minor,
+    group): the LUNs both hosts see), and the lab whose network namespace it joins
+    (both reach each other's libvirtd and QEMU on 127.0.0.1, and nothing else)."""
 
     def __init__(self, repo: Path = REPO, cache: Path = rootfs.CACHE, host: str = "",
-                 binds: tuple[tuple[str, str], ...] = (), net_of: Lab | None = None,
+                 binds: tuple[tuple[str, str], ...] = (),
+                 blocks: tuple[tuple[str, int, int, str], ...] = (), net_of: Lab | None = None,
                  ) -> None:  # fmt: skip
         self.repo = repo
         self.cache = cache
-        self.host, self.binds, self.net_of = host, binds, net_of
+        self.host, self.binds, self.blocks, self.net_of = host, binds, blocks, net_of
         self.root = Path()
         self.proc: subprocess.Popen[str] | None = None
         self.cgroups: list[Path] = []
@@ -165,6 +168,7 @@ class Lab:
         )
         host = ["--host", self.host] if self.host else []
         binds = [a for src, dst in self.binds for a in ("--bind", f"{src}:{dst}")]
+        binds += [a for b in self.blocks for a in ("--blk", ":".join(map(str, b)))]
         cmd = [
             *join, "unshare", "--mount", "--pid", "--ipc", "--uts", "--cgroup", *net, "--fork",
             "--propagation", "private", "--",
@@ -229,36 +233,33 @@ class Lab:
         """A path inside the running lab, as the host sees it."""
         return self.root / tree_path.lstrip("/")
 
+    def virsh_cmd(self) -> list[str]:
+        return [shutil.which("virsh") or "/usr/bin/virsh", "-q", "-c", self.uri]
+
     def virsh(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        virsh = shutil.which("virsh") or "/usr/bin/virsh"
-        p = subprocess.run(
-            [virsh, "-q", "-c", self.uri, *args], capture_output=True, text=True, timeout=120
-        )
+        p = subprocess.run([*self.virsh_cmd(), *args], capture_output=True, text=True, timeout=120)
         if check and p.returncode != 0:
             raise LabError(f"virsh {' '.join(args)}: {p.stderr.strip()}")
         return p
 
+    def _enter(self) -> list[str]:
+        return ["nsenter", "-t", str(self.host_pid), "-m", "-p", "-u", "-i", "-n", "-C", "-r", "-w"]
+
     def run(self, *cmd: str) -> subprocess.CompletedProcess[str]:
         """A command inside the lab (its namespaces and root)."""
         return subprocess.run(
-            [
-                "nsenter",
-                "-t",
-                str(self.host_pid),
-                "-m",
-                "-p",
-                "-u",
-                "-i",
-                "-n",
-                "-C",
-                "-r",
-                "-w",
-                *cmd,
-            ],
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
+            [*self._enter(), *cmd], capture_output=True, text=True, timeout=120
+        )  # fmt: skip
+
+    def spawn(self, *cmd: str, out: IO[bytes]) -> subprocess.Popen[bytes]:
+        """A daemon inside the lab, in the foreground of a process of ours: it ends
+        with the lab's pid namespace at the latest."""
+        return subprocess.Popen([*self._enter(), *cmd], stdin=subprocess.DEVNULL, stdout=out,
+                                stderr=subprocess.STDOUT)  # fmt: skip
+
+    def path_in_ns(self, path: str) -> Path:
+        """A path in the lab's own mounts (/run, /dev), as the host reaches it."""
+        return Path(f"/proc/{self.host_pid}/root{path}")
 
 
 def _is_cgroup2_only() -> bool:

@@ -88,9 +88,13 @@ def _mount_cgroups(root: str, hierarchies: list[tuple[str, str, str]]) -> None:
         mount("cgroup", where, "cgroup", MS_NOSUID | MS_NODEV | MS_NOEXEC, ",".join(keep))
 
 
-def _make_dev(root: str) -> None:
+def _make_dev(root: str, blocks: list[tuple[str, ...]]) -> None:
     dev = f"{root}/dev"
     mount("dev", dev, "tmpfs", MS_NOSUID, "mode=0755,size=4m")
+    for name, major, minor, group in blocks:  # the shared storage's block devices
+        os.mknod(f"{dev}/{name}", stat.S_IFBLK | 0o660, os.makedev(int(major), int(minor)))
+        os.chown(f"{dev}/{name}", 0, _group_id(root, group))
+        os.chmod(f"{dev}/{name}", 0o660)
     for name, major, minor, mode in DEV_NODES:
         os.mknod(f"{dev}/{name}", stat.S_IFCHR | mode, os.makedev(major, minor))
         os.chmod(f"{dev}/{name}", mode)
@@ -115,17 +119,21 @@ def _make_dev(root: str) -> None:
 
 
 def enter_lab(root: str, pidfile: str, argv: list[str]) -> None:
-    """argv: [--host NAME] [--bind SRC:DST]... -- init args.  Never returns.
+    """argv: [--host NAME] [--bind SRC:DST]... [--blk NAME:MAJOR:MINOR:GROUP]... --
+    init args.  Never returns.
 
     ``--host``: the lab's hostname (a host of the two-host lab); ``--bind``: a
     host directory put over DST in the tree, in this mount namespace only (a
-    host's own libvirt state, or the storage both hosts share)."""
-    hostname, binds = "qemu-locked-lab", []
-    while argv and argv[0] in ("--host", "--bind"):
+    host's own libvirt state, or the storage both hosts share); ``--blk``: a
+    block device node in the lab's /dev (a LUN both hosts see), group GROUP."""
+    hostname, binds, blocks = "qemu-locked-lab", [], []
+    while argv and argv[0] in ("--host", "--bind", "--blk"):
         if argv[0] == "--host":
             hostname = argv[1]
-        else:
+        elif argv[0] == "--bind":
             binds.append(tuple(argv[1].split(":", 1)))
+        else:
+            blocks.append(tuple(argv[1].split(":")))
         argv = argv[2:]
     if argv and argv[0] == "--":
         argv = argv[1:]
@@ -149,7 +157,7 @@ def enter_lab(root: str, pidfile: str, argv: list[str]) -> None:
         MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC,
     )
     _mount_cgroups(root, hierarchies)
-    _make_dev(root)
+    _make_dev(root, blocks)
     mount("run", f"{root}/run", "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755,size=64m")
     mount("tmp", f"{root}/tmp", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777")
     os.makedirs(f"{root}/.oldroot", exist_ok=True)

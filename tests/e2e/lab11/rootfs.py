@@ -42,6 +42,8 @@ PACKAGES = (
     "python3-typer",
     "python3-lxml",
     "python3-portalocker",
+    "sanlock",  # the two-host lab: a sanlock daemon per host
+    "python3-sanlock",
 )
 STAMP = "qemu-locked-lab.json"
 
