@@ -86,16 +86,18 @@ def acquire(plan: Plan, config: Config | None, deadline: float, defer: bool = Fa
 
 
 def image_locks(plan: Plan, deadline: float, defer: bool = False) -> Held:
-    """The byte-0 lock on each image file itself, for the backends that key
-    their leases by name (lockspace, sanlock): a hard link or a bind mount is
-    another name for the same inode, and this lock is what makes them meet
-    on one host.  Block devices are keyed by device identity already."""
-    return _lock_images([c for c in claims(plan) if c.key.startswith("f:")], deadline, defer)
+    """The byte-0 lock on each image itself, for the backends that key their
+    leases by name (lockspace, sanlock): a hard link or a bind mount is another
+    name for the same inode, and this lock is what makes them meet on one host.
+    A block device's node is locked too, though its lease is keyed by device
+    identity already: the fd is how the supervisor knows, after exec, that QEMU's
+    open of that device is one of its own (a sanlock lease is no fd of ours)."""
+    return _lock_images(claims(plan), deadline, defer)
 
 
 def image_conflicts(plan: Plan) -> list[Conflict]:
     """:func:`conflicts` for :func:`image_locks`."""
-    return _image_conflicts([c for c in claims(plan) if c.key.startswith("f:")])
+    return _image_conflicts(claims(plan))
 
 
 def _lock_images(cls: list[Claim], deadline: float, defer: bool) -> Held:

@@ -15,7 +15,8 @@ import pytest
 
 from e2e import lab as _lab
 from e2e.aalab import image as _aalab_image
-from e2e.lab11.harness import LabError
+from e2e.lab11.harness import Lab, LabError
+from e2e.lab11.hosts import TwoHosts
 
 T = TypeVar("T")
 
@@ -82,3 +83,42 @@ def deb_package(tmp_path_factory: pytest.TempPathFactory) -> Path:
     shutil.move(built, kept)
     shutil.rmtree(_lab.REPO / "build" / "deb", ignore_errors=True)
     return kept
+
+
+# -- the two-host lab (lab11/hosts.py): a pair per test module, reset after each test
+
+
+def _pair(work: Path, lockd: bool) -> Iterator[TwoHosts]:
+    pair = TwoHosts(work, lockd=lockd)
+    lab11_up("two-host lab", pair.start, pair.stop)
+    try:
+        yield pair
+    finally:
+        pair.stop()
+
+
+@pytest.fixture(scope="module")
+def ql_hosts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TwoHosts]:
+    yield from _pair(tmp_path_factory.mktemp("two-hosts"), lockd=False)
+
+
+@pytest.fixture(scope="module")
+def lockd_hosts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TwoHosts]:
+    yield from _pair(tmp_path_factory.mktemp("two-hosts-lockd"), lockd=True)
+
+
+@pytest.fixture
+def hosts(request: pytest.FixtureRequest, backend: str) -> Iterator[TwoHosts]:
+    pair: TwoHosts = request.getfixturevalue("lockd_hosts" if backend == "lockd" else "ql_hosts")
+    yield pair
+    for lab in pair.hosts.values():
+        for name in lab.virsh("list", "--all", "--name").stdout.split():
+            lab.virsh("destroy", name, check=False)
+            lab.virsh("undefine", name, "--managed-save", check=False)
+    for f in pair.images.iterdir():
+        f.unlink()
+
+
+@pytest.fixture
+def a_b(hosts: TwoHosts) -> tuple[Lab, Lab]:
+    return hosts.hosts["host-a"], hosts.hosts["host-b"]

@@ -235,9 +235,13 @@ class Supervisor:
         # QEMU's children that opened files through us: their fds count too (a
         # `migrate exec:` child writing a file keeps its lock).
         children = tuple(self.callers.processes() - {self.vm_pid})
+        # An incoming migration's disk is opened but inactive (read-only) until the
+        # handover: its lock is the one the source still holds, to be taken in the
+        # mode the destination will write in, never downgraded before that.
+        waited = {p.fd for p in self.wait.pending} if self.wait is not None else set()
         for lock in list(self.locks.by_key.values()):
-            if lock.key not in self.opened or not lock.fds:
-                continue  # not opened by QEMU yet (a start-time disk): kept
+            if lock.key not in self.opened or not lock.fds or waited.intersection(lock.fds):
+                continue  # not opened by QEMU yet (a start-time disk), or waited for: kept
             if not self.locks.qemu_uses(lock, ignore=self.planted, children=children):
                 self.locks.release(lock)
             elif lock.mode == EXCLUSIVE and not self.locks.qemu_uses(
