@@ -30,7 +30,7 @@ REPO = HERE.parents[2]
 
 LOCKSPACE_MODE = 0o2770  # as qemu-lockctl lockspace init makes it (admin.lockspace.DIR_MODE)
 SRC_IN_TREE = "/opt/qemu-locked/src"
-LAUNCHER = f"""#!/usr/bin/python3 -I
+LAUNCHER = f"""#!/usr/bin/python3 -IS
 # qemu-locked inside the lab: the repo bound read-only at {SRC_IN_TREE}
 import sys
 sys.path.insert(0, "{SRC_IN_TREE}")
