@@ -28,6 +28,7 @@ from e2e.lab11.scenario import (
     names_holder,
     refused,
     settled,
+    stale_records,
     start_libvirtd,
     stop_libvirtd,
 )  # fmt: skip
@@ -107,6 +108,25 @@ def test_the_source_killed_mid_migration(
     settled(hosts, disk, backend, {})
     assert b.virsh("start", "qlk-killed", check=False).returncode == 0
     assert held(hosts, disk, backend) == {"host-b": "exclusive"}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_the_destination_killed_mid_migration(
+    hosts: TwoHosts, a_b: tuple[Lab, Lab], backend: str
+) -> None:
+    """SIGKILL to the destination QEMU mid-migration (the issue's report: it left
+    two stale lease records): the migration fails, the guest runs on on A, which
+    still holds; B left no record behind."""
+    a, b = a_b
+    disk, proc = migrating(hosts, backend, "qlk-dkill")
+    pid = b.run("cat", "/run/libvirt/qemu/qlk-dkill.pid").stdout.strip()
+    assert pid.isdigit() and b.run("kill", "-9", pid).returncode == 0
+    failed(proc, backend)
+    assert a.virsh("domstate", "qlk-dkill").stdout.strip() == "running"
+    assert b.virsh("domstate", "qlk-dkill").stdout.strip() == "shut off"
+    settled(hosts, disk, backend, {"host-a": "exclusive"})
+    if backend == "lockspace":
+        assert stale_records(hosts, "host-b") == []
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
