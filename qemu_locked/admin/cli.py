@@ -201,16 +201,26 @@ def status(
     Exit codes: 0 listed (possibly nothing); 2 a PATH does not exist or the
     config is bad.
     """
-    from qemu_locked.admin.status import status_rows
+    from qemu_locked.admin import status as _status
 
-    rows = [r.to_json() for r in status_rows(_config.load(), paths or None)]
+    cfg = _config.load()
+    found = _status.status_rows(cfg, paths or None)
+    rows = [r.to_json() for r in found]
+    # Named paths were each asked directly; otherwise the kernel's other locks are counted.
+    others = [] if paths else _status.unlisted(cfg, found)
     if as_json:
-        emit_json({"locks": rows})
+        emit_json({"locks": rows, "unlisted": others})
         return
-    if not rows:
+    if rows:
+        sys.stdout.write(_status_table(rows))
+    elif not others:
         sys.stdout.write("no lock held\n")
-        return
+    notes = _status.footnotes(rows, others)
+    if notes:
+        sys.stdout.write(("\n" if rows else "") + "\n".join(notes) + "\n")
 
+
+def _status_table(rows: list[dict[str, object]]) -> str:
     def cell(value: object) -> str:
         return "-" if value is None or value == "" else str(value)
 
@@ -222,21 +232,8 @@ def status(
     if any("state" in r for r in rows):  # lease records (held/stale) and pending migrations
         header.insert(1, "STATE")
         keys.insert(1, "state")
-        for r in rows:
-            r.setdefault("state", "held")
-    sys.stdout.write(table([[cell(r.get(k)) for k in keys] for r in rows], header))
-    from qemu_locked.admin.status import MEANING
-
-    for state, meaning in MEANING.items():
-        count = sum(1 for r in rows if r.get("state") == state)
-        if count:
-            sys.stdout.write(f"\n{count} {state}: {meaning}\n")
-    stale = sum(1 for r in rows if r.get("state") == "stale")
-    if stale:
-        sys.stdout.write(
-            f"\n{stale} stale: lease records nobody holds any more (the lock is the truth); "
-            "`qemu-lockctl lockspace gc` removes their files\n"
-        )
+    return table([[cell(r.get(k, "held" if k == "state" else None)) for k in keys] for r in rows],
+                 header)  # fmt: skip
 
 
 # -- doctor ----------------------------------------------------------------------

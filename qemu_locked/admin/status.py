@@ -93,23 +93,13 @@ def status_rows(config: Config, paths: list[str] | None = None) -> list[StatusRo
     return _with_origins(rows)
 
 
-# States of a lock the kernel reports but no holder this user can see, and what
-# each means (said under status's table).
-HIDDEN, ELSEWHERE = "hidden", "elsewhere"
-MEANING = {
-    HIDDEN: "locked by a local process whose /proc entries this user cannot read "
-    "(`qemu-lockctl status PATH` as root names it)",
-    ELSEWHERE: "locked by a process on another host (or in another PID namespace)",
-}
-
-
 def unseen_rows(paths: list[str], rows: list[StatusRow]) -> list[StatusRow]:
-    """A named file no row covers is asked the way a start asks (F_OFD_GETLK):
+    """A named file no row shows held is asked the way a start asks (F_OFD_GETLK):
     held, it gets a row saying so even when its holder cannot be named, so
     status never calls free what a start would be refused."""
-    from qemu_locked.lock import ofd, safeopen
+    from qemu_locked.lock import ofd, safeopen, unseen
 
-    seen = {(st.st_dev, st.st_ino) for st in map(_row_stat, rows) if st}
+    seen = {(st.st_dev, st.st_ino) for st in map(_row_stat, _holding(rows)) if st}
     out = []
     for path in paths:
         st = _stat(path)
@@ -123,10 +113,64 @@ def unseen_rows(paths: list[str], rows: list[StatusRow]) -> list[StatusRow]:
             found = ofd.conflicting(fd, True)
         finally:
             os.close(fd)
-        if found is not None:
-            here = procfs.locked_here(st.st_dev, st.st_ino)
-            state = ELSEWHERE if here is False else HIDDEN
-            out.append(StatusRow(path, found[0], state=state, source="ofd"))
+        if found is None:
+            continue
+        holders = procfs.holders_of(st.st_dev, st.st_ino)
+        if holders:  # taken since the rows were read: the next status names it
+            continue
+        why = unseen.explain(st.st_dev, st.st_ino)
+        out.append(StatusRow(path, found[0], state=why.state, source="ofd", held_by=why.holder))
+    return out
+
+
+def _holding(rows: list[StatusRow]) -> list[StatusRow]:
+    """Rows that show their file held (a stale lease record does not)."""
+    return [r for r in rows if r.state != "stale"]
+
+
+def unlisted(config: Config, rows: list[StatusRow]) -> list[dict[str, object]]:
+    """OFD locks on byte 0 this kernel holds that no row shows and no lease file
+    explains: their holders have no /proc entry here this user may read (another
+    PID namespace, another user's process), and without a PATH there is no name
+    to give them.  Listed by device and inode, so that `status` never says
+    "no lock held" while the kernel holds some."""
+    from qemu_locked.lock import unseen
+
+    found = unseen.kernel_locks() or []
+    known = {(st.st_dev, st.st_ino) for st in map(_row_stat, _holding(rows)) if st}
+    space = config.lockspace_dir
+    try:
+        names = os.listdir(space)
+    except OSError:
+        names = []
+    known |= {(st.st_dev, st.st_ino) for st in (_stat(os.path.join(space, n)) for n in names) if st}
+    out: dict[tuple[int, int], str] = {}
+    for kind, dev, ino, mode in found:
+        if kind == "OFDLCK" and (dev, ino) not in known:
+            out[dev, ino] = "exclusive" if "exclusive" in (out.get((dev, ino)), mode) else mode
+    return [
+        {"device": f"{os.major(d):02x}:{os.minor(d):02x}", "inode": i, "mode": m}
+        for (d, i), m in sorted(out.items())
+    ]
+
+
+def footnotes(rows: list[dict[str, object]], others: list[dict[str, object]]) -> list[str]:
+    """What the table cannot say: who holds what no pid names, and what is stale."""
+    out = []
+    said: dict[tuple[object, object], int] = {}
+    for r in rows:
+        if r.get("held_by"):
+            said[r.get("state"), r["held_by"]] = said.get((r.get("state"), r["held_by"]), 0) + 1
+    out += [f"{n} {state}: locked by {who}" for (state, who), n in said.items()]
+    stale = sum(1 for r in rows if r.get("state") == "stale")
+    if stale:
+        out.append(f"{stale} stale: lease records nobody holds any more (the lock is the truth); "
+                   "`qemu-lockctl lockspace gc` removes their files")  # fmt: skip
+    if others:
+        listed = ", ".join(f"{o['device']}:{o['inode']} ({o['mode']})" for o in others)
+        out.append(f"{len(others)} more: OFD locks at byte 0 on this machine whose holders no "
+                   f"/proc entry here shows, by device:inode: {listed} (`qemu-lockctl status "
+                   "PATH` asks a file)")  # fmt: skip
     return out
 
 

@@ -218,12 +218,12 @@ class Locks:
         from qemu_locked.model.errors import LockedError
 
         if lock.key.startswith("f:"):  # an image's own byte 0 (direct): read from /proc
-            from qemu_locked.lock import procfs
+            from qemu_locked.lock import procfs, unseen
 
             st = os.stat(lock.path)
             who = [h for h in procfs.holders_of(st.st_dev, st.st_ino) if h.pid != self.qemu_pid]
             if who:
-                return _line(LockedError([(lock.path, EXCLUSIVE, procfs.describe(who, SHARED))]))
+                return _line(LockedError([(lock.path, EXCLUSIVE, unseen.describe(who, SHARED))]))
         from qemu_locked.backends import load
 
         plan = Plan((DiskRef(lock.path, EXCLUSIVE, lock.origin),), (), *self._names())

@@ -38,6 +38,7 @@ class StatusRow:
     host_id: int | None = None
     slot: int | None = None
     origin: str | None = None  # what put it there, as the monitor guard saw it
+    held_by: str | None = None  # who holds it, when no pid/record names the holder
 
     def to_json(self) -> dict[str, object]:
         out: dict[str, object] = {}
