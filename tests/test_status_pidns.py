@@ -132,3 +132,46 @@ def test_a_user_who_cannot_read_every_process_is_told_both_possibilities(
         "1 unidentified: locked by a process this user cannot identify: a local one whose "
         "/proc entries it cannot read, or one in another PID namespace" in r.stdout
     ), r.stdout
+
+
+def test_lockspace_records_name_the_holder_across_pid_namespaces(start, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The lockspace backend's own probe (the record and its slot lock) names what
+    /proc cannot: the guest, its pid there and its host."""
+    space = tmp_path / "lockspace"
+    space.mkdir()
+    img = make_image(tmp_path / "d.img")
+    env = base_env(QEMU_LOCKED_BACKEND="lockspace", QEMU_LOCKED_LOCKSPACE_DIR=str(space),
+                   QEMU_LOCKED_HOST_NAME="hostA")  # fmt: skip
+    vm = start("-name", "guest=on-a", "-drive", f"file={img}", env=env)
+    assert vm.started()
+    env["QEMU_LOCKED_HOST_NAME"] = "hostB"
+    r = subprocess.run([*NEW_PIDNS, QEMU_LOCKCTL, "status", "--json", img], env=env,
+                       capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    rows = json.loads(r.stdout)["locks"]
+    assert [(x["guest"], x["host"], x["state"]) for x in rows] == [("on-a", "hostA", "held")], rows
+    vm.kill()
+    r = subprocess.run([*NEW_PIDNS, QEMU_LOCKCTL, "status", "--json", img], env=env,
+                       capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert [x["state"] for x in json.loads(r.stdout)["locks"]] == ["stale"], r.stdout
+
+
+def test_a_stale_record_does_not_hide_a_holder_elsewhere(start, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A record left by a dead VM is no answer for the image: a process of another
+    PID namespace holding it now is reported as well."""
+    space = tmp_path / "lockspace"
+    space.mkdir()
+    img = make_image(tmp_path / "d.img")
+    env = base_env(QEMU_LOCKED_BACKEND="lockspace", QEMU_LOCKED_LOCKSPACE_DIR=str(space))
+    vm = start("-name", "guest=gone", "-drive", f"file={img}", env=env)
+    assert vm.started()
+    vm.kill()
+    holder = hold(img)
+    try:
+        r = subprocess.run([*NEW_PIDNS, QEMU_LOCKCTL, "status", "--json", img], env=env,
+                           capture_output=True, text=True, timeout=60)  # fmt: skip
+        states = sorted(x["state"] for x in json.loads(r.stdout)["locks"])
+        assert states == ["elsewhere", "stale"], r.stdout
+    finally:
+        holder.kill()
+        holder.wait()
