@@ -61,11 +61,22 @@ def _root(
     """Admin side of qemu-locked: plan, check, status, run, doctor."""
 
 
+def key_of(path: str) -> str | None:
+    """The stable key (lock/keys.py) of an existing disk, beside the path it was
+    given (/dev/HostVG/vol -> lvm:...); None for a path that does not exist."""
+    from qemu_locked.lock import keys
+
+    try:
+        return keys.disk_key(path, os.stat(path))
+    except (OSError, ValueError, QemuLockedError):
+        return None
+
+
 def plan_json(p: Plan) -> dict[str, object]:
     obj = p.to_json_obj()
     obj["disks"] = [
-        {"path": d.path, "mode": d.mode, "role": d.role, "origin": d.origin,
-         "probe_backing": d.probe_backing, "probe_data_file": d.probe_data}
+        {"path": d.path, "key": key_of(d.path), "mode": d.mode, "role": d.role,
+         "origin": d.origin, "probe_backing": d.probe_backing, "probe_data_file": d.probe_data}
         for d in p.disks
     ]  # fmt: skip
     obj["guest"] = p.guest
@@ -80,10 +91,15 @@ def _header_note(d: DiskRef) -> str:
 
 def print_plan(plan: Plan) -> None:
     rows = [[d.mode, d.role, d.path + _header_note(d), d.origin] for d in plan.disks]
+    header = ["MODE", "ROLE", "PATH", "ORIGIN"]
+    others = [_other_key({"path": d.path, "key": key_of(d.path)}) for d in plan.disks]
+    if any(others):  # a device's stable name, beside the path it was given
+        header.append("KEY")
+        rows = [[*r, k or "-"] for r, k in zip(rows, others, strict=True)]
     if plan.guest or plan.uuid:
         sys.stdout.write(f"guest {plan.guest or '-'}  uuid {plan.uuid or '-'}\n\n")
     if rows:
-        sys.stdout.write(table(rows, ["MODE", "ROLE", "PATH", "ORIGIN"]))
+        sys.stdout.write(table(rows, header))
     else:
         sys.stdout.write("no disk to lock\n")
     if plan.skipped:
@@ -167,9 +183,15 @@ def check(
                 "backend": cfg.backend,
                 "guest": p.guest,
                 "uuid": p.uuid,
-                "disks": [{"path": d.path, "mode": d.mode} for d in p.disks],
+                "disks": [{"path": d.path, "key": key_of(d.path), "mode": d.mode} for d in p.disks],
                 "conflicts": [
-                    {"path": res, "wanted": wanted, "held_by": who, "holders": holder_objs(res)}
+                    {
+                        "path": res,
+                        "key": key_of(res),
+                        "wanted": wanted,
+                        "held_by": who,
+                        "holders": holder_objs(res),
+                    }
                     for res, wanted, who in found
                 ],
             }
@@ -232,8 +254,20 @@ def _status_table(rows: list[dict[str, object]]) -> str:
     if any("state" in r for r in rows):  # lease records (held/stale) and pending migrations
         header.insert(1, "STATE")
         keys.insert(1, "state")
+    if any(_other_key(r) for r in rows):  # a device's stable name, beside the path it was given
+        header.append("KEY")
+        keys.append("other_key")
+        rows = [{**r, "other_key": _other_key(r)} for r in rows]
     return table([[cell(r.get(k, "held" if k == "state" else None)) for k in keys] for r in rows],
                  header)  # fmt: skip
+
+
+def _other_key(row: dict[str, object]) -> str | None:
+    """The row's key when it says more than its path (not just ``file:PATH``)."""
+    from qemu_locked.lock.keys import display
+
+    key = row.get("key")
+    return key if isinstance(key, str) and display(key) != row.get("path") else None
 
 
 # -- doctor ----------------------------------------------------------------------

@@ -50,8 +50,23 @@ def local_rows(config: Config, paths: list[str] | None = None) -> list[StatusRow
             procs[lock.pid] = (guest, uuid, comm, procfs.start_time(lock.pid))
         guest, uuid, comm, since = procs[lock.pid]
         rows.append(StatusRow(lock.path, lock.mode, lock.pid, host, guest, uuid, iso_time(since),
-                              source="ofd", comm=comm, fd=lock.fd))  # fmt: skip
+                              source="ofd", comm=comm, fd=lock.fd,
+                              key=_key(lock.path, f"/proc/{lock.pid}/fd/{lock.fd}")))  # fmt: skip
     return rows
+
+
+def _key(path: str, fd_link: str) -> str | None:
+    """The stable key of what a holder's fd is open on (its path is the holder's:
+    another mount namespace may not show it here, the fd does)."""
+    from qemu_locked.lock import keys
+
+    st = _stat(fd_link)
+    if st is None or path.endswith(".lease"):
+        return None  # gone, or a lease file: the lease's own row has the key
+    try:
+        return keys.disk_key(path, st)
+    except (OSError, QemuLockedError):
+        return None
 
 
 def backend_rows(config: Config, paths: list[str] | None = None) -> list[StatusRow]:
@@ -85,7 +100,11 @@ def status_rows(config: Config, paths: list[str] | None = None) -> list[StatusRo
     have = {r.identity() for r in leased}
     rows = [r for r in local_rows(config, paths)
             if not r.path.startswith(space) and r.identity() not in have]  # fmt: skip
-    rows += keeper.pending_rows(config.effective_host(), space)
+    pending = keeper.pending_rows(config.effective_host(), space)
+    if paths:
+        wanted = _identities(paths)
+        pending = [r for r in pending if (st := _stat(r.path)) and (st.st_dev, st.st_ino) in wanted]
+    rows += pending
     have = {r.identity() for r in rows}
     rows += [r for r in leased if r.identity() not in have]
     rows += unseen_rows(paths or [], rows)

@@ -129,7 +129,8 @@ def conflicts(plan: Plan, config: Config | None = None) -> list[Conflict]:
         from qemu_locked.backends.lockspace import leases
 
         out += leases.conflicts_in(config.lockspace_dir, wants)
-    return out + _image_conflicts(cls)
+    named = {c[0] for c in out}  # a device whose lease is busy is reported once (it names the host)
+    return out + [c for c in _image_conflicts(cls) if c[0] not in named]
 
 
 def _image_conflicts(cls: list[Claim]) -> list[Conflict]:
