@@ -334,12 +334,13 @@ class Locks:
 
 
 def published() -> dict[tuple[int, str], str]:
-    """(QEMU pid, real path) -> origin, from every guard this host lets us read."""
+    """(QEMU pid, real path) -> origin, from every guard and supervisor this host
+    lets us read."""
     from qemu_locked.lock import procfs
 
     out: dict[tuple[int, str], str] = {}
     for pid in procfs.pids():
-        if procfs.comm(pid) != procfs.GUARD_COMM:
+        if procfs.comm(pid) not in procfs.HELPER_COMMS:
             continue
         for fd, target, _info in procfs.fd_entries(pid):
             if not target.startswith(f"/memfd:{MEMFD_NAME}"):

@@ -1,0 +1,52 @@
+"""The ORIGIN of each lock under the supervisor (the default): the start-time
+argument for a disk of the command line; for a file QEMU opened later, only what
+the kernel says: that it was opened after start (no device name: the supervisor
+sees an open, not the QMP command behind it).  Real QEMU under TCG (issue 23)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import QEMU_LOCKCTL, base_env, wait_for
+from test_supervisor import VM, qcow2
+
+
+@pytest.fixture
+def vm(tmp_path: Path) -> Iterator[VM]:
+    boot = qcow2(tmp_path / "boot.qcow2")
+    machine = VM(tmp_path, "-drive", f"file={boot},if=virtio", name="origins")
+    yield machine
+    if machine.proc.poll() is None:
+        machine.quit()
+
+
+def origins(vm: VM) -> dict[str, str | None]:
+    r = subprocess.run([QEMU_LOCKCTL, "status", "--json"], env=base_env(), capture_output=True,
+                       text=True, timeout=60)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    rows = json.loads(r.stdout)["locks"]
+    return {Path(x["path"]).name: x.get("origin") for x in rows if x["pid"] == vm.proc.pid}
+
+
+def test_origins_under_the_supervisor(vm: VM, tmp_path: Path) -> None:
+    boot = str(tmp_path / "boot.qcow2")
+    wait_for(lambda: origins(vm).get("boot.qcow2") is not None, "the start-time lock published")
+    assert origins(vm) == {"boot.qcow2": f"-drive file={boot},if=virtio"}
+
+    added = qcow2(tmp_path / "added.qcow2")
+    assert "return" in vm.add(added, "added")
+    wait_for(lambda: origins(vm).get("added.qcow2") is not None, "the later lock published")
+    assert origins(vm) == {
+        "boot.qcow2": f"-drive file={boot},if=virtio",
+        "added.qcow2": "opened after start",
+    }
+    table = subprocess.run([QEMU_LOCKCTL, "status", added], env=base_env(),
+                           capture_output=True, text=True, timeout=60).stdout  # fmt: skip
+    assert "opened after start" in table and "ORIGIN" in table, table
+
+    assert "return" in vm.qmp.cmd("blockdev-del", **{"node-name": "added"})
+    wait_for(lambda: "added.qcow2" not in origins(vm), "released after blockdev-del")
