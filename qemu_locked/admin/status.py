@@ -212,41 +212,24 @@ def _stat(path: str) -> os.stat_result | None:
 
 
 def _with_origins(rows: list[StatusRow]) -> list[StatusRow]:
-    """What each lock of a guarded VM is for (``hot-plug scsi0-0-0-1``...)."""
+    """What each lock of a VM under its supervisor or guard is for (the start-time
+    argument, ``opened after start``...), with the device's name where libvirt's
+    live XML still lists the file (admin/live_xml.py)."""
+    from qemu_locked.admin import live_xml
     from qemu_locked.beside.locks import published
     from qemu_locked.model.value import replace
 
     origins = published()
     if not origins:
         return rows
+    names: dict[str, dict[str, str] | None] = {}
     out = []
     for row in rows:
-        origin = origins.get((row.pid or 0, os.path.realpath(row.path)))
-        if origin and origin.startswith(_HOT_PLUG) and row.guest:
-            target = _libvirt_target(row.guest, origin[len(_HOT_PLUG) :])
-            origin = _HOT_PLUG + target if target else origin
+        real = os.path.realpath(row.path)
+        origin = origins.get((row.pid or 0, real))
+        if origin and row.guest:
+            if row.guest not in names:
+                names[row.guest] = live_xml.live_names(row.guest)
+            origin = live_xml.exact(origin, real, names[row.guest])
         out.append(replace(row, origin=origin) if origin else row)
     return out
-
-
-_HOT_PLUG = "hot-plug "
-_LIBVIRT_STATUS = "/run/libvirt/qemu"
-
-
-def _libvirt_target(guest: str, alias: str) -> str | None:
-    """The name a user knows (``sdb``) for the device libvirt calls ``alias``,
-    from libvirt's live status XML of the domain (readable by root)."""
-    if "/" in guest or guest.startswith("."):
-        return None
-    from lxml import etree
-
-    from qemu_locked.parse.domain_xml import read_limited
-
-    try:
-        data = read_limited(os.path.join(_LIBVIRT_STATUS, guest + ".xml"))
-        parser = etree.XMLParser(resolve_entities=False, no_network=True, load_dtd=False)
-        root = etree.fromstring(data, parser)
-    except (OSError, etree.XMLSyntaxError, ValueError, UsageError):
-        return None
-    found = root.xpath(".//devices/disk[alias/@name=$a]/target/@dev", a=alias)
-    return str(found[0]) if isinstance(found, list) and found else None
