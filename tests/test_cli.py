@@ -109,8 +109,9 @@ def test_plan_applies_config_roles() -> None:
     obj = json.loads(result.stdout)
     assert [d["path"] for d in obj["disks"]] == ["/x/a.img"]
     assert obj["skipped"] == [
-        {"source": "/x/ro.img", "reason": 'readonly disk: not locked (config readonly = "none")'}
-    ]
+        {"source": "/x/ro.img", "reason": 'readonly disk: not locked (config readonly = "none")',
+         "network": False}
+    ]  # fmt: skip
 
 
 def test_plan_from_stdin() -> None:

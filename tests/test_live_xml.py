@@ -5,7 +5,7 @@ writes to /run/libvirt/qemu/NAME.xml (a <domstatus> around the live <domain>).""
 
 from __future__ import annotations
 
-from qemu_locked.admin.live_xml import exact, names_in
+from qemu_locked.admin.live_xml import exact, names_in, read
 
 LIVE = b"""<domstatus state='running' reason='booted' pid='4242'>
   <domain type='kvm' id='7'>
@@ -50,6 +50,8 @@ def test_names_of_the_live_sources() -> None:
         "/var/lib/libvirt/images/data.qcow2": "disk sdb",
         "/srv/iso/new.iso": "cdrom hdc medium",
     }
+    # the network disks, attached at start or since: listed as not locked by status
+    assert read(LIVE).network == (("nbd://nbd.example:10809/export", "disk vdb"),)
 
 
 def test_origins_name_only_what_the_domain_still_has() -> None:

@@ -102,9 +102,18 @@ def print_plan(plan: Plan) -> None:
         sys.stdout.write(table(rows, header))
     else:
         sys.stdout.write("no disk to lock\n")
+    print_skipped(plan)
+
+
+def print_skipped(plan: Plan) -> None:
+    """What QEMU opens that is not locked, and why (plan and check)."""
+    from qemu_locked.model.plan import NETWORK_WHY
+
     if plan.skipped:
         sys.stdout.write("\nnot locked:\n")
         sys.stdout.write(table([[s.source, s.reason] for s in plan.skipped], ["SOURCE", "REASON"]))
+    if any(s.network for s in plan.skipped):
+        sys.stdout.write(f"\nnetwork disks: {NETWORK_WHY}\n")
 
 
 @app.command()
@@ -194,6 +203,7 @@ def check(
                     }
                     for res, wanted, who in found
                 ],
+                "skipped": p.to_json_obj()["skipped"],
             }
         )
     elif found:
@@ -202,6 +212,8 @@ def check(
     else:
         n = len(p.disks)
         sys.stdout.write(f"ok: {n} disk{'s' if n != 1 else ''} free (backend {cfg.backend})\n")
+    if not as_json:
+        print_skipped(p)
     if found:
         raise SystemExit(EXIT_CONFLICT)
 

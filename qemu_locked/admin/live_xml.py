@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import os
 
+from qemu_locked.model.value import frozen
+
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -21,13 +23,22 @@ HOT_PLUG = "hot-plug "
 _AFTER_START = "after start"
 
 
-def names_in(data: bytes) -> dict[str, str]:
-    """realpath of each local source -> its name, from a domain (status) XML."""
+@frozen
+class Live:
+    """What libvirt's live XML says of a running domain's disks."""
+
+    names: dict[str, str]  # realpath of each local source -> ``disk vda``...
+    network: tuple[tuple[str, str], ...]  # (``nbd://host:10809/export``, ``disk vdb``)
+
+
+def read(data: bytes) -> Live:
+    """:class:`Live` from a domain (status) XML."""
     from lxml import etree
 
     parser = etree.XMLParser(resolve_entities=False, no_network=True, load_dtd=False)
     root = etree.fromstring(data, parser)
     out: dict[str, str] = {}
+    network = []
     for disk in root.iterfind(".//devices/disk"):
         element = disk.find("target")
         target = element.get("dev") if element is not None else None
@@ -35,11 +46,32 @@ def names_in(data: bytes) -> dict[str, str]:
             continue
         kind = disk.get("device", "disk")
         name = f"{kind} {target}" + (" medium" if kind in ("cdrom", "floppy") else "")
+        if disk.get("type") == "network":
+            network.append((_url(disk.find("source")), name))
+            continue
         for depth, source in enumerate(_chain(disk)):
             path = source.get("file") or source.get("dev")
             if path:
                 out.setdefault(os.path.realpath(path), name if depth == 0 else f"{name} backing")
-    return out
+    return Live(out, tuple(network))
+
+
+def names_in(data: bytes) -> dict[str, str]:
+    return read(data).names
+
+
+def _url(source: Any) -> str:
+    """``nbd://host:10809/export`` for a network source, as QEMU's URLs read."""
+    if source is None:
+        return "?"
+    protocol = source.get("protocol") or "?"
+    name = (source.get("name") or "").lstrip("/")
+    host = source.find("host")
+    if host is None or not host.get("name"):
+        where = host.get("socket") if host is not None else None
+        return f"{protocol}:{where or ''}{'/' + name if name else ''}"
+    port = f":{host.get('port')}" if host.get("port") else ""
+    return f"{protocol}://{host.get('name')}{port}/{name}"
 
 
 def _chain(disk: Any) -> Iterator[Any]:
@@ -52,8 +84,8 @@ def _chain(disk: Any) -> Iterator[Any]:
         node = node.find("backingStore")
 
 
-def live_names(guest: str) -> dict[str, str] | None:
-    """:func:`names_in` of the guest's live XML; None when it cannot be read."""
+def live(guest: str) -> Live | None:
+    """:func:`read` of the guest's live XML; None when it cannot be read."""
     if not guest or "/" in guest or guest.startswith("."):
         return None
     from lxml import etree
@@ -62,7 +94,7 @@ def live_names(guest: str) -> dict[str, str] | None:
     from qemu_locked.parse.domain_xml import read_limited
 
     try:
-        return names_in(read_limited(os.path.join(LIBVIRT_STATUS, guest + ".xml")))
+        return read(read_limited(os.path.join(LIBVIRT_STATUS, guest + ".xml")))
     except (OSError, etree.XMLSyntaxError, ValueError, UsageError):
         return None
 

@@ -109,7 +109,7 @@ def status_rows(config: Config, paths: list[str] | None = None) -> list[StatusRo
     rows += [r for r in leased if r.identity() not in have]
     rows += unseen_rows(paths or [], rows)
     rows.sort(key=lambda r: (r.path, str(r.host), r.pid or 0))
-    return _with_origins(rows)
+    return _with_origins(rows, paths, config.effective_host())
 
 
 def unseen_rows(paths: list[str], rows: list[StatusRow]) -> list[StatusRow]:
@@ -181,6 +181,11 @@ def footnotes(rows: list[dict[str, object]], others: list[dict[str, object]]) ->
         if r.get("held_by"):
             said[r.get("state"), r["held_by"]] = said.get((r.get("state"), r["held_by"]), 0) + 1
     out += [f"{n} {state}: locked by {who}" for (state, who), n in said.items()]
+    network = sum(1 for r in rows if r.get("state") == NOT_LOCKED)
+    if network:
+        from qemu_locked.model.plan import NETWORK_WHY
+
+        out.append(f"{network} {NOT_LOCKED}{'s' if network > 1 else ''}: {NETWORK_WHY}")
     stale = sum(1 for r in rows if r.get("state") == "stale")
     if stale:
         out.append(f"{stale} stale: lease records nobody holds any more (the lock is the truth); "
@@ -211,25 +216,40 @@ def _stat(path: str) -> os.stat_result | None:
         return None
 
 
-def _with_origins(rows: list[StatusRow]) -> list[StatusRow]:
+NOT_LOCKED = "not locked: network disk"
+
+
+def _with_origins(rows: list[StatusRow], paths: list[str] | None, host: str) -> list[StatusRow]:
     """What each lock of a VM under its supervisor or guard is for (the start-time
     argument, ``opened after start``...), with the device's name where libvirt's
-    live XML still lists the file (admin/live_xml.py)."""
+    live XML still lists the file (admin/live_xml.py); and, when no PATH narrows
+    it, the network disks of those VMs, which have no lock to show."""
     from qemu_locked.admin import live_xml
-    from qemu_locked.beside.locks import published
+    from qemu_locked.admin.published import published, published_network
     from qemu_locked.model.value import replace
 
     origins = published()
-    if not origins:
-        return rows
-    names: dict[str, dict[str, str] | None] = {}
+    network = {} if paths else published_network()
+    lives: dict[str, live_xml.Live | None] = {}
+
+    def live(guest: str | None) -> live_xml.Live | None:
+        if guest and guest not in lives:
+            lives[guest] = live_xml.live(guest)
+        return lives.get(guest) if guest else None
+
     out = []
     for row in rows:
         real = os.path.realpath(row.path)
         origin = origins.get((row.pid or 0, real))
         if origin and row.guest:
-            if row.guest not in names:
-                names[row.guest] = live_xml.live_names(row.guest)
-            origin = live_xml.exact(origin, real, names[row.guest])
+            found = live(row.guest)
+            origin = live_xml.exact(origin, real, found.names if found else None)
         out.append(replace(row, origin=origin) if origin else row)
+    for pid, entries in sorted(network.items()):
+        guest, uuid, comm = procfs.guest_of(pid)
+        found = live(guest)
+        # libvirt's live XML has the disks attached since, and not those detached
+        shown = list(found.network) if found is not None else [(s, None) for s, _ in entries]
+        out += [StatusRow(source, None, pid, host, guest, uuid, state=NOT_LOCKED, comm=comm,
+                          origin=origin) for source, origin in shown]  # fmt: skip
     return out
