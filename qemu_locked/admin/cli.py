@@ -20,6 +20,7 @@ from qemu_locked.admin.common import (
     table,
     with_config,
 )  # fmt: skip
+from qemu_locked.admin.status_cli import other_key, status
 from qemu_locked.model import config as _config
 from qemu_locked.model.errors import (
     EXIT_CONFLICT,
@@ -92,7 +93,7 @@ def _header_note(d: DiskRef) -> str:
 def print_plan(plan: Plan) -> None:
     rows = [[d.mode, d.role, d.path + _header_note(d), d.origin] for d in plan.disks]
     header = ["MODE", "ROLE", "PATH", "ORIGIN"]
-    others = [_other_key({"path": d.path, "key": key_of(d.path)}) for d in plan.disks]
+    others = [other_key({"path": d.path, "key": key_of(d.path)}) for d in plan.disks]
     if any(others):  # a device's stable name, beside the path it was given
         header.append("KEY")
         rows = [[*r, k or "-"] for r, k in zip(rows, others, strict=True)]
@@ -218,68 +219,7 @@ def check(
         raise SystemExit(EXIT_CONFLICT)
 
 
-# -- status --------------------------------------------------------------------
-
-
-@app.command()
-def status(
-    paths: Optional[list[str]] = typer.Argument(
-        None, metavar="PATH", help="Only locks on these files."
-    ),
-    as_json: bool = JSON_OPT,
-) -> None:
-    """Every byte-0 lock held on this host (and, with a lockspace backend, on
-    every host sharing it): disk, mode, pid, guest, uuid, since, host.
-
-    \b
-    Exit codes: 0 listed (possibly nothing); 2 a PATH does not exist or the
-    config is bad.
-    """
-    from qemu_locked.admin import status as _status
-
-    cfg = _config.load()
-    found = _status.status_rows(cfg, paths or None)
-    rows = [r.to_json() for r in found]
-    # Named paths were each asked directly; otherwise the kernel's other locks are counted.
-    others = [] if paths else _status.unlisted(cfg, found)
-    if as_json:
-        emit_json({"locks": rows, "unlisted": others})
-        return
-    if rows:
-        sys.stdout.write(_status_table(rows))
-    elif not others:
-        sys.stdout.write("no lock held\n")
-    notes = _status.footnotes(rows, others)
-    if notes:
-        sys.stdout.write(("\n" if rows else "") + "\n".join(notes) + "\n")
-
-
-def _status_table(rows: list[dict[str, object]]) -> str:
-    def cell(value: object) -> str:
-        return "-" if value is None or value == "" else str(value)
-
-    header = ["MODE", "PID", "GUEST", "COMMAND", "UUID", "SINCE", "HOST", "PATH"]
-    keys = ["mode", "pid", "guest", "comm", "uuid", "since", "host", "path"]
-    if any("origin" in r for r in rows):  # what the monitor guard saw put it there
-        header.insert(-1, "ORIGIN")
-        keys.insert(-1, "origin")
-    if any("state" in r for r in rows):  # lease records (held/stale) and pending migrations
-        header.insert(1, "STATE")
-        keys.insert(1, "state")
-    if any(_other_key(r) for r in rows):  # a device's stable name, beside the path it was given
-        header.append("KEY")
-        keys.append("other_key")
-        rows = [{**r, "other_key": _other_key(r)} for r in rows]
-    return table([[cell(r.get(k, "held" if k == "state" else None)) for k in keys] for r in rows],
-                 header)  # fmt: skip
-
-
-def _other_key(row: dict[str, object]) -> str | None:
-    """The row's key when it says more than its path (not just ``file:PATH``)."""
-    from qemu_locked.lock.keys import display
-
-    key = row.get("key")
-    return key if isinstance(key, str) and display(key) != row.get("path") else None
+app.command()(status)  # admin/status_cli.py
 
 
 # -- doctor ----------------------------------------------------------------------
