@@ -14,7 +14,10 @@ from pathlib import Path
 
 import pytest
 from conftest import QEMU_LOCKCTL, base_env, skip_unless_ci, wait_for
+from schema_check import errors
 from test_supervisor import VM, qcow2
+
+STATUS_SCHEMA = json.loads((Path(__file__).parent.parent / "docs/status.schema.json").read_text())
 
 
 @pytest.fixture
@@ -76,7 +79,9 @@ def test_a_network_disk_is_listed_as_not_locked(tmp_path: Path, nbd: str) -> Non
         def rows() -> list[dict[str, object]]:
             r = subprocess.run([QEMU_LOCKCTL, "status", "--json"], env=base_env(),
                                capture_output=True, text=True, timeout=60)  # fmt: skip
-            return [x for x in json.loads(r.stdout)["locks"] if x["pid"] == machine.proc.pid]
+            doc = json.loads(r.stdout)
+            assert errors(doc, STATUS_SCHEMA) == [], doc  # the network row too
+            return [x for x in doc["locks"] if x["pid"] == machine.proc.pid]
 
         wait_for(lambda: bool(rows()), "the supervisor published the network disk")
         (row,) = rows()
