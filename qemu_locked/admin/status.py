@@ -173,6 +173,9 @@ def unlisted(config: Config, rows: list[StatusRow]) -> list[dict[str, object]]:
     ]
 
 
+_SHOWN = 4  # unlisted locks named in the text
+
+
 def footnotes(rows: list[dict[str, object]], others: list[dict[str, object]]) -> list[str]:
     """What the table cannot say: who holds what no pid names, and what is stale."""
     out = []
@@ -191,10 +194,11 @@ def footnotes(rows: list[dict[str, object]], others: list[dict[str, object]]) ->
         out.append(f"{stale} stale: lease records nobody holds any more (the lock is the truth); "
                    "`qemu-lockctl lockspace gc` removes their files")  # fmt: skip
     if others:
-        listed = ", ".join(f"{o['device']}:{o['inode']} ({o['mode']})" for o in others)
+        listed = ", ".join(f"{o['device']}:{o['inode']} ({o['mode']})" for o in others[:_SHOWN])
+        listed += ", ..." if len(others) > _SHOWN else ""  # --json lists them all
         out.append(f"{len(others)} more: OFD locks at byte 0 on this machine whose holders no "
-                   f"/proc entry here shows, by device:inode: {listed} (`qemu-lockctl status "
-                   "PATH` asks a file)")  # fmt: skip
+                   f"/proc entry here shows (device:inode {listed}); `qemu-lockctl status PATH` "
+                   "asks a file")  # fmt: skip
     return out
 
 
