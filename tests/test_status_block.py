@@ -47,6 +47,8 @@ def test_a_block_device_is_shown_by_its_given_path_with_its_key(
     rows = [r for r in lockctl(env, "status")["locks"] if r["pid"] == pid]  # type: ignore[union-attr]
     disks = [r for r in rows if not r["path"].startswith("domain:")]
     assert [(r["path"], r["key"], r["state"]) for r in disks] == [(given, key, "held")], rows
+    if backend == "direct":  # it locks the /dev node too: that row is merged into the lease's
+        assert disks[0]["comm"] == "qemu-locked-fak", rows
 
     (row,) = lockctl(env, "status", given)["locks"]  # type: ignore[misc]
     assert (row["path"], row["key"], row["guest"]) == (given, key, "blk"), row

@@ -175,3 +175,22 @@ def test_a_stale_record_does_not_hide_a_holder_elsewhere(start, tmp_path) -> Non
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_a_posix_lock_holder_is_named_not_called_hidden(tmp_path: Path) -> None:
+    """A POSIX lock on byte 0 refuses an OFD lock too: status names its holder
+    (it had called it "a local process whose /proc entries this user cannot read")."""
+    img = make_image(tmp_path / "d.img")
+    code = ("import fcntl,os,sys,time; fd=os.open(sys.argv[1], os.O_RDWR); "
+            "fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, 0); print('held', flush=True); "
+            "time.sleep(120)")  # fmt: skip
+    p = subprocess.Popen([sys.executable, "-c", code, img], stdout=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout is not None and p.stdout.readline() == "held\n"
+        (row,) = json.loads(run([QEMU_LOCKCTL, "status", "--json", img]).stdout)["locks"]
+        assert (row["pid"], row["mode"], "state" in row) == (p.pid, "exclusive", False), row
+        r = run([QEMU_LOCKED, "-drive", f"file={img}"])
+        assert r.returncode == 3 and f"by pid {p.pid} (python" in r.stderr, r.stderr
+    finally:
+        p.kill()
+        p.wait()

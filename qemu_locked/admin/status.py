@@ -92,14 +92,18 @@ def status_rows(config: Config, paths: list[str] | None = None) -> list[StatusRo
     that a migration keeper still waits for are rows in state ``pending``.
     """
     from qemu_locked.beside import keeper
+    from qemu_locked.model.value import replace
 
     space = os.path.realpath(config.lockspace_dir) + os.sep
-    leased = backend_rows(config, paths)
-    # An image the lockspace/sanlock backend leases is also byte-0 locked by the
-    # same VM (one inode, one lock): the lease row says more (state, host).
+    local = [r for r in local_rows(config, paths) if not r.path.startswith(space)]
+    # An image (or device) the lockspace/sanlock backend leases is also byte-0
+    # locked by the same VM: one row, the lease's (state, host, the path the VM
+    # was given), with the holder's fd on it (status of the lock, command name).
+    mine = {r.identity(): r for r in local}
+    leased = [replace(r, fd=m.fd, comm=m.comm) if (m := mine.get(r.identity())) else r
+              for r in backend_rows(config, paths)]  # fmt: skip
     have = {r.identity() for r in leased}
-    rows = [r for r in local_rows(config, paths)
-            if not r.path.startswith(space) and r.identity() not in have]  # fmt: skip
+    rows = [r for r in local if r.identity() not in have]
     pending = keeper.pending_rows(config.effective_host(), space)
     if paths:
         wanted = _identities(paths)
@@ -107,12 +111,12 @@ def status_rows(config: Config, paths: list[str] | None = None) -> list[StatusRo
     rows += pending
     have = {r.identity() for r in rows}
     rows += [r for r in leased if r.identity() not in have]
-    rows += unseen_rows(paths or [], rows)
+    rows += unseen_rows(paths or [], rows, config.effective_host())
     rows.sort(key=lambda r: (r.path, str(r.host), r.pid or 0))
     return _with_origins(rows, paths, config.effective_host())
 
 
-def unseen_rows(paths: list[str], rows: list[StatusRow]) -> list[StatusRow]:
+def unseen_rows(paths: list[str], rows: list[StatusRow], host: str) -> list[StatusRow]:
     """A named file no row shows held is asked the way a start asks (F_OFD_GETLK):
     held, it gets a row saying so even when its holder cannot be named, so
     status never calls free what a start would be refused."""
@@ -135,7 +139,11 @@ def unseen_rows(paths: list[str], rows: list[StatusRow]) -> list[StatusRow]:
         if found is None:
             continue
         holders = procfs.holders_of(st.st_dev, st.st_ino)
-        if holders:  # taken since the rows were read: the next status names it
+        # A POSIX lock on byte 0 refuses an OFD lock too (the rows show OFD locks
+        # only), or the holder came since the rows were read: named all the same.
+        out += [StatusRow(path, h.mode, h.pid, host, h.guest, h.uuid, iso_time(h.since),
+                          source="ofd", comm=h.comm) for h in holders]  # fmt: skip
+        if holders:
             continue
         why = unseen.explain(st.st_dev, st.st_ino)
         out.append(StatusRow(path, found[0], state=why.state, source="ofd", held_by=why.holder))
