@@ -20,6 +20,7 @@ from qemu_locked.admin.common import (
     table,
     with_config,
 )  # fmt: skip
+from qemu_locked.admin.status_cli import other_key, status
 from qemu_locked.model import config as _config
 from qemu_locked.model.errors import (
     EXIT_CONFLICT,
@@ -61,11 +62,22 @@ def _root(
     """Admin side of qemu-locked: plan, check, status, run, doctor."""
 
 
+def key_of(path: str) -> str | None:
+    """The stable key (lock/keys.py) of an existing disk, beside the path it was
+    given (/dev/HostVG/vol -> lvm:...); None for a path that does not exist."""
+    from qemu_locked.lock import keys
+
+    try:
+        return keys.disk_key(path, os.stat(path))
+    except (OSError, ValueError, QemuLockedError):
+        return None
+
+
 def plan_json(p: Plan) -> dict[str, object]:
     obj = p.to_json_obj()
     obj["disks"] = [
-        {"path": d.path, "mode": d.mode, "role": d.role, "origin": d.origin,
-         "probe_backing": d.probe_backing, "probe_data_file": d.probe_data}
+        {"path": d.path, "key": key_of(d.path), "mode": d.mode, "role": d.role,
+         "origin": d.origin, "probe_backing": d.probe_backing, "probe_data_file": d.probe_data}
         for d in p.disks
     ]  # fmt: skip
     obj["guest"] = p.guest
@@ -80,15 +92,29 @@ def _header_note(d: DiskRef) -> str:
 
 def print_plan(plan: Plan) -> None:
     rows = [[d.mode, d.role, d.path + _header_note(d), d.origin] for d in plan.disks]
+    header = ["MODE", "ROLE", "PATH", "ORIGIN"]
+    others = [other_key({"path": d.path, "key": key_of(d.path)}) for d in plan.disks]
+    if any(others):  # a device's stable name, beside the path it was given
+        header.append("KEY")
+        rows = [[*r, k or "-"] for r, k in zip(rows, others, strict=True)]
     if plan.guest or plan.uuid:
         sys.stdout.write(f"guest {plan.guest or '-'}  uuid {plan.uuid or '-'}\n\n")
     if rows:
-        sys.stdout.write(table(rows, ["MODE", "ROLE", "PATH", "ORIGIN"]))
+        sys.stdout.write(table(rows, header))
     else:
         sys.stdout.write("no disk to lock\n")
+    print_skipped(plan)
+
+
+def print_skipped(plan: Plan) -> None:
+    """What QEMU opens that is not locked, and why (plan and check)."""
+    from qemu_locked.model.plan import NETWORK_WHY
+
     if plan.skipped:
         sys.stdout.write("\nnot locked:\n")
         sys.stdout.write(table([[s.source, s.reason] for s in plan.skipped], ["SOURCE", "REASON"]))
+    if any(s.network for s in plan.skipped):
+        sys.stdout.write(f"\nnetwork disks: {NETWORK_WHY}\n")
 
 
 @app.command()
@@ -167,11 +193,18 @@ def check(
                 "backend": cfg.backend,
                 "guest": p.guest,
                 "uuid": p.uuid,
-                "disks": [{"path": d.path, "mode": d.mode} for d in p.disks],
+                "disks": [{"path": d.path, "key": key_of(d.path), "mode": d.mode} for d in p.disks],
                 "conflicts": [
-                    {"path": res, "wanted": wanted, "held_by": who, "holders": holder_objs(res)}
+                    {
+                        "path": res,
+                        "key": key_of(res),
+                        "wanted": wanted,
+                        "held_by": who,
+                        "holders": holder_objs(res),
+                    }
                     for res, wanted, who in found
                 ],
+                "skipped": p.to_json_obj()["skipped"],
             }
         )
     elif found:
@@ -180,63 +213,13 @@ def check(
     else:
         n = len(p.disks)
         sys.stdout.write(f"ok: {n} disk{'s' if n != 1 else ''} free (backend {cfg.backend})\n")
+    if not as_json:
+        print_skipped(p)
     if found:
         raise SystemExit(EXIT_CONFLICT)
 
 
-# -- status --------------------------------------------------------------------
-
-
-@app.command()
-def status(
-    paths: Optional[list[str]] = typer.Argument(
-        None, metavar="PATH", help="Only locks on these files."
-    ),
-    as_json: bool = JSON_OPT,
-) -> None:
-    """Every byte-0 lock held on this host (and, with a lockspace backend, on
-    every host sharing it): disk, mode, pid, guest, uuid, since, host.
-
-    \b
-    Exit codes: 0 listed (possibly nothing); 2 a PATH does not exist or the
-    config is bad.
-    """
-    from qemu_locked.admin.status import status_rows
-
-    rows = [r.to_json() for r in status_rows(_config.load(), paths or None)]
-    if as_json:
-        emit_json({"locks": rows})
-        return
-    if not rows:
-        sys.stdout.write("no lock held\n")
-        return
-
-    def cell(value: object) -> str:
-        return "-" if value is None or value == "" else str(value)
-
-    header = ["MODE", "PID", "GUEST", "COMMAND", "UUID", "SINCE", "HOST", "PATH"]
-    keys = ["mode", "pid", "guest", "comm", "uuid", "since", "host", "path"]
-    if any("origin" in r for r in rows):  # what the monitor guard saw put it there
-        header.insert(-1, "ORIGIN")
-        keys.insert(-1, "origin")
-    if any("state" in r for r in rows):  # lease records (held/stale) and pending migrations
-        header.insert(1, "STATE")
-        keys.insert(1, "state")
-        for r in rows:
-            r.setdefault("state", "held")
-    sys.stdout.write(table([[cell(r.get(k)) for k in keys] for r in rows], header))
-    from qemu_locked.admin.status import MEANING
-
-    for state, meaning in MEANING.items():
-        count = sum(1 for r in rows if r.get("state") == state)
-        if count:
-            sys.stdout.write(f"\n{count} {state}: {meaning}\n")
-    stale = sum(1 for r in rows if r.get("state") == "stale")
-    if stale:
-        sys.stdout.write(
-            f"\n{stale} stale: lease records nobody holds any more (the lock is the truth); "
-            "`qemu-lockctl lockspace gc` removes their files\n"
-        )
+app.command()(status)  # admin/status_cli.py
 
 
 # -- doctor ----------------------------------------------------------------------

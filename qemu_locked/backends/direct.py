@@ -38,13 +38,13 @@ def claims(plan: Plan) -> list[Claim]:
 
 
 def _conflict(fd: int, claim: Claim) -> Conflict:
-    from qemu_locked.lock import procfs  # only on the refusal path
+    from qemu_locked.lock import procfs, unseen  # only on the refusal path
 
     st = os.fstat(fd)
     found = ofd.conflicting(fd, claim.exclusive)
     mode_hint, pid = found if found else ("exclusive", -1)
     who = procfs.holders_of(st.st_dev, st.st_ino, pid)
-    return claim.label, claim.mode, procfs.describe(who, mode_hint, st.st_dev, st.st_ino)
+    return claim.label, claim.mode, unseen.describe(who, mode_hint, st.st_dev, st.st_ino)
 
 
 def _block_leases(cls: list[Claim], config: Config | None) -> list[Claim]:
@@ -131,7 +131,8 @@ def conflicts(plan: Plan, config: Config | None = None) -> list[Conflict]:
         from qemu_locked.backends.lockspace import leases
 
         out += leases.conflicts_in(config.lockspace_dir, wants)
-    return out + _image_conflicts(cls)
+    named = {c[0] for c in out}  # a device whose lease is busy is reported once (it names the host)
+    return out + [c for c in _image_conflicts(cls) if c[0] not in named]
 
 
 def _image_conflicts(cls: list[Claim]) -> list[Conflict]:

@@ -240,5 +240,8 @@ def pending_rows(host: str, lockspace_prefix: str) -> list[StatusRow]:
 def _waits_on(target: str, info: str) -> bool:
     """An fd on a file (image, device, lease) that holds no lock: one a keeper
     or supervisor waits to lock (the supervisor's carriers hold theirs; its
-    listener, sockets and /proc files are not files of ours)."""
-    return target.startswith("/") and not target.startswith("/proc/") and "\nlock:" not in info
+    listener, sockets, /proc files and the memfd it publishes its locks in are
+    not files of ours)."""
+    if not target.startswith("/") or target.startswith(("/proc/", "/memfd:")):
+        return False
+    return "\nlock:" not in info

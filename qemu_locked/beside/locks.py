@@ -29,7 +29,8 @@ if TYPE_CHECKING:
     from qemu_locked.model.config import Config
 
 FD_NAME_PREFIX = "qemu-locked-"  # getfd names the guard reserves for itself
-MEMFD_NAME = "qemu-locked-guard"  # what it holds, for qemu-lockctl status (see published())
+MEMFD_NAME = "qemu-locked-guard"  # what it holds, for qemu-lockctl status (admin/published.py)
+NET = "net"  # a line of it naming a network disk (older readers skip it: not a pid)
 _UNLOCK_ALL = ofd._build_flock(ofd.F_UNLCK, 0, 0)
 _O_ACCMODE = 3
 
@@ -218,12 +219,12 @@ class Locks:
         from qemu_locked.model.errors import LockedError
 
         if lock.key.startswith("f:"):  # an image's own byte 0 (direct): read from /proc
-            from qemu_locked.lock import procfs
+            from qemu_locked.lock import procfs, unseen
 
             st = os.stat(lock.path)
             who = [h for h in procfs.holders_of(st.st_dev, st.st_ino) if h.pid != self.qemu_pid]
             if who:
-                return _line(LockedError([(lock.path, EXCLUSIVE, procfs.describe(who, SHARED))]))
+                return _line(LockedError([(lock.path, EXCLUSIVE, unseen.describe(who, SHARED))]))
         from qemu_locked.backends import load
 
         plan = Plan((DiskRef(lock.path, EXCLUSIVE, lock.origin),), (), *self._names())
@@ -323,38 +324,21 @@ class Locks:
             f"{self.qemu_pid}\t{lock.path}\t{lock.origin}\n".replace("\0", "")
             for lock in self.by_key.values()
             if lock.fds
-        ).encode("utf-8", "surrogateescape")
-        if text == self._shown:
+        )
+        # The command line's network disks: nothing to lock, still to be shown.
+        text += "".join(
+            f"{NET}\t{self.qemu_pid}\t{s.source}\t{s.reason}\n".replace("\0", "")
+            for s in self.plan.skipped
+            if s.network and "\n" not in s.source + s.reason
+        )
+        data = text.encode("utf-8", "surrogateescape")
+        if data == self._shown:
             return
         if self._memfd < 0:
             self._memfd = os.memfd_create(MEMFD_NAME, os.MFD_CLOEXEC)
         os.ftruncate(self._memfd, 0)
-        os.pwrite(self._memfd, text, 0)
-        self._shown = text
-
-
-def published() -> dict[tuple[int, str], str]:
-    """(QEMU pid, real path) -> origin, from every guard this host lets us read."""
-    from qemu_locked.lock import procfs
-
-    out: dict[tuple[int, str], str] = {}
-    for pid in procfs.pids():
-        if procfs.comm(pid) != procfs.GUARD_COMM:
-            continue
-        for fd, target, _info in procfs.fd_entries(pid):
-            if not target.startswith(f"/memfd:{MEMFD_NAME}"):
-                continue
-            try:
-                with open(f"/proc/{pid}/fd/{fd}", "rb") as f:
-                    text = f.read(1 << 20).decode("utf-8", "surrogateescape")
-            except OSError:
-                continue
-            for line in text.splitlines():
-                qemu, _tab, rest = line.partition("\t")
-                path, _tab, origin = rest.partition("\t")
-                if qemu.isdigit():
-                    out[(int(qemu), os.path.realpath(path))] = origin
-    return out
+        os.pwrite(self._memfd, data, 0)
+        self._shown = data
 
 
 def fd_writable(pid: int, fd: int) -> bool:

@@ -42,11 +42,11 @@ class Pending:
 
     def holders(self) -> str:
         """Who still holds it, for the keeper's timeout line."""
-        from qemu_locked.lock import procfs
+        from qemu_locked.lock import procfs, unseen
 
         st = os.fstat(self.fd)
         holders = procfs.holders_of(st.st_dev, st.st_ino)
-        return procfs.describe(holders, "exclusive", st.st_dev, st.st_ino)
+        return unseen.describe(holders, "exclusive", st.st_dev, st.st_ino)
 
 
 class Held:

@@ -122,19 +122,35 @@ def fd_entries(
         yield fd, target, info
 
 
-# /proc directories a security module hid from this process although their
-# modes let us list them: a refusal then says so instead of blaming permissions.
+# Processes whose fds the last scan could not read: a lock it did not find may be
+# theirs (lock/unseen.py tells what else it may be).  Of those, the /proc
+# directories a security module hid although their modes let us list them: a
+# refusal then says so instead of blaming permissions.
+_UNREADABLE: set[str] = set()
 _HIDDEN_BY_POLICY: set[str] = set()
 
 
 def _note_hidden(directory: str, exc: OSError) -> None:
     from qemu_locked.lock.policy import by_policy
 
+    if exc.errno not in (1, 13):
+        return  # gone meanwhile: nothing hidden
+    _UNREADABLE.add(directory)
     try:
         if by_policy(exc, os.stat(directory), 5):
             _HIDDEN_BY_POLICY.add(directory)
     except OSError:
         pass
+
+
+def unreadable() -> bool:
+    """Were some processes' fds unreadable to the last scan?"""
+    return bool(_UNREADABLE)
+
+
+def hidden_by_policy() -> bool:
+    """Did a security module hide some of them?"""
+    return bool(_HIDDEN_BY_POLICY)
 
 
 def lock_lines(info: str) -> Iterator[tuple[str, str, int, int, int]]:
@@ -230,6 +246,7 @@ def scan(match: set[tuple[int, int]] | None = None) -> Iterator[FileLock]:
     """Every byte-0 lock held through an fd we can see (optionally only these files).
     What the policy hid is noted afresh for each scan (a guard lives for days)."""
     _HIDDEN_BY_POLICY.clear()
+    _UNREADABLE.clear()
     me = os.getpid()
     for pid in pids():
         if pid == me or comm(pid) in HELPER_COMMS:
@@ -253,44 +270,3 @@ def holders_of(dev: int, ino: int, pid_hint: int = -1) -> list[Holder]:
         guest, uuid, comm = guest_of(pid)
         out.append(Holder(pid, mode, guest, uuid, comm, start_time(pid)))
     return out
-
-
-def locked_here(dev: int, ino: int) -> bool | None:
-    """Does this kernel hold a lock covering byte 0 of the file?  /proc/locks is
-    readable by everyone, even where the holder's /proc/PID is not; None when a
-    security module denies reading it (nothing can be said)."""
-    want = f"{os.major(dev):02x}:{os.minor(dev):02x}:{ino}"
-    try:
-        with open("/proc/locks", encoding="ascii", errors="replace") as f:
-            for line in f:
-                parts = line.split()
-                if len(parts) >= 8 and parts[1] != "->" and parts[5] == want and parts[6] == "0":
-                    return True
-    except OSError as exc:
-        return None if exc.errno in (1, 13) else False
-    return False
-
-
-_ROOT_NAMES = "`qemu-lockctl status PATH` as root names it"
-
-
-def describe(holders: list[Holder], mode_hint: str, dev: int = -1, ino: int = -1) -> str:
-    """``(exclusive) by pid 4242, guest 'web'`` for a refusal message."""
-    if not holders:
-        here = locked_here(dev, ino) if dev >= 0 else False
-        if here is None or (here and _HIDDEN_BY_POLICY):
-            from qemu_locked.lock.policy import modules
-
-            what = "/proc/locks" if here is None else "other processes' /proc entries"
-            return (
-                f"({mode_hint}) by a holder this process cannot identify: the host's security "
-                f"policy ({modules()}) denies it {what} ({_ROOT_NAMES})"
-            )
-        if here:
-            return (
-                f"({mode_hint}) by a local process whose /proc entries this user cannot read "
-                f"({_ROOT_NAMES})"
-            )
-        return f"({mode_hint}) by a process on another host (or in another PID namespace)"
-    mode = "exclusive" if any(h.mode == "exclusive" for h in holders) else "shared"
-    return f"({mode}) by " + " and ".join(h.describe() for h in holders)

@@ -61,6 +61,18 @@ class Skipped:
     path: str = ""
     writes: bool = False
 
+    @property
+    def network(self) -> bool:
+        """A disk QEMU reaches over the network (nbd, rbd, iscsi, http...)."""
+        return self.reason.startswith(NETWORK_DISK)
+
+
+NETWORK_DISK = "network disk"
+# Said once wherever a network disk is listed as not locked.
+NETWORK_WHY = (
+    "the storage server arbitrates access; qemu-locked locks only local files and block devices"
+)
+
 
 @frozen
 class Plan:
@@ -93,7 +105,9 @@ class Plan:
     def to_json_obj(self) -> dict[str, object]:
         return {
             "disks": [{"path": d.path, "mode": d.mode, "origin": d.origin} for d in self.disks],
-            "skipped": [{"source": s.source, "reason": s.reason} for s in self.skipped],
+            "skipped": [
+                {"source": s.source, "reason": s.reason, "network": s.network} for s in self.skipped
+            ],
         }
 
 

@@ -38,6 +38,8 @@ class StatusRow:
     host_id: int | None = None
     slot: int | None = None
     origin: str | None = None  # what put it there, as the monitor guard saw it
+    held_by: str | None = None  # who holds it, when no pid/record names the holder
+    key: str | None = None  # the stable resource key (lock/keys.py) of what path names
 
     def to_json(self) -> dict[str, object]:
         out: dict[str, object] = {}
@@ -48,5 +50,7 @@ class StatusRow:
         return out
 
     def identity(self) -> tuple[str, int | None, str | None]:
-        """Rows with the same identity describe one holding (first one wins)."""
-        return self.path, self.pid, self.host
+        """Rows with the same identity describe one holding (first one wins): one
+        resource (by key where known: a device's lease and its /dev node are one),
+        one holder."""
+        return self.key or self.path, self.pid, self.host

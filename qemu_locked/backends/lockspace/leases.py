@@ -26,6 +26,13 @@ import os
 import stat
 import time
 
+from qemu_locked.backends.lockspace.record import (
+    MAGIC,
+    RECORD_SIZE,
+    Record,
+    decode_record,
+    encode_record,
+)
 from qemu_locked.lock import ofd
 from qemu_locked.lock.acquire import NO_WAIT, take_all
 from qemu_locked.lock.held import Held, Pending
@@ -42,32 +49,7 @@ if TYPE_CHECKING:
     from qemu_locked.model.plan import Plan
 
 SLOTS = 64
-RECORD_SIZE = 512
-_MAGIC = b"qemu-locked-record 1\n"
 _FILE_MODE = 0o660  # the libvirt-qemu user locks them through the directory's group
-_FIELDS = ("host", "pid", "boot", "guest", "uuid", "mode", "since", "key")
-
-
-@frozen
-class Record:
-    """What a holder says about itself; trusted only while its slot is locked."""
-
-    slot: int
-    host: str
-    pid: int
-    boot: str
-    guest: str
-    uuid: str
-    mode: str
-    since: float
-    key: str
-    live: bool = True
-
-    def describe(self) -> str:
-        text = f"pid {self.pid}"
-        if self.guest:
-            text += f", guest '{self.guest}'"
-        return text + f" on host '{self.host}'"
 
 
 def lease_name(key: str) -> str:
@@ -90,37 +72,6 @@ def _read_boot_id() -> str:
             return f.read(64).decode("ascii", "replace").strip()
     except OSError:
         return ""
-
-
-def _clean(value: str) -> str:
-    return value.replace("\n", " ").replace("\0", " ")[:200]
-
-
-def encode_record(fields: dict[str, str]) -> bytes:
-    body = _MAGIC + b"".join(
-        f"{k}={_clean(fields.get(k, ''))}\n".encode("utf-8", "surrogateescape") for k in _FIELDS
-    )
-    return body[:RECORD_SIZE].ljust(RECORD_SIZE, b"\0")
-
-
-def decode_record(slot: int, raw: bytes, live: bool = True) -> Record | None:
-    """Parse one record; anything malformed is ignored, never trusted."""
-    if not raw.startswith(_MAGIC):
-        return None
-    text = raw[len(_MAGIC) : RECORD_SIZE].split(b"\0", 1)[0].decode("utf-8", "replace")
-    values: dict[str, str] = {}
-    for line in text.split("\n"):
-        key, eq, value = line.partition("=")
-        if eq and key in _FIELDS:
-            values[key] = value
-    try:
-        pid = int(values.get("pid", ""))
-        since = float(values.get("since", ""))
-    except ValueError:
-        return None
-    return Record(slot, values.get("host", "?"), pid, values.get("boot", ""),
-                  values.get("guest", ""), values.get("uuid", ""),
-                  values.get("mode", "?"), since, values.get("key", ""), live)  # fmt: skip
 
 
 class LeaseMissing(BackendError):
@@ -218,10 +169,12 @@ def take_slot(fd: int) -> int | None:
     return None
 
 
-def write_record(fd: int, slot: int, key: str, mode: str, me: Identity) -> None:
+def write_record(fd: int, slot: int, key: str, mode: str, me: Identity, label: str = "") -> None:
+    """``label``: the claim's, which for a disk is the path the VM was given."""
     data = encode_record({
         "host": me.host, "pid": str(me.pid), "boot": boot_id(), "guest": me.guest or "",
         "uuid": me.uuid or "", "mode": mode, "since": f"{time.time():.3f}", "key": key,
+        "path": label if label.startswith("/") else "",
     })  # fmt: skip
     try:
         written = os.pwrite(fd, data, slot * RECORD_SIZE)
@@ -244,7 +197,7 @@ def read_records(fd: int, lease_held: bool = True) -> list[Record]:
     out = []
     for slot in range(1, min(SLOTS, len(data) // RECORD_SIZE - 1) + 1):
         raw = data[slot * RECORD_SIZE : (slot + 1) * RECORD_SIZE]
-        if not raw.startswith(_MAGIC):
+        if not raw.startswith(MAGIC):
             continue
         held = False
         if lease_held:
@@ -305,7 +258,7 @@ class LeasePending(Pending):
         if slot is not None:
             mode = "exclusive" if self.exclusive else "shared"
             me = Identity(config.effective_host(), plan.guest, plan.uuid, vm_pid)
-            write_record(self.fd, slot, self.key, mode, me)
+            write_record(self.fd, slot, self.key, mode, me, self.label)
 
     def holders(self) -> str:
         return describe_holders(self.fd, "exclusive")
@@ -349,7 +302,7 @@ def acquire(
             slot = take_slot(fd)
             if slot is not None:
                 held.records.append((fd, slot * RECORD_SIZE, RECORD_SIZE))
-                write_record(fd, slot, claim.key, claim.mode, me)
+                write_record(fd, slot, claim.key, claim.mode, me, claim.label)
     except BaseException:
         held.abandon()
         raise

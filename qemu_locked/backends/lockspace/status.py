@@ -20,8 +20,11 @@ if TYPE_CHECKING:
 
 def status_rows(config: Config, paths: list[str] | None = None) -> list[StatusRow]:
     only: set[str] | None = None
+    given: dict[str, str] = {}  # key -> the path status was asked about
     if paths:
-        only = {leases.lease_name(c.key) for c in claims_for_paths(paths)}
+        for c in claims_for_paths(paths):
+            given.setdefault(c.key, c.label)
+        only = {leases.lease_name(k) for k in given}
     space = leases.Lockspace(config.lockspace_dir)
     rows: list[StatusRow] = []
     try:
@@ -43,10 +46,13 @@ def status_rows(config: Config, paths: list[str] | None = None) -> list[StatusRo
                 os.close(fd)
             live = [r for r in records if r.live and held]
             for rec in records:
+                # By the name the user asked about, else the one the holder was given
+                # (/dev/HostVG/vol), else the key; the key beside it.
+                path = given.get(rec.key) or rec.path or keys.display(rec.key)
                 rows.append(StatusRow(
-                    keys.display(rec.key), rec.mode, rec.pid, rec.host, rec.guest or None,
+                    path, rec.mode, rec.pid, rec.host, rec.guest or None,
                     rec.uuid or None, iso_time(rec.since), "held" if rec in live else "stale",
-                    "lockspace", lease=name,
+                    "lockspace", lease=name, key=rec.key or None,
                 ))  # fmt: skip
             if held and not live:
                 rows.append(StatusRow(name, held[0], state="held (no record)", lease=name,

@@ -58,7 +58,8 @@ def insert_medium(policy: PolicyView, args: dict[str, Any], tag: str) -> After:
     dev = policy.graph.devices.get(dev_id)
     if node is not None and policy.graph.writable(node) and not (dev is not None and dev.cd):
         policy._writer(node, tag, f"media change {dev_id}")
-    return policy._tagged(tag)
+    # A new medium is the device's, not the blockdev-add that opened it.
+    return policy._tagged(tag, lambda: policy._named(node, f"medium {dev_id}"))
 
 
 def remove_medium(policy: PolicyView, args: dict[str, Any], tag: str) -> After:

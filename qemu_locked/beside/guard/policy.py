@@ -195,16 +195,21 @@ class Policy:
 
         def on_ok() -> None:
             self.graph.add_device(args)
+            self._named(drive, origin)
             for leaf in self._files(drive):
                 lock = self.locks.by_key.get(self._key(leaf))
-                if lock is None:
-                    continue
-                if not lock.start:
-                    lock.origin = origin
-                if share and lock.mode == EXCLUSIVE:
+                if lock is not None and share and lock.mode == EXCLUSIVE:
                     self.locks.downgrade(lock)
 
         return self._tagged(tag, on_ok)
+
+    def _named(self, node: str | None, origin: str) -> None:
+        """What the files under ``node`` are for, now that a device uses them (a
+        hot-plugged disk, a medium): no longer the ``blockdev-add`` that opened them."""
+        for leaf in self._files(node):
+            lock = self.locks.by_key.get(self._key(leaf))
+            if lock is not None and not lock.start:
+                lock.origin = origin
 
     def _key(self, leaf: Node) -> str:
         from qemu_locked.lock import safeopen

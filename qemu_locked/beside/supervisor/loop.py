@@ -27,6 +27,9 @@ if TYPE_CHECKING:
 
 SWEEP_SECONDS = 1.0
 WAIT_SECONDS = 0.1  # between attempts at a lock an incoming migration waits for
+# The origin `status` shows of a lock taken after start: the kernel tells an open,
+# not which device or monitor command asked for it.
+AFTER_START = "opened after start"
 _REAL_FLAGS_DROPPED = os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_TRUNC
 
 
@@ -178,7 +181,7 @@ class Supervisor:
             return False
         exclusive = writes and key not in self.shareable
         try:
-            lock = locks.want(real, EXCLUSIVE if exclusive else SHARED, "open", "open")
+            lock = locks.want(real, EXCLUSIVE if exclusive else SHARED, "open", AFTER_START)
         except Refused as exc:
             shared = self._share(real, probe) if exclusive else None
             if shared is None:
@@ -217,7 +220,7 @@ class Supervisor:
         try:
             if not share.written_shareably(probe):
                 return None
-            return self.locks.want(real, SHARED, "open", "open")
+            return self.locks.want(real, SHARED, "open", AFTER_START)
         except (Refused, OSError, QemuLockedError):
             return None  # the first refusal is the one to tell
 
@@ -249,6 +252,7 @@ class Supervisor:
             ):
                 self.locks.downgrade(lock)
         self.locks.take_back.clear()  # QEMU's copies: unlocked, left open (no closefd here)
+        self.locks.publish()  # for `qemu-lockctl status` (ORIGIN): a write only on change
 
     # -- the loop -----------------------------------------------------------------
 
