@@ -152,8 +152,9 @@ def names_of(path: str) -> set[str]:
     return out
 
 
-def _when(t: float | None) -> str | None:
-    return None if t is None else datetime.fromtimestamp(t).astimezone().isoformat("T", "seconds")
+def _when(t: float | None, spec: str = "auto") -> str | None:
+    """Local ISO time: to the microsecond when the log has it (RFC 3339, journald)."""
+    return None if t is None else datetime.fromtimestamp(t).astimezone().isoformat("T", spec)
 
 
 def to_json(ev: Event) -> dict[str, object]:
@@ -201,5 +202,5 @@ def log(
     if any(ev.detail for ev in events):
         header.append("DETAIL")
         keys.append("detail")
-    rows = [to_json(ev) for ev in events]
+    rows = [dict(to_json(ev), time=_when(ev.time, "seconds")) for ev in events]
     sys.stdout.write(table([[cell(r[k]) for k in keys] for r in rows], header))

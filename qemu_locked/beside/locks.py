@@ -247,10 +247,10 @@ class Locks:
     def downgrade(self, lock: Lock) -> None:
         if not self._in_place:
             return  # a sanlock lease stays exclusive: stricter than needed, never weaker
-        for fd in lock.fds:
-            ofd.try_lock(fd, False)
+        held = [ofd.try_lock(fd, False) for fd in lock.fds]
         lock.mode = SHARED
-        self._audit("locked", lock)
+        if held and all(held):  # not a lock an incoming migration still waits for
+            self._audit("locked", lock)
 
     @property
     def _in_place(self) -> bool:

@@ -1,0 +1,374 @@
+"""The audit trail (issue 23, item 1): one line per refusal, lock and keeper
+timeout in the system log, read back by `qemu-lockctl log`.
+
+A real rsyslogd the tests start themselves: imuxsock on a private socket (never
+the machine's /dev/log), writing the traditional file format (Debian 12's
+default) and RFC 3339 (rsyslog's RSYSLOG_FileFormat) to files under a private
+directory.  Stopped by its pid.  With nobody listening, a full queue or a
+socket this user may not write to, starts go on and nothing is written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import pytest
+import test_supervisor
+from conftest import (
+    QEMU_LOCKCTL,
+    QEMU_LOCKED,
+    VM,
+    apt_install,
+    base_env,
+    lock_free,
+    make_image,
+    skip_unless_ci,
+    wait_for,
+)
+
+holder = test_supervisor.holder  # the same fixture: a process holding a file's byte 0
+HOST = os.uname().nodename
+_CONF = """\
+global(workDirectory="{dir}")
+module(load="imuxsock" SysSock.Use="off")
+input(type="imuxsock" Socket="{dir}/log.sock" CreatePath="on" RateLimit.Interval="0")
+*.* action(type="omfile" file="{dir}/syslog" template="RSYSLOG_TraditionalFileFormat")
+*.* action(type="omfile" file="{dir}/syslog-rfc3339" template="RSYSLOG_FileFormat")
+"""
+
+
+class Syslog:
+    """A private rsyslogd: ``socket`` is where lines go, ``file`` and ``rfc3339``
+    where it writes them."""
+
+    def __init__(self) -> None:
+        why = apt_install("rsyslog")
+        daemon = shutil.which("rsyslogd", path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin")
+        if why is not None or daemon is None:
+            skip_unless_ci(f"rsyslogd (apt: rsyslog): {why}")
+        # Short: an AF_UNIX path holds 108 bytes; readable by the `nobody` test.
+        self.dir = Path(tempfile.mkdtemp(prefix="ql-syslog-"))
+        self.dir.chmod(0o755)
+        self.socket = str(self.dir / "log.sock")
+        self.file = self.dir / "syslog"
+        self.rfc3339 = self.dir / "syslog-rfc3339"
+        conf = self.dir / "rsyslog.conf"
+        conf.write_text(_CONF.format(dir=self.dir))
+        self.proc = subprocess.Popen(
+            [str(daemon), "-n", "-f", str(conf), "-i", str(self.dir / "rsyslogd.pid")],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        )  # fmt: skip
+        wait_for(lambda: os.path.exists(self.socket) or self.proc.poll() is not None, "its socket")
+        assert self.proc.poll() is None, self.proc.communicate()[1]
+
+    def ours(self, path: Path | None = None) -> list[str]:
+        """The qemu-locked lines the daemon wrote so far."""
+        path = path or self.file
+        return (
+            [ln for ln in path.read_text().splitlines() if " qemu-locked[" in ln]
+            if path.exists()
+            else []
+        )
+
+    def wait_lines(self, n: int, path: Path | None = None) -> list[str]:
+        wait_for(lambda: len(self.ours(path)) >= n, f"{n} qemu-locked lines in the log")
+        return self.ours(path)
+
+    def env(self, **extra: str) -> dict[str, str]:
+        return base_env(**{"QEMU_LOCKED_AUDIT_SOCKET": self.socket,
+                            "QEMU_LOCKED_AUDIT_FILE": str(self.file), **extra})  # fmt: skip
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(30)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@pytest.fixture
+def syslog() -> Iterator[Syslog]:
+    daemon = Syslog()
+    try:
+        yield daemon
+    finally:
+        daemon.stop()
+
+
+def log(env: dict[str, str], *args: str) -> list[dict[str, object]]:
+    r = subprocess.run([QEMU_LOCKCTL, "log", "--json", *args], env=env, capture_output=True,
+                       text=True, timeout=60)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    out: list[dict[str, object]] = json.loads(r.stdout)
+    return out
+
+
+def fields(entry: dict[str, object]) -> dict[str, object]:
+    """An entry without its time (the daemon's clock)."""
+    return {k: v for k, v in entry.items() if k != "time"}
+
+
+def started(vm: VM) -> VM:
+    assert vm.started(), vm.stderr()
+    return vm
+
+
+def test_a_refused_start_is_one_line_naming_the_holder(syslog: Syslog, tmp_path: Path) -> None:
+    img = make_image(tmp_path / "d.img")
+    env = syslog.env()
+    a = started(VM(["-name", "guest=a", "-drive", f"file={img}"], env))
+    try:
+        b = VM(["-name", "guest=b", "-drive", f"file={img}"], env)
+        assert not b.started()
+        assert b.proc.returncode == 3
+        syslog.wait_lines(2)
+        entries = log(env)
+    finally:
+        a.kill()
+    key = f"file:{os.path.realpath(img)}"
+    common = {"path": img, "key": key, "mode": "exclusive", "host": HOST,
+              "origin": f"-drive file={img}", "detail": None}  # fmt: skip
+    assert [fields(e) for e in entries] == [
+        {"action": "locked", **common, "guest": "a", "pid": a.proc.pid, "holder": None},
+        {"action": "refused", **common, "guest": "b", "pid": b.proc.pid,
+         "holder": f"exclusive by pid {a.proc.pid}, guest 'a'"},
+    ]  # fmt: skip
+    # The line itself, as rsyslog wrote it (facility daemon: the PRI is not in the file).
+    assert syslog.ours()[1].endswith(
+        f" {HOST} qemu-locked[{b.proc.pid}]: action=refused path={img} key={key} mode=exclusive "
+        f"guest=b pid={b.proc.pid} host={HOST} holder=\"exclusive by pid {a.proc.pid}, guest 'a'\" "
+        f'origin="-drive file={img}"'
+    ), syslog.ours()
+    # Both file formats read back the same; each entry has the daemon's time.
+    env3339 = dict(env, QEMU_LOCKED_AUDIT_FILE=str(syslog.rfc3339))
+    syslog.wait_lines(2, syslog.rfc3339)
+    assert [fields(e) for e in log(env3339)] == [fields(e) for e in entries]
+    for e in entries:
+        when = datetime.fromisoformat(str(e["time"]))
+        assert abs(when - datetime.now().astimezone()) < timedelta(hours=1)
+
+
+def test_log_path_and_since_filter(syslog: Syslog, tmp_path: Path) -> None:
+    one, two = make_image(tmp_path / "one.img"), make_image(tmp_path / "two.img")
+    link = tmp_path / "link.img"
+    link.symlink_to(two)
+    env = syslog.env(QEMU_LOCKED_AUDIT_FILE=str(syslog.rfc3339), FAKE_QEMU_EXIT="0")
+    started(VM(["-name", "guest=first", "-drive", f"file={one}"], env)).proc.wait(30)
+    syslog.wait_lines(1, syslog.rfc3339)
+    (first,) = log(env)
+    started(VM(["-name", "guest=second", "-drive", f"file={two}"], env)).proc.wait(30)
+    syslog.wait_lines(2, syslog.rfc3339)
+    assert [e["guest"] for e in log(env, one)] == ["first"]
+    assert [e["guest"] for e in log(env, two)] == ["second"]
+    assert [e["guest"] for e in log(env, str(link))] == ["second"]  # another name, same disk
+    assert [e["guest"] for e in log(env, f"file:{os.path.realpath(two)}")] == ["second"]  # its key
+    assert log(env, str(tmp_path / "other.img")) == []
+    # Just after the first line (the daemon stamps microseconds): only the second.
+    after = (datetime.fromisoformat(str(first["time"])) + timedelta(microseconds=1)).isoformat()
+    assert [e["guest"] for e in log(env, "--since", after)] == ["second"]
+    assert [e["guest"] for e in log(env, "--since", "1h")] == ["first", "second"]
+    assert log(env, "--since", "2099-01-01") == []
+    # The table: one row per line.
+    r = subprocess.run([QEMU_LOCKCTL, "log", two], env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    head, row = r.stdout.splitlines()
+    assert head.split() == ["TIME", "ACTION", "MODE", "GUEST", "PID", "HOST", "PATH", "ORIGIN",
+                            "HOLDER"]  # fmt: skip
+    assert row.split()[1:7] == ["locked", "exclusive", "second", row.split()[4], HOST, two]
+
+
+def test_bad_since_and_an_unreadable_log_are_one_line(tmp_path: Path) -> None:
+    env = base_env(QEMU_LOCKED_AUDIT_FILE=str(tmp_path / "none"))
+    r = subprocess.run([QEMU_LOCKCTL, "log", "--since", "soon"], env=env, capture_output=True,
+                       text=True)  # fmt: skip
+    assert r.returncode == 2
+    assert r.stderr == (
+        "qemu-lockctl: --since 'soon': give a time ago (30s, 10min, 1h, 2d) or an ISO time "
+        "(2026-12-06 or 2026-12-06T12:30)\n"
+    )
+    r = subprocess.run([QEMU_LOCKCTL, "log"], env=env, capture_output=True, text=True)
+    assert (r.returncode, r.stderr) == (
+        4, f"qemu-lockctl: cannot read {tmp_path / 'none'}: No such file or directory\n"
+    )  # fmt: skip
+    private = tmp_path / "syslog"
+    private.write_text("")
+    private.chmod(0o600)
+    env["QEMU_LOCKED_AUDIT_FILE"] = str(private)
+    tmp_path.chmod(0o755)
+    r = subprocess.run(["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups",
+                        QEMU_LOCKCTL, "log"], env=env, capture_output=True, text=True)  # fmt: skip
+    assert (r.returncode, r.stderr) == (
+        4, f"qemu-lockctl: cannot read {private}: Permission denied (group adm may read it)\n"
+    )  # fmt: skip
+
+
+# -- nobody listening ----------------------------------------------------------------
+
+
+def listener(path: str) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(path)
+    sock.setblocking(False)
+    return sock
+
+
+def received(sock: socket.socket) -> list[bytes]:
+    out = []
+    while True:
+        try:
+            out.append(sock.recv(65536))
+        except BlockingIOError:
+            return out
+
+
+@pytest.mark.parametrize("case", ["no such socket", "nobody bound", "queue full", "denied",
+                                  "audit off"])  # fmt: skip
+def test_a_start_goes_on_when_nothing_can_be_written(case: str) -> None:
+    # A directory `nobody` can reach (pytest's own is root's alone).
+    top = Path(tempfile.mkdtemp(prefix="ql-audit-"))
+    try:
+        top.chmod(0o755)
+        img = make_image(top / "d.img")
+        os.chmod(img, 0o666)
+        path = str(top / "log.sock")
+        env = base_env(QEMU_LOCKED_AUDIT_SOCKET=path, FAKE_QEMU_EXIT="0")
+        argv = [QEMU_LOCKED, "-name", "guest=g", "-drive", f"file={img}"]
+        sock = listener(path)
+        # The control: listening, the start's lock is one datagram, facility daemon (3),
+        # severity info (6): <30>.
+        r = subprocess.run(argv, env=env, capture_output=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        pid = json.loads(r.stdout.splitlines()[0])["pid"]
+        assert received(sock) == [
+            f"<30>qemu-locked[{pid}]: action=locked path={img} key=file:{os.path.realpath(img)} "
+            f'mode=exclusive guest=g pid={pid} host={HOST} origin="-drive file={img}"'.encode()
+        ]
+        if case == "no such socket":
+            sock.close()
+            os.unlink(path)
+        elif case == "nobody bound":
+            sock.close()  # the file stays: a connect is refused
+            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as probe:
+                with pytest.raises(ConnectionRefusedError):
+                    probe.sendto(b"x", path)
+        elif case == "queue full":
+            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as filler:
+                filler.setblocking(False)
+                with pytest.raises(BlockingIOError):
+                    while True:
+                        filler.sendto(b"filler", path)
+        elif case == "denied":
+            os.chmod(path, 0o600)  # root's alone; the start runs as nobody
+            argv = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", *argv]
+        else:
+            env["QEMU_LOCKED_AUDIT"] = "false"
+        # A blocking send would hang here (the timeout ends the test, failed).
+        r = subprocess.run(argv, env=env, capture_output=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        assert r.stderr == b""
+        assert lock_free(img)  # it ran, locked, and let go
+        if case == "no such socket":
+            assert not os.path.lexists(path)  # nothing created in its place
+        if sock.fileno() >= 0:
+            assert b"qemu-locked" not in b"".join(received(sock))
+            sock.close()
+    finally:
+        shutil.rmtree(top, ignore_errors=True)
+
+
+# -- beside a running VM: the supervisor, the keeper ---------------------------------
+
+
+@pytest.mark.qemu
+def test_the_supervisor_logs_a_hot_plug_refused_and_a_lock_taken_and_released(
+    syslog: Syslog, tmp_path: Path, holder
+) -> None:
+    QemuVM, qcow2 = test_supervisor.VM, test_supervisor.qcow2
+    boot, held, free = (qcow2(tmp_path / f"{n}.qcow2") for n in ("boot", "held", "free"))
+    holder_pid = holder(held)
+    env = syslog.env()
+    vm = QemuVM(tmp_path, "-drive", f"file={boot},if=virtio", name="sv",
+                QEMU_LOCKED_AUDIT_SOCKET=syslog.socket)  # fmt: skip
+    try:
+        assert "error" in vm.add(held, "held")
+        assert "return" in vm.add(free, "free")
+        assert "return" in vm.qmp.cmd("blockdev-del", **{"node-name": "free"})
+        wait_for(lambda: lock_free(free), "released after blockdev-del", timeout=10)
+        wait_for(lambda: [e["action"] for e in log(env, free)] == ["locked", "released"],
+                 "the release in the log")  # fmt: skip
+    finally:
+        vm.quit()
+    comm = Path(f"/proc/{holder_pid}/comm").read_text().strip()
+    by_path: dict[str, list[dict[str, object]]] = {}
+    for e in log(env):
+        by_path.setdefault(str(e["path"]), []).append(fields(e))
+
+    def line(action: str, path: str, origin: str, holder: str | None = None) -> dict[str, object]:
+        return {"action": action, "path": path, "key": f"file:{path}", "mode": "exclusive",
+                "guest": "sv", "pid": vm.proc.pid, "host": HOST, "holder": holder,
+                "origin": origin, "detail": None}  # fmt: skip
+
+    assert by_path[boot] == [line("locked", boot, f"-drive file={boot},if=virtio")]
+    refusal = line("refused", held, "open", f"exclusive by pid {holder_pid} ({comm})")
+    assert by_path[held] and all(e == refusal for e in by_path[held]), by_path[held]
+    assert by_path[free] == [line("locked", free, "open"), line("released", free, "open")]
+    assert set(by_path) == {boot, held, free}
+
+
+@pytest.mark.qemu
+@pytest.mark.parametrize("supervisor", ["false", "true"])  # the keeper process, or the supervisor
+def test_a_migrations_timeout_is_one_line_naming_the_holder(
+    syslog: Syslog, tmp_path: Path, supervisor: str
+) -> None:
+    from guard_helpers import QEMU
+    from test_migration import qemu
+
+    if QEMU is None:
+        skip_unless_ci("qemu-system-x86_64 (apt: qemu-system-x86)")
+    image = test_supervisor.qcow2(tmp_path / "vm.qcow2")
+    env = syslog.env(QEMU_LOCKED_EMULATOR=QEMU, QEMU_LOCKED_SUPERVISOR=supervisor,
+                     QEMU_LOCKED_INCOMING_WAIT="1", QEMU_LOCKED_DOMAIN_LEASE="false")  # fmt: skip
+    source = qemu(tmp_path, "holder", image, env)
+    try:
+        wait_for(lambda: not lock_free(image, exclusive=False), "the holder's lock")
+        dst = qemu(tmp_path, "dst", image, env, "-incoming", "defer")
+        _out, err = dst.communicate(timeout=60)
+        assert dst.returncode == -9, err
+        wait_for(lambda: any(e["action"] == "timeout" for e in log(env)), "the timeout line")
+    finally:
+        source.kill()
+        source.wait()
+    timeouts = [fields(e) for e in log(env, image) if e["guest"] == "dst"]
+    assert timeouts == [{
+        "action": "timeout", "path": image, "key": f"file:{image}", "mode": "exclusive",
+        "guest": "dst", "pid": dst.pid, "host": HOST,
+        "holder": f"exclusive by pid {source.pid}, guest 'holder'", "origin": "incoming migration",
+        "detail": "after 1 s of incoming migration; killing the VM (incoming_timeout_action = kill)",
+    }]  # fmt: skip
+
+
+def test_a_migrations_lock_taken_at_last_is_logged(syslog: Syslog, tmp_path: Path) -> None:
+    img = make_image(tmp_path / "d.img")
+    env = syslog.env(QEMU_LOCKED_DOMAIN_LEASE="false", QEMU_LOCKED_INCOMING_WAIT="600")
+    source = started(VM(["-name", "guest=src", "-drive", f"file={img}"], env))
+    dst = started(VM(["-name", "guest=dst", "-drive", f"file={img}", "-incoming", "defer"], env))
+    try:
+        source.kill()  # the source lets go: the keeper takes it for dst
+        wait_for(lambda: len(log(env, img)) == 2, "the keeper's line")
+    finally:
+        dst.kill()
+    common = {"path": img, "key": f"file:{img}", "mode": "exclusive", "host": HOST,
+              "holder": None, "detail": None}  # fmt: skip
+    assert [fields(e) for e in log(env, img)] == [
+        {"action": "locked", **common, "guest": "src", "pid": source.proc.pid,
+         "origin": f"-drive file={img}"},
+        {"action": "locked", **common, "guest": "dst", "pid": dst.proc.pid,
+         "origin": "incoming migration"},
+    ]  # fmt: skip
