@@ -18,7 +18,7 @@ import socket
 import subprocess
 import tempfile
 from collections.abc import Iterator
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -34,6 +34,8 @@ from conftest import (
     skip_unless_ci,
     wait_for,
 )
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 holder = test_supervisor.holder  # the same fixture: a process holding a file's byte 0
 HOST = os.uname().nodename
@@ -372,3 +374,54 @@ def test_a_migrations_lock_taken_at_last_is_logged(syslog: Syslog, tmp_path: Pat
         {"action": "locked", **common, "guest": "dst", "pid": dst.proc.pid,
          "origin": "incoming migration"},
     ]  # fmt: skip
+
+
+# -- the line format, read back ------------------------------------------------------
+
+# Any text a path can be: surrogate escapes (bytes that are not UTF-8) included.
+_TEXT = st.text(
+    st.characters(blacklist_categories=("Cs",))
+    | st.sampled_from([chr(0xDC00 + b) for b in range(0x80, 0x100)])
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_TEXT, _TEXT)
+def test_any_value_reads_back_as_written(path: str, holder: str) -> None:
+    from qemu_locked.model.audit import Event, datagram, format_event, parse_event
+
+    ev = Event("refused", path or None, "file:/k", "exclusive", "g h", 7, "h", holder or None)
+    line = format_event(ev)
+    assert not any(c in line for c in "\n\r\0")  # one line, whatever a path holds
+    assert parse_event(line) == ev
+    datagram(ev, 1).decode("utf-8")  # valid UTF-8: journald keeps it a string
+
+
+def test_since_forms() -> None:
+    from qemu_locked.admin.auditlog import parse_since
+    from qemu_locked.model.errors import UsageError
+
+    now = 1_800_000_000.0
+    assert [parse_since(t, now) for t in ("30s", "10min", "1h", "2d")] == [
+        now - 30, now - 600, now - 3600, now - 2 * 86400
+    ]  # fmt: skip
+    when = datetime(2027, 1, 15, 8, tzinfo=UTC).timestamp()
+    assert parse_since("2027-01-15T08:00:00+00:00", now) == when
+    assert parse_since("2027-01-15 08:00:00Z", now) == when
+    for bad in ("10", "10m", "soon", "1 y", ""):
+        with pytest.raises(UsageError):
+            parse_since(bad, now)
+
+
+def test_a_journal_record_reads_as_its_message() -> None:
+    """journalctl -o json: MESSAGE a string, or a list of bytes when not UTF-8
+    (systemd's JSON export format); __REALTIME_TIMESTAMP in microseconds."""
+    from qemu_locked.admin.auditlog import journal_record
+    from qemu_locked.model.audit import Event
+
+    line = "action=locked path=/x.img mode=shared pid=5"
+    ev = journal_record({"MESSAGE": line, "__REALTIME_TIMESTAMP": "1800000000250000"})
+    assert ev == Event("locked", "/x.img", mode="shared", pid=5, time=1_800_000_000.25)
+    raw = {"MESSAGE": list(b"action=refused path=/\xff.img"), "__REALTIME_TIMESTAMP": "1"}
+    assert journal_record(raw) == Event("refused", "/\udcff.img", time=1e-6)
+    assert journal_record({"MESSAGE": "Started Session 3 of user root."}) is None

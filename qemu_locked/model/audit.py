@@ -57,23 +57,28 @@ class Event:
 def _plain(c: str) -> bool:
     if " " < c < "\x7f":
         return c not in '"\\'
-    return c >= "\xa0" and not "\udc80" <= c <= "\udcff"
+    return c >= "\xa0" and not "\ud800" <= c <= "\udfff"
 
 
 def quote(value: str) -> str:
-    """A value as one word: as it is, else in double quotes, with ``\\\\``, ``\\"``
-    and ``\\xHH`` for control characters and the bytes of a path that are not
-    UTF-8 (surrogate escapes), so a line is printable UTF-8 and one line."""
+    """A value as one word: as it is, else in double quotes, with ``\\\\``, ``\\"``,
+    ``\\xHH`` for control characters (below 80) and the bytes of a path that are
+    not UTF-8 (surrogate escapes, 80 and up), ``\\u00HH`` for C1 controls: a line
+    is one line of valid UTF-8."""
     if value and all(_plain(c) for c in value):
         return value
     out = []
     for c in value:
         if c in '"\\':
             out.append("\\" + c)
-        elif c < " " or c == "\x7f" or "\x80" <= c < "\xa0":
+        elif c < " " or c == "\x7f":
             out.append(f"\\x{ord(c):02x}")
+        elif "\x80" <= c < "\xa0":  # C1 controls: \\x80 and up are a path's raw bytes
+            out.append(f"\\u{ord(c):04x}")
         elif "\udc80" <= c <= "\udcff":
             out.append(f"\\x{ord(c) - 0xDC00:02x}")
+        elif "\ud800" <= c <= "\udfff":
+            out.append("\ufffd")  # no byte a path could have: UTF-8 cannot carry it
         else:
             out.append(c)
     return '"' + "".join(out) + '"'
@@ -125,6 +130,10 @@ def _words(message: str) -> dict[str, str] | None:
                     code = int(message[i + 2 : i + 4], 16)
                     out.append(chr(code if code < 0x80 else 0xDC00 + code))
                     i += 4
+                    continue
+                if c == "\\" and message[i + 1 : i + 2] == "u":
+                    out.append(chr(int(message[i + 2 : i + 6], 16)))
+                    i += 6
                     continue
                 if c == "\\":
                     i += 1
