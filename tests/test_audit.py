@@ -37,6 +37,8 @@ from conftest import (
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from qemu_locked.lock import procfs
+
 holder = test_supervisor.holder  # the same fixture: a process holding a file's byte 0
 HOST = os.uname().nodename
 _CONF = """\
@@ -102,6 +104,13 @@ def syslog() -> Iterator[Syslog]:
         yield daemon
     finally:
         daemon.stop()
+
+
+def helpers(vm_pid: int) -> list[int]:
+    """The processes beside this QEMU (a pidfd of it in their fds)."""
+    return [pid for pid in procfs.pids()
+            if any(f"Pid:\t{vm_pid}\n" in info for _fd, t, info in procfs.fd_entries(pid)
+                   if "pidfd" in t)]  # fmt: skip
 
 
 def log(env: dict[str, str], *args: str) -> list[dict[str, object]]:
@@ -340,6 +349,9 @@ def test_a_migrations_timeout_is_one_line_naming_the_holder(
     source = qemu(tmp_path, "holder", image, env)
     try:
         wait_for(lambda: not lock_free(image, exclusive=False), "the holder's lock")
+        if supervisor == "true":  # its copies of the lock fds: not a holder once it has its name
+            wait_for(lambda: any(procfs.comm(p) == procfs.SUPERVISOR_COMM
+                                 for p in helpers(source.pid)), "the holder's supervisor")  # fmt: skip
         dst = qemu(tmp_path, "dst", image, env, "-incoming", "defer")
         _out, err = dst.communicate(timeout=60)
         assert dst.returncode == -9, err
@@ -425,3 +437,45 @@ def test_a_journal_record_reads_as_its_message() -> None:
     raw = {"MESSAGE": list(b"action=refused path=/\xff.img"), "__REALTIME_TIMESTAMP": "1"}
     assert journal_record(raw) == Event("refused", "/\udcff.img", time=1e-6)
     assert journal_record({"MESSAGE": "Started Session 3 of user root."}) is None
+
+
+@pytest.mark.qemu
+def test_the_monitor_guard_logs_its_refusal_and_locks(syslog: Syslog, tmp_path: Path) -> None:
+    from guard_helpers import QEMU, Domain, guard_env
+    from test_guard import add, image
+
+    if QEMU is None:
+        skip_unless_ci("qemu-system-x86_64 (apt: qemu-system-x86)")
+    a, b, c = image(tmp_path, "a.qcow2"), image(tmp_path, "b.qcow2"), image(tmp_path, "c.qcow2")
+    env = guard_env(QEMU_LOCKED_AUDIT_SOCKET=syslog.socket)
+    one, two = Domain(tmp_path, "one", [a], env), Domain(tmp_path, "two", [b], env)
+    try:
+        q = one.qmp()
+        two.qmp().close()
+        # two's guard holds copies of its lock fds: once it has its name, it is not a holder
+        wait_for(lambda: any(procfs.comm(p) == procfs.GUARD_COMM for p in helpers(two.proc.pid)),
+                 "two's guard")  # fmt: skip
+        assert "error" in q.cmd("blockdev-add", driver="file", filename=b,
+                                **{"node-name": "x", "auto-read-only": True})  # fmt: skip
+        assert add(q, c, "cf")["return"] == {}
+        assert q.cmd("blockdev-del", **{"node-name": "cf"})["return"] == {}
+        assert q.cmd("blockdev-del", **{"node-name": "cfs"})["return"] == {}
+        wait_for(lambda: lock_free(c), "c released")
+        wait_for(lambda: [e["action"] for e in log(syslog.env(), c)][-1:] == ["released"],
+                 "the release in the log")  # fmt: skip
+    finally:
+        one.stop()
+        two.stop()
+    mine = [fields(e) for e in log(syslog.env()) if e["guest"] == "one" and e["path"] != a]
+    common = {"key": None, "guest": "one", "pid": one.proc.pid, "host": HOST, "detail": None}
+    assert mine == [
+        {**common, "action": "refused", "path": b, "key": f"file:{b}", "mode": "shared",
+         "holder": f"exclusive by pid {two.proc.pid}, guest 'two'", "origin": "blockdev-add"},
+        # the file node (auto-read-only) first, then the writable qcow2 node on it
+        {**common, "action": "locked", "path": c, "key": f"file:{c}", "mode": "shared",
+         "holder": None, "origin": "blockdev-add cfs"},
+        {**common, "action": "locked", "path": c, "key": f"file:{c}", "mode": "exclusive",
+         "holder": None, "origin": "blockdev-add cf"},
+        {**common, "action": "released", "path": c, "key": f"file:{c}", "mode": "exclusive",
+         "holder": None, "origin": "blockdev-add cf"},
+    ], mine  # fmt: skip
