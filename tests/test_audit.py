@@ -17,6 +17,7 @@ import signal
 import socket
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -65,6 +66,7 @@ class Syslog:
         self.socket = str(self.dir / "log.sock")
         self.file = self.dir / "syslog"
         self.rfc3339 = self.dir / "syslog-rfc3339"
+        self.marks = 0
         conf = self.dir / "rsyslog.conf"
         conf.write_text(_CONF.format(dir=self.dir))
         self.proc = subprocess.Popen(
@@ -86,6 +88,19 @@ class Syslog:
     def wait_lines(self, n: int, path: Path | None = None) -> list[str]:
         wait_for(lambda: len(self.ours(path)) >= n, f"{n} qemu-locked lines in the log")
         return self.ours(path)
+
+    def flush(self, *gone: int) -> None:
+        """Once the processes ``gone`` have exited, everything they sent is in the
+        files: a mark sent after it through the same socket is written after it."""
+        from fail_closed import alive
+
+        wait_for(lambda: not any(alive(pid) for pid in gone), f"{gone} to exit")
+        self.marks += 1
+        mark = f"mark {self.marks} {time.monotonic()}"
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.sendto(f"<30>audit-test: {mark}".encode(), self.socket)
+        for path in (self.file, self.rfc3339):
+            wait_for(lambda p=path: p.exists() and mark in p.read_text(), "the mark")
 
     def env(self, **extra: str) -> dict[str, str]:
         return base_env(**{"QEMU_LOCKED_AUDIT_SOCKET": self.socket,
@@ -307,6 +322,7 @@ def test_the_supervisor_logs_a_hot_plug_refused_and_a_lock_taken_and_released(
     env = syslog.env()
     vm = QemuVM(tmp_path, "-drive", f"file={boot},if=virtio", name="sv",
                 QEMU_LOCKED_AUDIT_SOCKET=syslog.socket)  # fmt: skip
+    supervisor = vm.supervisor()
     try:
         assert "error" in vm.add(held, "held")
         assert "return" in vm.add(free, "free")
@@ -316,17 +332,21 @@ def test_the_supervisor_logs_a_hot_plug_refused_and_a_lock_taken_and_released(
                  "the release in the log")  # fmt: skip
     finally:
         vm.quit()
+    syslog.flush(supervisor)
     comm = Path(f"/proc/{holder_pid}/comm").read_text().strip()
     by_path: dict[str, list[dict[str, object]]] = {}
     for e in log(env):
         by_path.setdefault(str(e["path"]), []).append(fields(e))
 
-    def line(action: str, path: str, origin: str, holder: str | None = None) -> dict[str, object]:
+    def line(action: str, path: str, origin: str, holder: str | None = None,
+             detail: str | None = None) -> dict[str, object]:  # fmt: skip
         return {"action": action, "path": path, "key": f"file:{path}", "mode": "exclusive",
                 "guest": "sv", "pid": vm.proc.pid, "host": HOST, "holder": holder,
-                "origin": origin, "detail": None}  # fmt: skip
+                "origin": origin, "detail": detail}  # fmt: skip
 
-    assert by_path[boot] == [line("locked", boot, f"-drive file={boot},if=virtio")]
+    origin = f"-drive file={boot},if=virtio"
+    assert by_path[boot] == [line("locked", boot, origin),
+                             line("released", boot, origin, detail="the VM exited")]  # fmt: skip
     refusal = line("refused", held, "open", f"exclusive by pid {holder_pid} ({comm})")
     assert by_path[held] and all(e == refusal for e in by_path[held]), by_path[held]
     assert by_path[free] == [line("locked", free, "open"), line("released", free, "open")]
@@ -345,7 +365,7 @@ def test_a_migrations_timeout_is_one_line_naming_the_holder(
         skip_unless_ci("qemu-system-x86_64 (apt: qemu-system-x86)")
     image = test_supervisor.qcow2(tmp_path / "vm.qcow2")
     env = syslog.env(QEMU_LOCKED_EMULATOR=QEMU, QEMU_LOCKED_SUPERVISOR=supervisor,
-                     QEMU_LOCKED_INCOMING_WAIT="1", QEMU_LOCKED_DOMAIN_LEASE="false")  # fmt: skip
+                     QEMU_LOCKED_INCOMING_WAIT="3", QEMU_LOCKED_DOMAIN_LEASE="false")  # fmt: skip
     source = qemu(tmp_path, "holder", image, env)
     try:
         wait_for(lambda: not lock_free(image, exclusive=False), "the holder's lock")
@@ -353,9 +373,13 @@ def test_a_migrations_timeout_is_one_line_naming_the_holder(
             wait_for(lambda: any(procfs.comm(p) == procfs.SUPERVISOR_COMM
                                  for p in helpers(source.pid)), "the holder's supervisor")  # fmt: skip
         dst = qemu(tmp_path, "dst", image, env, "-incoming", "defer")
+        # The keeper or supervisor, found while it waits (3 s): once it is gone, all
+        # it would ever write is in the log (nothing for the lock it never took).
+        beside: list[int] = []
+        wait_for(lambda: bool(beside.extend(helpers(dst.pid)) or beside), "dst's helper")
         _out, err = dst.communicate(timeout=60)
         assert dst.returncode == -9, err
-        wait_for(lambda: any(e["action"] == "timeout" for e in log(env)), "the timeout line")
+        syslog.flush(*beside)
     finally:
         source.kill()
         source.wait()
@@ -364,7 +388,7 @@ def test_a_migrations_timeout_is_one_line_naming_the_holder(
         "action": "timeout", "path": image, "key": f"file:{image}", "mode": "exclusive",
         "guest": "dst", "pid": dst.pid, "host": HOST,
         "holder": f"exclusive by pid {source.pid}, guest 'holder'", "origin": "incoming migration",
-        "detail": "after 1 s of incoming migration; killing the VM (incoming_timeout_action = kill)",
+        "detail": "after 3 s of incoming migration; killing the VM (incoming_timeout_action = kill)",
     }]  # fmt: skip
 
 
@@ -463,12 +487,17 @@ def test_the_monitor_guard_logs_its_refusal_and_locks(syslog: Syslog, tmp_path: 
         wait_for(lambda: lock_free(c), "c released")
         wait_for(lambda: [e["action"] for e in log(syslog.env(), c)][-1:] == ["released"],
                  "the release in the log")  # fmt: skip
+        guard = one.guard()
     finally:
         one.stop()
         two.stop()
-    mine = [fields(e) for e in log(syslog.env()) if e["guest"] == "one" and e["path"] != a]
+    syslog.flush(guard)
+    mine = [fields(e) for e in log(syslog.env()) if e["guest"] == "one"]
     common = {"key": None, "guest": "one", "pid": one.proc.pid, "host": HOST, "detail": None}
+    start = {**common, "path": a, "key": f"file:{a}", "mode": "exclusive", "holder": None,
+             "origin": "-blockdev s0"}  # fmt: skip
     assert mine == [
+        {**start, "action": "locked"},  # by the wrapper
         {**common, "action": "refused", "path": b, "key": f"file:{b}", "mode": "shared",
          "holder": f"exclusive by pid {two.proc.pid}, guest 'two'", "origin": "blockdev-add"},
         # the file node (auto-read-only) first, then the writable qcow2 node on it
@@ -478,4 +507,5 @@ def test_the_monitor_guard_logs_its_refusal_and_locks(syslog: Syslog, tmp_path: 
          "holder": None, "origin": "blockdev-add cf"},
         {**common, "action": "released", "path": c, "key": f"file:{c}", "mode": "exclusive",
          "holder": None, "origin": "blockdev-add cf"},
+        {**start, "action": "released", "detail": "the VM exited"},  # by the guard
     ], mine  # fmt: skip

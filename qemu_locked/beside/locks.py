@@ -263,12 +263,23 @@ class Locks:
         self.by_key.pop(lock.key, None)
         self._audit("released", lock)
 
-    def _audit(self, action: str, lock: Lock) -> None:
+    def ended(self) -> None:
+        """QEMU exited, and every lock with it: a ``released`` line for each one held
+        (not for one an incoming migration waited for in vain)."""
+        from qemu_locked.lock import procfs
+
+        held = {int(fd) for fd, _target, info in procfs.fd_entries(os.getpid())
+                if any(procfs.lock_lines(info))}  # fmt: skip
+        for lock in self.by_key.values():
+            if lock.registrations or held.intersection(lock.fds):
+                self._audit("released", lock, "the VM exited")
+
+    def _audit(self, action: str, lock: Lock, detail: str | None = None) -> None:
         """A line in the audit trail: ``locked`` in the mode now held, or ``released``."""
         from qemu_locked.beside import audit
 
         audit.note(self.config, self.plan, self.qemu_pid, action, lock.path, lock.mode,
-                   origin=lock.origin)  # fmt: skip
+                   origin=lock.origin, detail=detail)  # fmt: skip
 
     def _drop(self, lock: Lock) -> None:
         # Fds not handed to QEMU yet (a refused command took them) are just

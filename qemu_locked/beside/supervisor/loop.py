@@ -308,6 +308,11 @@ class Supervisor:
                 except OSError:
                     pass
 
+    def ended(self) -> None:
+        """QEMU is gone: its locks go with it (and ours as this process exits)."""
+        if self._locks is not None:
+            self._locks.ended()
+
     def _watch(self, poller: select.poll, old: int) -> int:
         """Poll QEMU's pidfd too.  The listener hangs up only once every process
         using the filter is reaped, not when it exits (before Linux 6.11), and a

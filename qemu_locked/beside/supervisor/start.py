@@ -120,7 +120,9 @@ def _serve(sock: _socket.socket, vm_pid: int, pidfd: int, lock_fds: list[int],
             os._exit(0)  # the wrapper could not install the filter: it says why
         listener = int.from_bytes(anc[0][2][:4], "little")
         bookkeeping = real_paths(plan.bookkeeping)
-        Supervisor(listener, vm_pid, locks, lock_fds, bookkeeping, vm, wait).run()
+        supervisor = Supervisor(listener, vm_pid, locks, lock_fds, bookkeeping, vm, wait)
+        supervisor.run()
+        supervisor.ended()
     finally:
         os._exit(0)
 
