@@ -106,7 +106,8 @@ def read(cfg: _config.Config, since: float | None, now: float) -> tuple[str, lis
         with open(path, "rb") as f:
             events = [ev for raw in f if _MARK in raw and (ev := file_line(raw, now)) is not None]
     except OSError as exc:
-        hint = " (group adm may read it)" if exc.errno == 13 else ""
+        # Debian's rsyslog writes them root:adm 0640
+        hint = " (group adm may read it)" if exc.errno == 13 and path in DEFAULT_FILES else ""
         raise LogUnreadable(f"cannot read {path}: {exc.strerror}{hint}") from None
     return path, events
 
