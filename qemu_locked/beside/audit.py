@@ -71,8 +71,11 @@ def started(config: Config, plan: Plan, vm_pid: int, pending: Iterable[str] = ()
     each), but for those an incoming migration still waits for (``pending``: their
     labels), which the keeper records once taken."""
     waiting = set(pending)
-    entries: list[_Entry] = [("locked", d.path, d.mode, None, d.origin, None)
-               for d in plan.disks if d.path not in waiting]  # fmt: skip
+    entries: list[_Entry] = [
+        ("locked", d.path, d.mode, None, d.origin, None)
+        for d in plan.disks
+        if d.path not in waiting
+    ]
     _record(config, plan, vm_pid, entries)
 
 

@@ -191,9 +191,8 @@ def main() -> NoReturn:
             from qemu_locked.beside.guard import start as guard
 
             guard.attach(args, held.fds if held is not None else [], cfg, plan)
-        if (
-            held is not None and not cfg.supervisor
-        ):  # else the supervisor records them, off our path
+        # The start's locks in the audit trail; the supervisor records them instead, off our path.
+        if held is not None and not cfg.supervisor:
             from qemu_locked.beside import audit
 
             audit.started(cfg, plan, os.getpid(), [p.label for p in held.pending])
