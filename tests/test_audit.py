@@ -504,3 +504,70 @@ def test_the_monitor_guard_logs_its_refusal_and_locks(syslog: Syslog, tmp_path: 
          "holder": None, "origin": "blockdev-add cf"},
         {**start, "action": "released", "detail": "the VM exited"},  # by the guard
     ], mine  # fmt: skip
+
+
+# -- journald ------------------------------------------------------------------------
+
+# Runs in a mount namespace of its own: tmpfs over /run/systemd and /run/log and a
+# journald.conf of ours bound over the host's, so the journald it starts is private
+# (nothing of the host's journal read or written, no kernel log, no audit).  Then a
+# start refused, and `qemu-lockctl log --json` as an operator would run it: no
+# audit_file, journald found by its socket.
+_IN_NAMESPACE = """
+import json, os, subprocess, sys, time
+conf, a_args, b_args = sys.argv[1], sys.argv[2], sys.argv[3]
+for d in ("/run/systemd", "/run/log"):
+    os.makedirs(d, exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "tmpfs", d], check=True)
+subprocess.run(["mount", "--bind", conf, "/etc/systemd/journald.conf"], check=True)
+os.makedirs("/run/systemd/journal")
+journald = subprocess.Popen(["/lib/systemd/systemd-journald"], stderr=subprocess.DEVNULL)
+try:
+    while not os.path.exists("/run/systemd/journal/dev-log"):
+        time.sleep(0.02)
+    a = subprocess.Popen(json.loads(a_args), stdout=subprocess.PIPE, text=True)
+    a.stdout.readline()
+    b = subprocess.run(json.loads(b_args), capture_output=True, text=True)
+    for _ in range(500):  # journald writes as it reads: the refusal is there when listed
+        r = subprocess.run([sys.argv[4], "log", "--json"], capture_output=True, text=True)
+        if r.returncode != 0 or len(json.loads(r.stdout)) >= 2:
+            break
+        time.sleep(0.02)
+    a.kill()
+    print(json.dumps({"a": a.pid, "b_rc": b.returncode, "rc": r.returncode, "out": r.stdout,
+                      "err": r.stderr}))
+finally:
+    journald.kill()
+    journald.wait()
+"""
+
+
+def test_the_trail_reads_back_from_a_real_journald(tmp_path: Path) -> None:
+    import sys
+
+    journald = Path("/lib/systemd/systemd-journald")
+    if os.geteuid() != 0 or not journald.exists() or not shutil.which("unshare"):
+        skip_unless_ci("root, unshare and systemd-journald (apt: systemd)")
+    conf = tmp_path / "journald.conf"
+    conf.write_text("[Journal]\nStorage=volatile\nReadKMsg=no\nAudit=no\nForwardToSyslog=no\n"
+                    "ForwardToWall=no\nRateLimitBurst=0\n")  # fmt: skip
+    img = make_image(tmp_path / "d.img")
+    env = base_env(QEMU_LOCKED_AUDIT_SOCKET="/run/systemd/journal/dev-log")
+    a = [QEMU_LOCKED, "-name", "guest=a", "-drive", f"file={img}"]
+    b = [QEMU_LOCKED, "-name", "guest=b", "-drive", f"file={img}"]
+    r = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", sys.executable, "-c", _IN_NAMESPACE,
+         str(conf), json.dumps(a), json.dumps(b), QEMU_LOCKCTL],
+        env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    got = json.loads(r.stdout)
+    assert (got["b_rc"], got["rc"], got["err"]) == (3, 0, ""), got
+    entries = json.loads(got["out"])
+    key = f"file:{os.path.realpath(img)}"
+    assert [(e["action"], e["guest"], e["path"], e["key"], e["holder"]) for e in entries] == [
+        ("locked", "a", img, key, None),
+        ("refused", "b", img, key, f"exclusive by pid {got['a']}, guest 'a'"),
+    ]
+    assert all(e["time"] and abs(datetime.fromisoformat(str(e["time"])) - datetime.now().astimezone())
+               < timedelta(hours=1) for e in entries)  # fmt: skip
