@@ -534,8 +534,10 @@ try:
             break
         time.sleep(0.02)
     a.kill()
+    since = [subprocess.run([sys.argv[4], "log", "--json", "--since", when], capture_output=True,
+                            text=True).stdout for when in ("1h", "2099-01-01")]
     print(json.dumps({"a": a.pid, "b_rc": b.returncode, "rc": r.returncode, "out": r.stdout,
-                      "err": r.stderr}))
+                      "err": r.stderr, "since": since}))
 finally:
     journald.kill()
     journald.wait()
@@ -569,5 +571,6 @@ def test_the_trail_reads_back_from_a_real_journald(tmp_path: Path) -> None:
         ("locked", "a", img, key, None),
         ("refused", "b", img, key, f"exclusive by pid {got['a']}, guest 'a'"),
     ]
+    assert [json.loads(out) for out in got["since"]] == [entries, []]  # journalctl --since=@T
     assert all(e["time"] and abs(datetime.fromisoformat(str(e["time"])) - datetime.now().astimezone())
                < timedelta(hours=1) for e in entries)  # fmt: skip
