@@ -176,6 +176,29 @@ def test_a_refused_start_is_one_line_naming_the_holder(syslog: Syslog, tmp_path:
         assert abs(when - datetime.now().astimezone()) < timedelta(hours=1)
 
 
+def test_a_domain_lease_refused_is_named_by_its_key(syslog: Syslog, tmp_path: Path) -> None:
+    """The lockspace backend: the same VM started twice (other disks) is refused its domain lease."""
+    uuid = "11111111-2222-4333-8444-555555555555"
+    lockspace = tmp_path / "lockspace"
+    lockspace.mkdir()
+    env = syslog.env(QEMU_LOCKED_BACKEND="lockspace", QEMU_LOCKED_LOCKSPACE_DIR=str(lockspace))
+    one, two = make_image(tmp_path / "one.img"), make_image(tmp_path / "two.img")
+    a = started(VM(["-name", "guest=vm1", "-uuid", uuid, "-drive", f"file={one}"], env))
+    try:
+        b = VM(["-name", "guest=vm1", "-uuid", uuid, "-drive", f"file={two}"], env)
+        assert not b.started()
+        syslog.flush()
+        entries = [fields(e) for e in log(env) if e["action"] == "refused"]
+    finally:
+        a.kill()
+    assert entries == [{
+        "action": "refused", "path": f"domain {uuid}", "key": f"domain:uuid:{uuid}",
+        "mode": "exclusive", "guest": "vm1", "pid": b.proc.pid, "host": HOST,
+        "holder": f"exclusive by pid {a.proc.pid}, guest 'vm1' on host '{HOST}'", "origin": None,
+        "detail": None,
+    }]  # fmt: skip
+
+
 def test_log_path_and_since_filter(syslog: Syslog, tmp_path: Path) -> None:
     one, two = make_image(tmp_path / "one.img"), make_image(tmp_path / "two.img")
     link = tmp_path / "link.img"
