@@ -597,3 +597,32 @@ def test_the_trail_reads_back_from_a_real_journald(tmp_path: Path) -> None:
     assert [json.loads(out) for out in got["since"]] == [entries, []]  # journalctl --since=@T
     assert all(e["time"] and abs(datetime.fromisoformat(str(e["time"])) - datetime.now().astimezone())
                < timedelta(hours=1) for e in entries)  # fmt: skip
+
+
+def test_a_keeper_that_cannot_take_the_lock_is_a_failed_line(
+    syslog: Syslog, tmp_path: Path
+) -> None:
+    """ENOLCK from the lock call (NFSv3 without lockd), injected into the keeper only."""
+    from fail_closed import injected
+
+    img = make_image(tmp_path / "d.img")
+    env = syslog.env(QEMU_LOCKED_DOMAIN_LEASE="false", QEMU_LOCKED_INCOMING_WAIT="600")
+    source = started(VM(["-name", "guest=src", "-drive", f"file={img}"], env))
+    try:
+        dst = subprocess.Popen(injected("keeper", "ENOLCK", "-name", "guest=dst", "-drive", f"file={img}",
+                                        "-incoming", "defer"),
+                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+        _out, err = dst.communicate(timeout=60)
+        assert dst.returncode == -9  # killed at once, long before incoming_wait
+        wait_for(lambda: any(e["action"] == "failed" for e in log(env)), "the keeper's line")
+        syslog.flush()
+    finally:
+        source.kill()
+    (line,) = err.splitlines()  # the domain log's line, as the trail's detail
+    assert "cannot take the lock (" in line and "No locks available" in line, line
+    assert line.endswith("; killing the VM (incoming_timeout_action = kill)"), line
+    assert [fields(e) for e in log(env) if e["guest"] == "dst"] == [{
+        "action": "failed", "path": img, "key": f"file:{img}", "mode": "exclusive", "guest": "dst",
+        "pid": dst.pid, "host": HOST, "holder": None, "origin": "incoming migration",
+        "detail": line.removeprefix(f"qemu-locked: {img}: "),
+    }]  # fmt: skip
