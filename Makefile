@@ -4,7 +4,7 @@ VENV ?= .venv
 # Debian's interpreter when present: the venv must be usable by the unprivileged
 # libvirt-qemu user, and pyenv interpreters under /root are not (DESIGN.md section 7).
 PYTHON ?= $(shell test -x /usr/bin/python3 && echo /usr/bin/python3 || command -v python3)
-APT_TEST_PKGS := python3-venv qemu-system-x86 qemu-utils procps strace util-linux libvirt-daemon-system libvirt-clients tini sanlock python3-sanlock debootstrap man-db apparmor selinux-policy-dev semodule-utils
+APT_TEST_PKGS := python3-venv qemu-system-x86 qemu-utils procps strace util-linux libvirt-daemon-system libvirt-clients tini sanlock python3-sanlock debootstrap man-db apparmor selinux-policy-dev semodule-utils rsyslog
 APT_DEMO_PKGS := python3-venv
 # The monitor guard's benchmark compiles its reference relay (tests/bench/relay_floor.c).
 APT_BENCH_PKGS := gcc libc6-dev

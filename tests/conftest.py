@@ -204,6 +204,32 @@ def wait_for(cond, what: str, timeout: float = 60.0) -> None:  # type: ignore[no
         time.sleep(0.02)
 
 
+def apt_install(*packages: str) -> str | None:
+    """apt-get install the Debian packages that are missing (root only), as
+    `make apt-test` does.  Returns None on success, else why not."""
+    missing = [
+        p
+        for p in packages
+        if "install ok installed"
+        not in subprocess.run(
+            ["dpkg-query", "-W", "-f=${Status}", p], capture_output=True, text=True
+        ).stdout
+    ]
+    if not missing:
+        return None
+    if os.geteuid() != 0 or not shutil.which("apt-get"):
+        return f"not root: please install {' '.join(missing)}"
+    cmd = ["apt-get", "install", "-y", "-q", "--no-install-recommends", *missing]
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if r.returncode != 0:
+        subprocess.run(["apt-get", "update", "-q"], capture_output=True, env=env)
+        r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if r.returncode != 0:
+        return f"apt-get install {' '.join(missing)} failed: {r.stderr.strip()[-300:]}"
+    return None
+
+
 def skip_unless_ci(why: str) -> NoReturn:
     """Skip a test whose requirement is missing -- except under CI=true, where
     every requirement is installed and a skip would hide a failure."""

@@ -18,6 +18,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from conftest import apt_install
+
 APT_PACKAGES = ("sanlock", "python3-sanlock")
 
 
@@ -30,27 +32,7 @@ def sanlock_installed() -> bool:
 def install_sanlock() -> str | None:
     """apt-get install sanlock + python3-sanlock when missing (root only).
     Returns None on success, else why not."""
-    missing = [
-        p
-        for p in APT_PACKAGES
-        if "install ok installed"
-        not in subprocess.run(
-            ["dpkg-query", "-W", "-f=${Status}", p], capture_output=True, text=True
-        ).stdout
-    ]
-    if not missing:
-        return None
-    if os.geteuid() != 0 or not shutil.which("apt-get"):
-        return f"not root: please install {' '.join(missing)}"
-    cmd = ["apt-get", "install", "-y", "-q", "--no-install-recommends", *missing]
-    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if r.returncode != 0:
-        subprocess.run(["apt-get", "update", "-q"], capture_output=True, env=env)
-        r = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if r.returncode != 0:
-        return f"apt-get install {' '.join(missing)} failed: {r.stderr.strip()[-300:]}"
-    return None
+    return apt_install(*APT_PACKAGES)
 
 
 class Host:

@@ -4,6 +4,7 @@ and a VM start path that imports only what it uses."""
 from __future__ import annotations
 
 import ast
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -91,12 +92,20 @@ def test_modules_stay_small() -> None:
 
 def test_start_path_imports_only_what_it_uses(tmp_path: Path) -> None:
     img = make_image(tmp_path / "d.img")
-    env = base_env(QEMU_LOCKED_EMULATOR="/bin/true")
+    # A syslog listening: the start's audit line (what it imports for it) is part of the start.
+    log = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    log.bind(str(tmp_path / "log.sock"))
+    env = base_env(
+        QEMU_LOCKED_EMULATOR="/bin/true", QEMU_LOCKED_AUDIT_SOCKET=str(tmp_path / "log.sock")
+    )
     r = subprocess.run(
         [sys.executable, "-X", "importtime", QEMU_LOCKED, "-name", "guest=x", "-drive", f"file={img}"],
         env=env, capture_output=True, text=True, timeout=30,
     )  # fmt: skip
     assert r.returncode == 0, r.stderr
+    log.settimeout(10)
+    assert b"action=locked" in log.recv(4096)  # it wrote the line
+    log.close()
     imported = {line.rsplit("|", 1)[-1].strip() for line in r.stderr.splitlines() if "|" in line}
     assert "qemu_locked.start.wrapper" in imported  # the report is real
     heavy = {"typer", "lxml", "portalocker", "json", "re", "dataclasses", "enum", "hashlib"}

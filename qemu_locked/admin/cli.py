@@ -22,6 +22,7 @@ from qemu_locked.admin.common import (
 )  # fmt: skip
 from qemu_locked.admin.status_cli import other_key, status
 from qemu_locked.model import config as _config
+from qemu_locked.model.audit import held_text
 from qemu_locked.model.errors import (
     EXIT_CONFLICT,
     EXIT_USAGE,
@@ -164,12 +165,6 @@ def holder_objs(resource: str) -> list[dict[str, object]]:
     ]  # fmt: skip
 
 
-def held_text(who: str) -> str:
-    """``(exclusive) by pid 1, guest 'a'`` -> ``exclusive by pid 1, guest 'a'``."""
-    mode, sep, rest = who.removeprefix("(").partition(") ")
-    return f"{mode} {rest}" if who.startswith("(") and sep else who
-
-
 @app.command()
 def check(
     args: Optional[list[str]] = ARGS_ARG,
@@ -260,10 +255,12 @@ def doctor(
 
 
 # Sub-command groups live in their own modules.
+from qemu_locked.admin.auditlog import log  # noqa: E402
 from qemu_locked.admin.libvirt import libvirt_app  # noqa: E402
 from qemu_locked.admin.run import run  # noqa: E402
 
 app.command(context_settings={"allow_interspersed_args": False})(run)
+app.command()(log)
 from qemu_locked.admin.lockspace import lockspace_app  # noqa: E402
 from qemu_locked.admin.sanlock import sanlock_app  # noqa: E402
 

@@ -68,8 +68,8 @@ class VM:
         return False
 
 
-def _act(config: Config, vm: VM, text: str) -> bool:
-    """One line, then ``incoming_timeout_action``; True when the VM was killed."""
+def _act(config: Config, vm: VM, text: str) -> str:
+    """One line, then ``incoming_timeout_action``; returns what was done."""
     kill = config.incoming_timeout_action == "kill"
     action = (
         "killing the VM (incoming_timeout_action = kill)"
@@ -82,7 +82,7 @@ def _act(config: Config, vm: VM, text: str) -> bool:
             os.kill(vm.pid, _SIGKILL)
         except ProcessLookupError:
             pass
-    return kill
+    return action
 
 
 def _why(exc: BaseException, label: str) -> str:
@@ -125,6 +125,7 @@ class Wait:
             if p.try_take():
                 p.taken(self.config, self.plan, self.vm.pid)
                 self.pending.pop(0)
+                self._audit("locked", p)
                 if p.holds_for_life:
                     self.keep_alive = True
                 elif self.close_taken:
@@ -132,16 +133,31 @@ class Wait:
                 return
             if time.monotonic() < self.deadline:
                 return
-            text = (f"{p.label} is still locked {p.holders()} after "
-                    f"{self.config.incoming_wait:g} s of incoming migration")  # fmt: skip
+            holder = p.holders()
+            why = f"after {self.config.incoming_wait:g} s of incoming migration"
+            text = f"{p.label} is still locked {holder} {why}"
         except Exception as exc:
-            text = f"{p.label}: cannot take the lock ({_why(exc, p.label)})"
-        self.fail(text)
+            holder, why = None, f"cannot take the lock ({_why(exc, p.label)})"
+            text = f"{p.label}: {why}"
+        self.fail(text, why, holder)
 
-    def fail(self, text: str) -> None:
+    def fail(self, text: str, why: str | None = None, holder: str | None = None) -> None:
+        """``text`` in the domain log, then the action; in the audit trail, the
+        lock left untaken (``why``, ``holder``: what the line says of it)."""
+        p = self.pending[0] if self.pending else None
         self.pending.clear()
-        if _act(self.config, self.vm, text):
+        done = _act(self.config, self.vm, text)
+        if self.config.incoming_timeout_action == "kill":
             self.killed, self.keep_alive = True, False
+        self._audit("timeout" if holder else "failed", p, holder, f"{why or text}; {done}")
+
+    def _audit(self, action: str, p: Pending | None, holder: str | None = None,
+               detail: str | None = None) -> None:  # fmt: skip
+        from qemu_locked.beside import audit
+
+        mode = None if p is None else "exclusive" if p.exclusive else "shared"
+        audit.note(self.config, self.plan, self.vm.pid, action, p.label if p else None, mode,
+                   holder, "incoming migration", detail)  # fmt: skip
 
 
 def run(
@@ -164,7 +180,12 @@ def run(
             vm.gone(None)  # hold what we took until QEMU exits
     except BaseException as exc:  # never a traceback into the domain log, never fail open
         code = 70
-        _act(config, vm, f"keeper: {_why(exc, '')}")
+        text = f"keeper: {_why(exc, '')}"
+        done = _act(config, vm, text)
+        from qemu_locked.beside import audit
+
+        audit.note(config, plan, vm.pid, "failed", None, origin="incoming migration",
+                   detail=f"{text}; {done}")  # fmt: skip
     os._exit(code)
 
 

@@ -20,13 +20,14 @@ import fcntl
 import os
 
 from qemu_locked.lock import ofd, safeopen
-from qemu_locked.model.errors import QemuLockedError
+from qemu_locked.model.errors import LockedError, QemuLockedError
 from qemu_locked.model.plan import EXCLUSIVE, SHARED, DiskRef, Plan
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from qemu_locked.lock.held import Held
     from qemu_locked.model.config import Config
+    from qemu_locked.model.errors import Conflict
 
 FD_NAME_PREFIX = "qemu-locked-"  # getfd names the guard reserves for itself
 MEMFD_NAME = "qemu-locked-guard"  # what it holds, for qemu-lockctl status (admin/published.py)
@@ -54,15 +55,21 @@ class Lock:
 
 
 class Refused(Exception):
-    """A lock this command needs is held elsewhere: ``line`` says by whom."""
+    """A lock this command needs is held elsewhere: ``line`` says by whom;
+    ``conflicts``, the same as facts (for the audit trail), when it is a holder."""
 
-    def __init__(self, line: str) -> None:
+    def __init__(self, line: str, conflicts: list[Conflict] | None = None) -> None:
         super().__init__(line)
         self.line = line
+        self.conflicts = conflicts or []
 
 
 def _line(exc: QemuLockedError) -> str:
     return "qemu-locked: " + "; ".join(exc.lines())
+
+
+def _refused(exc: QemuLockedError) -> Refused:
+    return Refused(_line(exc), exc.conflicts if isinstance(exc, LockedError) else None)
 
 
 class Locks:
@@ -137,8 +144,9 @@ class Locks:
         try:
             key = safeopen.identity_key(safeopen.check(path))
         except QemuLockedError as exc:
-            raise Refused(_line(exc)) from None
-        lock = self.by_key.get(key)
+            raise _refused(exc) from None
+        lock = before = self.by_key.get(key)
+        mode_before = lock.mode if lock is not None else None
         if lock is None:
             lock = Lock(key, path, mode, origin)
             try:
@@ -154,6 +162,7 @@ class Locks:
             except Refused:
                 if not lock.fds:  # lost while taking it anew: not even shared any more
                     del self.by_key[key]
+                    self._audit("released", lock)
                     raise
                 if not defer_ok:
                     raise
@@ -162,6 +171,8 @@ class Locks:
             self.added.append((key, user))
         if not lock.start:
             lock.origin = origin
+        if lock is not before or lock.mode != mode_before:
+            self._audit("locked", lock)
         return lock
 
     def _acquire(self, lock: Lock, mode: str) -> None:
@@ -171,7 +182,7 @@ class Locks:
         try:
             held = load(self.config.backend).acquire(plan, self.config, 0.0)
         except QemuLockedError as exc:
-            raise Refused(_line(exc)) from None
+            raise _refused(exc) from None
         lock.mode = mode
         for fd in held.fds:
             self._serial += 1
@@ -205,7 +216,7 @@ class Locks:
         except (OSError, QemuLockedError):  # EBADF: opened read-only for a shared lock
             busy = False  # take it anew
         if busy:
-            raise Refused(self._busy_line(lock))
+            raise self._busy(lock)
         self._drop(lock)
         try:
             self._acquire(lock, EXCLUSIVE)
@@ -213,35 +224,34 @@ class Locks:
             self._acquire(lock, SHARED)  # may be refused too: then it is not held at all
             raise
 
-    def _busy_line(self, lock: Lock) -> str:
+    def _busy(self, lock: Lock) -> Refused:
         """Who keeps this disk from being exclusive: its other holders (this VM's
         own shared lock would conflict too, and is not news)."""
-        from qemu_locked.model.errors import LockedError
-
         if lock.key.startswith("f:"):  # an image's own byte 0 (direct): read from /proc
             from qemu_locked.lock import procfs, unseen
 
             st = os.stat(lock.path)
             who = [h for h in procfs.holders_of(st.st_dev, st.st_ino) if h.pid != self.qemu_pid]
             if who:
-                return _line(LockedError([(lock.path, EXCLUSIVE, unseen.describe(who, SHARED))]))
+                return _refused(LockedError([(lock.path, EXCLUSIVE, unseen.describe(who, SHARED))]))
         from qemu_locked.backends import load
 
         plan = Plan((DiskRef(lock.path, EXCLUSIVE, lock.origin),), (), *self._names())
         try:
             found = load(self.config.backend).conflicts(plan, self.config)
         except QemuLockedError as exc:
-            return _line(exc)
-        return _line(LockedError(found or [(lock.path, EXCLUSIVE, "by another holder")]))
+            return _refused(exc)
+        return _refused(LockedError(found or [(lock.path, EXCLUSIVE, "by another holder")]))
 
     # -- letting go -------------------------------------------------------------------
 
     def downgrade(self, lock: Lock) -> None:
         if not self._in_place:
             return  # a sanlock lease stays exclusive: stricter than needed, never weaker
-        for fd in lock.fds:
-            ofd.try_lock(fd, False)
+        held = [ofd.try_lock(fd, False) for fd in lock.fds]
         lock.mode = SHARED
+        if held and all(held):  # not a lock an incoming migration still waits for
+            self._audit("locked", lock)
 
     @property
     def _in_place(self) -> bool:
@@ -252,6 +262,25 @@ class Locks:
     def release(self, lock: Lock) -> None:
         self._drop(lock)
         self.by_key.pop(lock.key, None)
+        self._audit("released", lock)
+
+    def ended(self) -> None:
+        """QEMU exited, and every lock with it: a ``released`` line for each one held
+        (not for one an incoming migration waited for in vain)."""
+        from qemu_locked.lock import procfs
+
+        held = {int(fd) for fd, _target, info in procfs.fd_entries(os.getpid())
+                if any(procfs.lock_lines(info))}  # fmt: skip
+        for lock in self.by_key.values():
+            if lock.registrations or held.intersection(lock.fds):
+                self._audit("released", lock, "the VM exited")
+
+    def _audit(self, action: str, lock: Lock, detail: str | None = None) -> None:
+        """A line in the audit trail: ``locked`` in the mode now held, or ``released``."""
+        from qemu_locked.beside import audit
+
+        audit.note(self.config, self.plan, self.qemu_pid, action, lock.path, lock.mode,
+                   origin=lock.origin, detail=detail)  # fmt: skip
 
     def _drop(self, lock: Lock) -> None:
         # Fds not handed to QEMU yet (a refused command took them) are just

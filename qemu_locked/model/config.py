@@ -57,6 +57,12 @@ class Config:
     sanlock_io_timeout: int = 10
     honor_locking_off: bool = True
     probe_cache_dir: str = ""
+    # The audit trail (model/audit.py): where it is sent, and where `qemu-lockctl log`
+    # reads it back when journald is not there ("" = the first of /var/log/syslog,
+    # /var/log/messages, /var/log/daemon.log that exists).
+    audit: bool = True
+    audit_socket: str = "/dev/log"
+    audit_file: str = ""
     source: str = "(defaults)"
 
     def effective_host(self) -> str:
@@ -75,6 +81,7 @@ _TYPES: dict[str, type] = {
     "sanlock_lockspace": str, "sanlock_path": str, "sanlock_offset": int,
     "sanlock_resources": str, "sanlock_host_id": int, "sanlock_io_timeout": int,
     "honor_locking_off": bool, "probe_cache_dir": str,
+    "audit": bool, "audit_socket": str, "audit_file": str,
 }  # fmt: skip
 _CHOICES: dict[str, tuple[str, ...]] = {
     "backend": BACKENDS,
@@ -200,6 +207,8 @@ def _coerce(key: str, value: object, source: str) -> object:
         "sanlock_path",
         "sanlock_resources",
         "probe_cache_dir",
+        "audit_socket",
+        "audit_file",
     )
     if is_path and value and not value.startswith("/"):
         raise ConfigError(source, key, f"must be an absolute path, not {value!r}")

@@ -12,7 +12,9 @@ EXIT_CONFLICT = 1  # qemu-lockctl check: would be refused
 EXIT_QEMU_REJECTS = 1
 EXIT_USAGE = 2  # bad argument, bad config, bad XML
 EXIT_LOCKED = 3  # a disk (or domain lease) is held by someone else
-EXIT_DISK = 4  # a disk cannot be opened/locked: missing, wrong type, permission
+EXIT_DISK = (
+    4  # a disk (for `log`, the system log) cannot be opened: missing, wrong type, permission
+)
 EXIT_BACKEND = 5  # the lock machinery itself failed (no OFD support, lockspace I/O)
 EXIT_DENIED = 6  # the host's security policy (AppArmor, SELinux) refused an open or a lock
 EXIT_INTERNAL = 70  # a bug in qemu-locked (EX_SOFTWARE); still one line, no traceback
@@ -107,6 +109,12 @@ class PolicyDenied(QemuLockedError):
         )
         self.path = path
         self.action = action
+
+
+class LogUnreadable(QemuLockedError):
+    """qemu-lockctl log: the system log holding the audit trail cannot be read."""
+
+    exit_code = EXIT_DISK
 
 
 class InternalError(QemuLockedError):

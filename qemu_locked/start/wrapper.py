@@ -12,7 +12,7 @@ import os
 import sys
 
 from qemu_locked.model import config as _config
-from qemu_locked.model.errors import ArgumentError, QemuLockedError
+from qemu_locked.model.errors import ArgumentError, LockedError, QemuLockedError
 from qemu_locked.parse.argv import USER_CONFIG, parse_argv
 from qemu_locked.start import emulator as _emulator
 
@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable
     from typing import NoReturn
 
+    from qemu_locked.lock.held import Held
     from qemu_locked.model.config import Config
     from qemu_locked.model.plan import Plan
 
@@ -162,7 +163,9 @@ def main() -> NoReturn:
     fill_stdio()  # before anything else is opened
     argv0 = sys.argv[0]
     args = sys.argv[1:]
-    held = None
+    held: Held | None = None
+    cfg: Config | None = None
+    plan: Plan | None = None
     try:
         cfg = _config.load()
         path = _emulator.find(cfg.emulator, argv0, argv0, os.environ.get("PATH", os.defpath))
@@ -188,9 +191,20 @@ def main() -> NoReturn:
             from qemu_locked.beside.guard import start as guard
 
             guard.attach(args, held.fds if held is not None else [], cfg, plan)
+        # The start's locks in the audit trail; the supervisor records them instead, off our path.
+        if held is not None and not cfg.supervisor:
+            from qemu_locked.beside import audit
+
+            audit.started(cfg, plan, os.getpid(), [p.label for p in held.pending])
     except QemuLockedError as exc:
         if held is not None:
             held.abandon()  # QEMU will not run: no record of ours may say it does
+        if isinstance(exc, LockedError) and cfg is not None and plan is not None:
+            # Raised by acquire_all, before any seccomp filter is on this process:
+            # sending here opens no file under it.
+            from qemu_locked.beside import audit
+
+            audit.refused(cfg, plan, os.getpid(), exc.conflicts)
         fail(exc)
     except Exception as exc:  # a bug of ours: still one line, and QEMU does not start unlocked
         from qemu_locked.model.errors import InternalError

@@ -91,13 +91,17 @@ class Policy:
         self.locks.added.clear()
         try:
             return handler(self, args, tag)
-        except Refused:  # a command refused keeps nothing it took, whatever its users' names
+        except Refused as exc:  # a command refused keeps nothing it took, whatever its users' names
             for key, user in self.locks.added:
                 lock = self.locks.by_key.get(key)
                 if lock is not None and user in lock.nodes:
                     lock.nodes.discard(user)
                     if not lock.nodes:
                         self.release_due.add(key)
+            from qemu_locked.beside import audit
+
+            held = self.locks
+            audit.refused(held.config, held.plan, held.qemu_pid, exc.conflicts, cmd, exc.line)
             raise
 
     def _tagged(self, tag: str, on_ok: Callable[[], None] | None = None) -> After:

@@ -125,6 +125,7 @@ def _life(vm_pid: int, pidfd: int, keep: set[int], libvirt: _socket.socket,
         policy = _policy(args, lock_fds, config, plan, vm_pid)
         policy.locks.publish()
         Relay(conn, libvirt, pidfd, policy).run()
+        policy.locks.ended()
     except BaseException as exc:  # never a traceback into the domain log
         spawn.say(f"monitor guard: internal error: {type(exc).__name__}: {exc}")
         code = 70

@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 
     from qemu_locked.beside.keeper import VM, Wait
     from qemu_locked.beside.locks import Lock, Locks
+    from qemu_locked.model.errors import Conflict
 
 SWEEP_SECONDS = 1.0
 WAIT_SECONDS = 0.1  # between attempts at a lock an incoming migration waits for
@@ -186,7 +187,8 @@ class Supervisor:
             shared = self._share(real, probe) if exclusive else None
             if shared is None:
                 self._plant(n)  # a failed upgrade may have taken the shared lock anew
-                self._refuse(n, exc.line.removeprefix("qemu-locked: "))
+                mode = EXCLUSIVE if exclusive else SHARED
+                self._refuse(n, exc.line.removeprefix("qemu-locked: "), real, mode, exc.conflicts)
                 return False
             lock = shared
         # From here the sweep judges it by QEMU's fds: a lock taken for a call
@@ -194,7 +196,7 @@ class Supervisor:
         self.opened.add(lock.key)
         self._plant(n)
         if lock.key != key:  # renamed over between our two looks
-            self._refuse(n, f"{real}: changed while being opened")
+            self._refuse(n, f"{real}: changed while being opened", real, lock.mode)
             return False
         return True
 
@@ -224,9 +226,15 @@ class Supervisor:
         except (Refused, OSError, QemuLockedError):
             return None  # the first refusal is the one to tell
 
-    def _refuse(self, n: kernel.Notif, line: str) -> None:
+    def _refuse(self, n: kernel.Notif, line: str, path: str, mode: str,
+                conflicts: list[Conflict] | None = None) -> None:  # fmt: skip
         say(line)  # first: in the domain log before QEMU's own error
         kernel.refuse(self.listener, n.id, errno.EBUSY)
+        from qemu_locked.beside import audit  # once answered: QEMU's call does not wait on it
+
+        locks = self.locks
+        audit.refused(locks.config, locks.plan, self.vm_pid, conflicts or [], "open", line, path,
+                      mode)  # fmt: skip
 
     def sweep(self) -> None:
         """Unlock what QEMU no longer has open, downgrade what it only reads (its
@@ -307,6 +315,11 @@ class Supervisor:
                     kernel.refuse(self.listener, n.id, errno.EIO)
                 except OSError:
                     pass
+
+    def ended(self) -> None:
+        """QEMU is gone: its locks go with it (and ours as this process exits)."""
+        if self._locks is not None:
+            self._locks.ended()
 
     def _watch(self, poller: select.poll, old: int) -> int:
         """Poll QEMU's pidfd too.  The listener hangs up only once every process

@@ -105,10 +105,13 @@ def _serve(sock: _socket.socket, vm_pid: int, pidfd: int, lock_fds: list[int],
         keep = frozenset(p.fd for p in pending)
 
         def locks() -> Locks:
+            from qemu_locked.beside import audit
             from qemu_locked.beside.locks import Locks
 
             held = Locks(config, plan, vm_pid)
             held.adopt(lock_fds, keep=keep)
+            if lock_fds:  # the start's locks, recorded here rather than on the VM's start path
+                audit.started(config, plan, vm_pid, [p.label for p in pending])
             return held
 
         _msg, anc, _flags, _addr = sock.recvmsg(1, 64)
@@ -117,7 +120,9 @@ def _serve(sock: _socket.socket, vm_pid: int, pidfd: int, lock_fds: list[int],
             os._exit(0)  # the wrapper could not install the filter: it says why
         listener = int.from_bytes(anc[0][2][:4], "little")
         bookkeeping = real_paths(plan.bookkeeping)
-        Supervisor(listener, vm_pid, locks, lock_fds, bookkeeping, vm, wait).run()
+        supervisor = Supervisor(listener, vm_pid, locks, lock_fds, bookkeeping, vm, wait)
+        supervisor.run()
+        supervisor.ended()
     finally:
         os._exit(0)
 
