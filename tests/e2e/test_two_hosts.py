@@ -44,7 +44,7 @@ def test_one_domain_on_both_hosts_runs_once(
     names_holder(refused(b.virsh("start", "qlk-one", check=False)), "qlk-one", "host-a", backend)
     assert held(hosts, disk, backend) == {"host-a": "exclusive"}
     assert b.virsh("domstate", "qlk-one").stdout.strip() == "shut off"
-    assert stale_records(hosts, "host-b") == []  # the refused start left no record
+    assert stale_records(hosts, "host-b", "qlk-one") == []  # the refused start left none
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -61,7 +61,7 @@ def test_two_domains_one_disk_across_hosts(
     if backend in ("lockspace", "sanlock"):  # the lease names the holder
         names_holder(line, "qlk-d1", "host-a", backend)
     assert held(hosts, disk, backend) == {"host-a": "exclusive"}
-    assert stale_records(hosts, "host-b") == []
+    assert stale_records(hosts, "host-b", "qlk-d2") == []
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -100,7 +100,7 @@ def test_a_failed_migration_rolls_back(hosts: TwoHosts, a_b: tuple[Lab, Lab], ba
     assert b.virsh("domstate", "qlk-fail").stdout.strip() == "shut off"
     assert held(hosts, disk, backend) == {"host-a": "exclusive"}
     if backend == "lockspace":
-        assert stale_records(hosts, "host-b") == []
+        assert stale_records(hosts, "host-b", "qlk-fail") == []
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

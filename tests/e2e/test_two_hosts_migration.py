@@ -126,7 +126,7 @@ def test_the_destination_killed_mid_migration(
     assert b.virsh("domstate", "qlk-dkill").stdout.strip() == "shut off"
     settled(hosts, disk, backend, {"host-a": "exclusive"})
     if backend == "lockspace":
-        assert stale_records(hosts, "host-b") == []
+        assert stale_records(hosts, "host-b", "qlk-dkill") == []
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -114,10 +114,11 @@ def held_by_virtlockd(hosts: TwoHosts) -> dict[str, str]:
     return out
 
 
-def stale_records(hosts: TwoHosts, host: str) -> list[str]:
-    """Lease records ``host`` left in the shared lockspace whose writer no longer
-    holds its slot: a refused start must leave none behind (a VM that ran and quit
-    leaves its own, overwritten by the next holder or removed by lockspace gc)."""
+def stale_records(hosts: TwoHosts, host: str, guest: str) -> list[str]:
+    """Lease records of ``guest`` on ``host`` in the shared lockspace whose writer
+    no longer holds its slot: a refused start must leave none behind (a VM that ran
+    and quit leaves its own, overwritten by the next holder or removed by lockspace
+    gc: hence one guest's, the lockspace is shared by the module's tests)."""
     from qemu_locked.backends.lockspace.leases import read_records
 
     out = []
@@ -125,7 +126,7 @@ def stale_records(hosts: TwoHosts, host: str) -> list[str]:
         fd = os.open(lease, os.O_RDONLY)
         try:
             out += [f"{lease.name}: {r.describe()}" for r in read_records(fd)
-                    if not r.live and r.host == host]  # fmt: skip
+                    if not r.live and r.host == host and r.guest == guest]  # fmt: skip
         finally:
             os.close(fd)
     return out
