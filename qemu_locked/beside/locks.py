@@ -81,6 +81,7 @@ class Locks:
         self.give: list[tuple[str, int]] = []  # (name, fd) to hand to QEMU with getfd
         self.added: list[tuple[str, str]] = []  # (key, user) since the policy last cleared it
         self.take_back: list[str] = []  # names QEMU should closefd
+        self.leases: list[int] = []  # the domain lease's fds: its record is erased at the end
         self._serial = 0
         self._memfd = -1
         self._shown = b""
@@ -89,8 +90,8 @@ class Locks:
 
     def adopt(self, fds: list[int], keep: frozenset[int] = frozenset()) -> None:
         """The wrapper's lock fds (shared with QEMU): which disk each one locks.
-        Others are closed (the domain lease: QEMU holds it), but for ``keep``
-        (a lock an incoming migration still waits for)."""
+        The domain lease's are kept aside (its record is erased when QEMU exits),
+        others closed, but for ``keep`` (a lock an incoming migration waits for)."""
         idents: dict[str, DiskRef] = {}
         for disk in self.plan.disks:
             try:
@@ -107,8 +108,10 @@ class Locks:
             key = safeopen.identity_key(st)
             found = (key, idents[key]) if key in idents else leases.get(os.path.basename(target))
             if found is None:
-                if fd not in keep:
-                    os.close(fd)  # the domain lease: QEMU holds it, the guard never drops it
+                if target.endswith(".lease"):  # the domain lease: held for QEMU's life
+                    self.leases.append(fd)
+                elif fd not in keep:
+                    os.close(fd)
                 continue
             key, disk = found
             lock = self.by_key.get(key)
@@ -274,6 +277,14 @@ class Locks:
         for lock in self.by_key.values():
             if lock.registrations or held.intersection(lock.fds):
                 self._audit("released", lock, "the VM exited")
+        self._erase([*self.leases, *(fd for lock in self.by_key.values() for fd in lock.fds)])
+
+    def _erase(self, fds: list[int]) -> None:
+        """QEMU's lease records in the slots these fds hold: none left stale."""
+        if self.config.backend != "sanlock" and fds:
+            from qemu_locked.backends.lockspace.cleanup import erase_records
+
+            erase_records(fds, self.qemu_pid)
 
     def _audit(self, action: str, lock: Lock, detail: str | None = None) -> None:
         """A line in the audit trail: ``locked`` in the mode now held, or ``released``."""
@@ -294,6 +305,7 @@ class Locks:
             for held in lock.registrations:
                 release(held, self.config)  # QEMU's copy stays open until closefd
             lock.registrations, lock.fds = [], []
+        self._erase(lock.fds)
         for fd in lock.fds:
             try:
                 fcntl.fcntl(fd, ofd.F_OFD_SETLK, _UNLOCK_ALL)  # lease slots too
