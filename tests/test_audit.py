@@ -160,12 +160,12 @@ def test_a_refused_start_is_one_line_naming_the_holder(syslog: Syslog, tmp_path:
     assert [fields(e) for e in entries] == [
         {"action": "locked", **common, "guest": "a", "pid": a.proc.pid, "holder": None},
         {"action": "refused", **common, "guest": "b", "pid": b.proc.pid,
-         "holder": f"exclusive by pid {a.proc.pid}, guest 'a'"},
+         "holder": f"in use (writing) by pid {a.proc.pid}, guest 'a'"},
     ]  # fmt: skip
     # The line itself, as rsyslog wrote it (facility daemon: the PRI is not in the file).
     assert syslog.ours()[1].endswith(
         f" {HOST} qemu-locked[{b.proc.pid}]: action=refused path={img} key={key} mode=exclusive "
-        f"guest=b pid={b.proc.pid} host={HOST} holder=\"exclusive by pid {a.proc.pid}, guest 'a'\" "
+        f"guest=b pid={b.proc.pid} host={HOST} holder=\"in use (writing) by pid {a.proc.pid}, guest 'a'\" "
         f'origin="-drive file={img}"'
     ), syslog.ours()
     # Both file formats read back the same; each entry has the daemon's time.
@@ -194,7 +194,7 @@ def test_a_domain_lease_refused_is_named_by_its_key(syslog: Syslog, tmp_path: Pa
     assert entries == [{
         "action": "refused", "path": f"domain {uuid}", "key": f"domain:uuid:{uuid}",
         "mode": "exclusive", "guest": "vm1", "pid": b.proc.pid, "host": HOST,
-        "holder": f"exclusive by pid {a.proc.pid}, guest 'vm1' on host '{HOST}'", "origin": None,
+        "holder": f"in use (writing) by pid {a.proc.pid}, guest 'vm1' on host '{HOST}'", "origin": None,
         "detail": None,
     }]  # fmt: skip
 
@@ -365,9 +365,12 @@ def test_the_supervisor_logs_a_hot_plug_refused_and_a_lock_taken_and_released(
     origin = f"-drive file={boot},if=virtio"
     assert by_path[boot] == [line("locked", boot, origin),
                              line("released", boot, origin, detail="the VM exited")]  # fmt: skip
-    refusal = line("refused", held, "open", f"exclusive by pid {holder_pid} ({comm})")
-    assert by_path[held] and all(e == refusal for e in by_path[held]), by_path[held]
-    assert by_path[free] == [line("locked", free, "open"), line("released", free, "open")]
+    refusal = line(
+        "refused", held, "opened after start", f"in use (writing) by pid {holder_pid} ({comm})"
+    )
+    assert by_path[held] and all(e == refusal for e in by_path[held]), (by_path[held], refusal)
+    assert by_path[free] == [line("locked", free, "opened after start"),
+                             line("released", free, "opened after start")]  # fmt: skip
     assert set(by_path) == {boot, held, free}
 
 
@@ -405,7 +408,7 @@ def test_a_migrations_timeout_is_one_line_naming_the_holder(
     assert timeouts == [{
         "action": "timeout", "path": image, "key": f"file:{image}", "mode": "exclusive",
         "guest": "dst", "pid": dst.pid, "host": HOST,
-        "holder": f"exclusive by pid {source.pid}, guest 'holder'", "origin": "incoming migration",
+        "holder": f"in use (writing) by pid {source.pid}, guest 'holder'", "origin": "incoming migration",
         "detail": "after 3 s of incoming migration; killing the VM (incoming_timeout_action = kill)",
     }]  # fmt: skip
 
@@ -517,7 +520,7 @@ def test_the_monitor_guard_logs_its_refusal_and_locks(syslog: Syslog, tmp_path: 
     assert mine == [
         {**start, "action": "locked"},  # by the wrapper
         {**common, "action": "refused", "path": b, "key": f"file:{b}", "mode": "shared",
-         "holder": f"exclusive by pid {two.proc.pid}, guest 'two'", "origin": "blockdev-add"},
+         "holder": f"in use (writing) by pid {two.proc.pid}, guest 'two'", "origin": "blockdev-add"},
         # the file node (auto-read-only) first, then the writable qcow2 node on it
         {**common, "action": "locked", "path": c, "key": f"file:{c}", "mode": "shared",
          "holder": None, "origin": "blockdev-add cfs"},
@@ -592,7 +595,7 @@ def test_the_trail_reads_back_from_a_real_journald(tmp_path: Path) -> None:
     key = f"file:{os.path.realpath(img)}"
     assert [(e["action"], e["guest"], e["path"], e["key"], e["holder"]) for e in entries] == [
         ("locked", "a", img, key, None),
-        ("refused", "b", img, key, f"exclusive by pid {got['a']}, guest 'a'"),
+        ("refused", "b", img, key, f"in use (writing) by pid {got['a']}, guest 'a'"),
     ]
     assert [json.loads(out) for out in got["since"]] == [entries, []]  # journalctl --since=@T
     assert all(e["time"] and abs(datetime.fromisoformat(str(e["time"])) - datetime.now().astimezone())

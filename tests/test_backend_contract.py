@@ -48,7 +48,7 @@ class BackendContract:
         assert not b.started() and b.proc.returncode == 3
         err = b.stderr()
         assert err.startswith(
-            f"qemu-locked: {img} is locked (exclusive) by {self.holder(a, 'first')}"
+            f"qemu-locked: cannot write {img}: in use (writing) by {self.holder(a, 'first')}"
         )
         assert len(err.splitlines()) == 1
 
@@ -81,8 +81,8 @@ class BackendContract:
         vm = start("-drive", f"file={a}", "-drive", f"file={b}", env=env)
         assert not vm.started()
         lines = vm.stderr().splitlines()
-        assert sorted(line.split(" is locked")[0] for line in lines) == sorted(
-            [f"qemu-locked: {a}", f"qemu-locked: {b}"]
+        assert sorted(line.split(": in use")[0] for line in lines) == sorted(
+            [f"qemu-locked: cannot write {a}", f"qemu-locked: cannot write {b}"]
         )
 
     def test_domain_lease_refuses_a_second_diskless_start(self, start, env) -> None:
@@ -91,7 +91,7 @@ class BackendContract:
         assert a.started(), a.stderr()
         b = start("-name", "guest=solo", "-uuid", uuid.upper(), "-m", "64", env=env)
         assert not b.started() and b.proc.returncode == 3
-        assert f"is locked (exclusive) by {self.holder(a, 'solo')}" in b.stderr()
+        assert f": already running, held by {self.holder(a, 'solo')}" in b.stderr()
         off = start("-name", "guest=solo", "-uuid", uuid,
                     env={**env, "QEMU_LOCKED_DOMAIN_LEASE": "false"})  # fmt: skip
         assert off.started()

@@ -251,9 +251,9 @@ def test_check_exit_codes(start, images: tuple[str, str]) -> None:  # type: igno
     assert held.returncode == 1, held.stderr
     lines = held.stdout.splitlines()
     assert lines[0].split() == ["RESOURCE", "WANTED", "HELD"]
-    assert lines[1].split()[:3] == [a, "exclusive", "exclusive"]
+    assert lines[1].split()[:5] == [a, "write", "in", "use", "(writing)"]
     assert f"pid {vm.proc.pid}, guest 'web'" in lines[1]
-    assert lines[2].split()[:3] == [b, "exclusive", "shared"]
+    assert lines[2].split()[:5] == [b, "write", "in", "use", "(sharing)"]
     # a shared use of the read-only disk is fine next to the VM's shared lock
     assert lockctl("check", "--", "-drive", f"file={b},format=raw,readonly=on").returncode == 0
     vm.kill()
@@ -291,7 +291,8 @@ def test_domain_lease_counts_in_check_and_run(
     xml = domain(tmp_path, "twin", file_disk(b))
     proc = lockctl("check", "--domain", xml, env=env)
     assert proc.returncode == 1, proc.stderr
-    assert proc.stdout.splitlines()[1].split()[:3] == ["domain", uuid, "exclusive"]
+    assert proc.stdout.splitlines()[1].split()[:6] == ["domain", uuid, "start", "in", "use",
+                                                        "(writing)"]  # fmt: skip
     assert f"pid {vm.proc.pid}" in proc.stdout
     assert lockctl("run", "--domain", xml, "--", "true", env=env).returncode == 3
     vm.kill()
@@ -401,7 +402,7 @@ def test_run_wait_shows_holders_then_takes_the_lock(start, images: tuple[str, st
     assert waiter.stderr is not None
     first = waiter.stderr.readline()
     assert first.startswith("qemu-lockctl: waiting 0/30s: ")
-    assert f"{a} is locked (exclusive) by pid {vm.proc.pid}, guest 'blocker'" in first
+    assert f"cannot write {a}: in use (writing) by pid {vm.proc.pid}, guest 'blocker'" in first
     vm.kill()
     out, err = waiter.communicate(timeout=30)
     assert (waiter.returncode, out) == (0, "got it\n"), err
@@ -418,7 +419,7 @@ def test_run_wait_times_out_with_exit_3(start, images: tuple[str, str]) -> None:
     assert lines[0].startswith("qemu-lockctl: waiting 0/1.5s: ") and "guest 'stays'" in lines[0]
     assert (
         lines[-1]
-        == f"qemu-lockctl: {a} is locked (exclusive) by pid {lines[0].split('pid ')[1].split(',')[0]}, guest 'stays'; this VM needs it exclusive"
+        == f"qemu-lockctl: cannot write {a}: in use (writing) by pid {lines[0].split('pid ')[1].split(',')[0]}, guest 'stays'"
     )
 
 

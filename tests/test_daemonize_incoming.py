@@ -99,4 +99,4 @@ def test_daemonized_incoming_timeout_applies_the_action(tmp_path: Path) -> None:
     ):
         wait_for(lambda: not alive(daemon), "the daemonized VM to be killed", 30)
         wait_for(lambda: "killing the VM" in log.read_text(), "the keeper's line")
-        assert log.read_text().startswith(f"qemu-locked: {img} is still locked (exclusive)")
+        assert log.read_text().startswith(f"qemu-locked: cannot write {img} after ")

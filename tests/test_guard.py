@@ -127,8 +127,7 @@ def test_hot_plug_is_refused_naming_the_holder_and_blockdev_del_frees(
     )
     assert r["error"] == {  # type: ignore[comparison-overlap]
         "class": "GenericError",
-        "desc": f"qemu-locked: {b} is locked (exclusive) by pid {two.proc.pid}, guest 'two'; "
-        "this VM needs it shared",
+        "desc": f"qemu-locked: cannot read {b}: in use (writing) by pid {two.proc.pid}, guest 'two'",
     }
     assert add(q, c, "cf")["return"] == {}
     assert not lock_free(c, exclusive=False)

@@ -36,7 +36,7 @@ def test_lockspace_hard_link_is_the_same_disk(tmp_path: Path) -> None:
             timeout=60,
         )
         assert two.returncode == 3, two.stdout + two.stderr
-        assert "is locked (exclusive)" in two.stderr and "guest 'one'" in two.stderr
+        assert ": in use (writing) by" in two.stderr and "guest 'one'" in two.stderr
         # the image's own byte 0 is what made them meet: VM one holds it
         assert byte0_modes(one.proc.pid, img) == ["exclusive"]
     finally:

@@ -290,7 +290,10 @@ def test_direct_backend_block_device_across_private_dev_nodes(
         env=env_for("direct", lockspace),
     )
     assert not b.started() and b.proc.returncode == 3
-    assert f"{other} is locked (exclusive) by pid {a.report['pid']}, guest 'blk1'" in b.stderr()
+    assert (
+        f"cannot write {other}: in use (writing) by pid {a.report['pid']}, guest 'blk1'"
+        in b.stderr()
+    )
 
 
 def test_direct_backend_block_device_without_lockspace_fails_closed(tmp_path, loop_device) -> None:
@@ -311,6 +314,6 @@ def test_domain_lease_by_name_when_there_is_no_uuid(start, lockspace) -> None:
     )  # the implied guest= form
     assert not b.started() and b.proc.returncode == 3
     assert (
-        f"domain 'nameonly' is locked (exclusive) by pid {a.report['pid']}, guest 'nameonly'"
+        f"cannot start domain 'nameonly': already running, held by pid {a.report['pid']}, guest 'nameonly'"
         in b.stderr()
     )

@@ -216,8 +216,8 @@ def test_incoming_timeout_kills_the_vm_and_says_why(tmp_path: Path) -> None:
         _out, err = dst.communicate(timeout=60)
         assert dst.returncode == -9
         assert (
-            f"qemu-locked: {image} is still locked (exclusive) by pid {holder.pid}, guest 'holder'"
-            in err
+            f"qemu-locked: cannot write {image} after 1 s of incoming migration: in use (writing) "
+            f"by pid {holder.pid}, guest 'holder'" in err
         )
         assert "killing the VM" in err
     finally:
@@ -245,7 +245,8 @@ def test_incoming_timeout_warn_keeps_the_vm_and_says_why(tmp_path: Path) -> None
         assert dst.poll() is None  # warned, not killed
         (line,) = log.read_text().splitlines()
         assert line.startswith(
-            f"qemu-locked: {img} is still locked (exclusive) by pid {holder.report['pid']}"
+            f"qemu-locked: cannot write {img} after 1 s of incoming migration: in use (writing) "
+            f"by pid {holder.report['pid']}"
         )
         assert byte0_modes(dst.pid, img) == []  # it runs without that lock, as the line says
     finally:

@@ -100,7 +100,7 @@ def test_real_qemu_runs_under_our_lock_with_its_own_locks_intact(images: tuple[s
         )
         assert second.returncode == 3
         assert second.stderr.startswith(
-            f"qemu-locked: {qcow2} is locked (exclusive) by pid {vm.pid}, guest 'realvm'"
+            f"qemu-locked: cannot write {qcow2}: in use (writing) by pid {vm.pid}, guest 'realvm'"
         )
         assert "Failed to get" not in second.stderr
         # QEMU's own locks were not disturbed by the refused attempt.

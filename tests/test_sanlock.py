@@ -164,7 +164,10 @@ def test_a_hard_link_is_the_same_disk(cluster: Cluster, start) -> None:
     second: VM = start("-name", "guest=ln2", "-drive", f"file={alias}", env=cluster.env(1))
     assert not second.started()
     assert second.proc.returncode == 3
-    assert f"{alias} is locked (exclusive) by pid {first.proc.pid}, guest 'ln1'" in second.stderr()
+    assert (
+        f"cannot write {alias}: in use (writing) by pid {first.proc.pid}, guest 'ln1'"
+        in second.stderr()
+    )
     assert cluster.owners(file_key(alias)) == []  # refused: nothing of it stays held
 
 
@@ -179,8 +182,7 @@ def test_cross_host_refusal_names_the_holder(cluster: Cluster, start) -> None:
     assert not second.started()
     assert second.proc.returncode == 3
     assert second.stderr().splitlines() == [
-        f"qemu-locked: {img} is locked (exclusive) by host id 1 (host-1); "
-        "this VM needs it exclusive"
+        f"qemu-locked: cannot write {img}: in use (writing) by host id 1 (host-1)"
     ]
     # The same VM (same UUID) with no disk in common: the domain lease refuses it.
     other = make_image(cluster.images / "web-copy.img")
@@ -188,8 +190,9 @@ def test_cross_host_refusal_names_the_holder(cluster: Cluster, start) -> None:
                      env=cluster.env(2))  # fmt: skip
     assert not twin.started()
     assert twin.proc.returncode == 3
-    assert f"qemu-locked: domain {uuid} is locked (exclusive) by host id 1 (host-1)" in (
-        twin.stderr()
+    assert (
+        f"qemu-locked: cannot start domain {uuid}: already running, held by host id 1 (host-1)"
+        in (twin.stderr())
     )
     assert cluster.owners(file_key(other)) == []  # all or nothing
 
@@ -252,7 +255,7 @@ def test_shared_leases_across_hosts(cluster: Cluster, start) -> None:
     writer: VM = start("-drive", f"file={img}", env=cluster.env(1))
     assert not writer.started()
     assert writer.proc.returncode == 3
-    assert "(shared) by host id 1 (host-1), host id 2 (host-2)" in writer.stderr()
+    assert "in use (sharing) by host id 1 (host-1), host id 2 (host-2)" in writer.stderr()
     a.kill()
     b.kill()
     wait_free(cluster, file_key(img))
@@ -272,10 +275,7 @@ def test_a_vm_spanning_several_leases_is_all_or_nothing(cluster: Cluster, start)
     assert not vm.started()
     assert vm.proc.returncode == 3
     err = vm.stderr().splitlines()
-    assert err == [
-        f"qemu-locked: {busy} is locked (exclusive) by host id 1 (host-1); "
-        "this VM needs it exclusive"
-    ]
+    assert err == [f"qemu-locked: cannot write {busy}: in use (writing) by host id 1 (host-1)"]
     for d in disks:
         if d != busy:
             assert cluster.owners(file_key(d)) == [], d
@@ -447,7 +447,7 @@ def test_block_devices_are_keyed_by_stable_id(cluster: Cluster, start, loop_devi
     assert vm.started(), vm.stderr()
     other: VM = start("-drive", f"file={loop_device},format=raw", env=cluster.env(2))
     assert not other.started()
-    assert f"{loop_device} is locked (exclusive) by host id 1 (host-1)" in other.stderr()
+    assert f"cannot write {loop_device}: in use (writing) by host id 1 (host-1)" in other.stderr()
 
 
 def test_status_for_a_path_names_holder_host_pid_and_guest(cluster: Cluster, start) -> None:
@@ -571,7 +571,9 @@ def test_a_vm_without_disks_still_gets_its_domain_lease(cluster: Cluster, start)
     assert first.started(), first.stderr()
     twin: VM = start("-name", "guest=diskless", "-uuid", uuid, "-m", "64", env=cluster.env(2))
     assert not twin.started() and twin.proc.returncode == 3
-    assert f"domain {uuid} is locked (exclusive) by host id 1 (host-1)" in twin.stderr()
+    assert (
+        f"cannot start domain {uuid}: already running, held by host id 1 (host-1)" in twin.stderr()
+    )
 
 
 def test_migration_destination_waits_for_the_source(cluster: Cluster, start) -> None:

@@ -64,7 +64,7 @@ def test_status_in_another_pid_namespace_says_held_elsewhere(
     r = run([*NEW_PIDNS, QEMU_LOCKCTL, "status", img])
     assert r.returncode == 0, r.stderr
     assert "no lock held" not in r.stdout
-    assert "exclusive  elsewhere" in r.stdout, r.stdout
+    assert "writing  elsewhere" in r.stdout, r.stdout
     assert f"1 elsewhere: locked by {OTHER_PIDNS}" in r.stdout, r.stdout
     assert "cannot read" not in r.stdout and "as root" not in r.stdout, r.stdout
     (row,) = json.loads(run([*NEW_PIDNS, QEMU_LOCKCTL, "status", "--json", img]).stdout)["locks"]
@@ -79,7 +79,7 @@ def test_a_start_refused_across_pid_namespaces_says_so(
     r = run([*NEW_PIDNS, QEMU_LOCKED, "-drive", f"file={img}"])
     assert r.returncode == 3, r.stderr
     line = r.stderr.strip()
-    assert f"{img} is locked (exclusive) by {OTHER_PIDNS}" in line, line
+    assert f"cannot write {img}: in use (writing) by {OTHER_PIDNS}" in line, line
     assert "cannot read" not in line and "as root" not in line, line
 
 
@@ -127,7 +127,7 @@ def test_a_user_who_cannot_read_every_process_is_told_both_possibilities(
     beside = ["import subprocess,sys; r=subprocess.run(sys.argv[1:]); sys.exit(r.returncode)"]
     r = run([*NEW_PIDNS, sys.executable, "-c", *beside, *nobody])
     assert r.returncode == 0, r.stderr
-    assert "exclusive  unidentified" in r.stdout, r.stdout
+    assert "writing  unidentified" in r.stdout, r.stdout
     assert (
         "1 unidentified: locked by a process this user cannot identify: a local one whose "
         "/proc entries it cannot read, or one in another PID namespace" in r.stdout

@@ -118,8 +118,8 @@ def test_a_disk_added_through_a_path_monitor_is_refused_when_held(
     assert vm.add(disk, "held", read_only=True)["error"]  # shared is refused too: it is written
     err = vm.quit()
     assert (
-        f"qemu-locked: {disk} is locked (exclusive) by pid {pid} (python3" in err
-        or f"qemu-locked: {disk} is locked (exclusive) by pid {pid} (python" in err
+        f"qemu-locked: cannot write {disk}: in use (writing) by pid {pid} (python3" in err
+        or f"qemu-locked: cannot write {disk}: in use (writing) by pid {pid} (python" in err
     ), err
 
 
@@ -217,8 +217,47 @@ def test_two_vms_one_disk_through_the_backend(tmp_path: Path, backend: str) -> N
         for vm in (first, second):
             if vm.proc.poll() is None:
                 vm.quit()
-    assert f"qemu-locked: {disk} is locked (exclusive) by pid" in err, err
+    assert f"qemu-locked: cannot write {disk}: in use (writing) by pid" in err, err
     assert "guest 'first'" in err, err
+
+
+def test_no_lease_record_outlives_its_lock(tmp_path: Path) -> None:
+    """Lockspace records of QEMU's locks are erased as the supervisor lets them go:
+    a hot-plugged disk's when QEMU closes it, the start-time disk's and the domain
+    lease's when QEMU is killed outright (the issue 22 lab found a killed migration
+    destination's records left behind)."""
+    from qemu_locked.backends.lockspace.leases import read_records
+
+    space = tmp_path / "ls"
+    space.mkdir()
+    extra = {"QEMU_LOCKED_BACKEND": "lockspace", "QEMU_LOCKED_LOCKSPACE_DIR": str(space)}
+    boot, added = qcow2(tmp_path / "boot.qcow2"), qcow2(tmp_path / "added.qcow2")
+    vm = VM(tmp_path, "-drive", f"file={boot},if=virtio", name="rec", **extra)
+
+    def records() -> list[str]:
+        out = []
+        for lease in space.glob("*.lease"):
+            fd = os.open(lease, os.O_RDONLY)
+            try:
+                out += [r.path or r.key for r in read_records(fd) if r.pid == vm.proc.pid]
+            finally:
+                os.close(fd)
+        return sorted(out)
+
+    try:
+        assert "return" in vm.add(added, "a")
+        start = records()
+        assert len(start) == 3 and str(added) in start and str(boot) in start, start
+        assert "return" in vm.qmp.cmd("blockdev-del", **{"node-name": "a"})
+        wait_for(lambda: str(added) not in records(), "the hot-plug's record erased")
+        supervisor = vm.supervisor()
+        vm.proc.kill()
+        vm.proc.wait(30)
+        wait_for(lambda: not os.path.exists(f"/proc/{supervisor}"), "the supervisor to exit")
+        assert records() == []
+    finally:
+        if vm.proc.poll() is None:
+            vm.quit()
 
 
 def test_a_supervisor_that_cannot_read_qemu_fails_closed(tmp_path: Path) -> None:
@@ -306,7 +345,7 @@ def test_a_disk_handed_over_as_an_fd_is_locked_too(vm: VM, tmp_path: Path, holde
     assert "return" in vm.add("/dev/fdset/2", "f")
     assert not lock_free(free, exclusive=False)  # written through the fd: exclusive
     err = vm.quit()
-    assert f"qemu-locked: {held} is locked (exclusive) by pid {pid}" in err, err
+    assert f"qemu-locked: cannot write {held}: in use (writing) by pid {pid}" in err, err
 
 
 @pytest.mark.parametrize("supervisor", ["true", "false"])
@@ -343,4 +382,4 @@ def test_another_name_for_a_held_disk_is_refused(vm: VM, tmp_path: Path, holder)
         r = vm.add(str(tmp_path / name), name.split(".")[0])
         assert BUSY in r["error"]["desc"], r  # type: ignore[index]
     err = vm.quit()
-    assert err.count(f"is locked (exclusive) by pid {pid}") == 2, err
+    assert err.count(f": in use (writing) by pid {pid}") == 2, err

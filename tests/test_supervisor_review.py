@@ -206,5 +206,5 @@ def test_hmp_on_stdio_is_supervised_too(tmp_path: Path, holder) -> None:
                        input=f"drive_add 0 if=none,id=h,file={disk}\nquit\n", env=env,
                        capture_output=True, text=True, timeout=60)  # fmt: skip
     assert f"Could not open '{disk}': {BUSY}" in p.stdout, p.stdout
-    assert f"qemu-locked: {disk} is locked (exclusive) by pid" in p.stderr, p.stderr
+    assert f"qemu-locked: cannot read {disk}: in use (writing) by pid" in p.stderr, p.stderr
     assert os.path.getsize(disk) > 0

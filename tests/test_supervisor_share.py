@@ -80,7 +80,9 @@ def test_a_writable_hot_plug_of_a_disk_another_vm_reads_is_refused(tmp_path: Pat
         r = attach(w, disk, "w1", share=True)  # even declared shareable: the reader forbids writers
         assert "error" in r and "Device or resource busy" in r["error"]["desc"], r  # type: ignore[index]
         err = w.quit()
-        assert f"qemu-locked: {disk} is locked (shared) by pid {reader.proc.pid}" in err, err
+        assert (
+            f"qemu-locked: cannot write {disk}: in use (sharing) by pid {reader.proc.pid}" in err
+        ), err
         assert "guest 'r'" in err, err
     finally:
         reader.quit()

@@ -70,8 +70,7 @@ def test_second_start_is_refused_naming_the_holder(start, tmp_path: Path) -> Non
     assert second.proc.returncode == 3
     err = second.stderr().splitlines()
     assert err == [
-        f"qemu-locked: {img} is locked (exclusive) by pid {first.report['pid']}, guest 'web'; "
-        "this VM needs it exclusive"
+        f"qemu-locked: cannot write {img}: in use (writing) by pid {first.report['pid']}, guest 'web'"
     ]
 
 
@@ -89,7 +88,7 @@ def test_shared_and_exclusive(start, tmp_path: Path, first: str, second: str, ok
     if ok:
         assert a.locks() == {img: ["READ"]} and b.locks() == {img: ["READ"]}
     else:
-        assert b.proc.returncode == 3 and "is locked" in b.stderr()
+        assert b.proc.returncode == 3 and ": in use (" in b.stderr()
 
 
 def test_share_rw_device_takes_a_shared_lock(start, tmp_path: Path) -> None:
@@ -172,7 +171,7 @@ def test_qcow2_header_backing_is_locked_shared(start, tmp_path: Path) -> None:
     assert vm.started()
     assert vm.locks() == {str(top): ["WRITE"], str(base): ["READ"]}
     writer = start("-name", "guest=w", "-drive", f"file={base}")
-    assert not writer.started() and "(shared) by pid" in writer.stderr()
+    assert not writer.started() and "in use (sharing) by pid" in writer.stderr()
 
 
 @pytest.mark.parametrize(

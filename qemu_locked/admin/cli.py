@@ -203,7 +203,11 @@ def check(
             }
         )
     elif found:
-        rows = [[res, wanted, held_text(who)] for res, wanted, who in found]
+        from qemu_locked.model.words import wanted as word
+
+        roles = {d.path: d.role for d in p.disks}  # a shareable disk is wanted "share"
+        rows = [[res, word(res, wanted, roles.get(res, "")), held_text(who)]
+                for res, wanted, who in found]  # fmt: skip
         sys.stdout.write(table(rows, ["RESOURCE", "WANTED", "HELD"]))
     else:
         n = len(p.disks)

@@ -82,7 +82,11 @@ def text(found: dict[str, list[dict[str, object]]]) -> str:
 
 
 def _table(rows: list[dict[str, object]]) -> str:
-    def cell(value: object) -> str:
+    from qemu_locked.model.words import EXCLUSIVE, SHARED, how
+
+    def cell(value: object, key: str = "") -> str:
+        if key == "mode" and value in (EXCLUSIVE, SHARED):
+            return how(str(value))  # the words of every message; --json keeps the mode
         return "-" if value is None or value == "" else str(value)
 
     header = ["MODE", "PID", "GUEST", "COMMAND", "UUID", "SINCE", "HOST", "PATH"]
@@ -97,8 +101,8 @@ def _table(rows: list[dict[str, object]]) -> str:
         header.append("KEY")
         keys.append("other_key")
         rows = [{**r, "other_key": other_key(r)} for r in rows]
-    return table([[cell(r.get(k, "held" if k == "state" else None)) for k in keys] for r in rows],
-                 header)  # fmt: skip
+    return table([[cell(r.get(k, "held" if k == "state" else None), k) for k in keys]
+                  for r in rows], header)  # fmt: skip
 
 
 def other_key(row: dict[str, object]) -> str | None:

@@ -183,6 +183,8 @@ def send(events: list[Event], config: Config) -> None:
 
 
 def held_text(who: str) -> str:
-    """``(exclusive) by pid 1, guest 'a'`` -> ``exclusive by pid 1, guest 'a'``."""
-    mode, sep, rest = who.removeprefix("(").partition(") ")
-    return f"{mode} {rest}" if who.startswith("(") and sep else who
+    """``(exclusive) by pid 1, guest 'a'`` -> ``in use (writing) by pid 1, guest 'a'``:
+    the words of every message (model/words.py)."""
+    from qemu_locked.model.words import held
+
+    return held(who)

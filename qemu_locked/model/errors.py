@@ -81,11 +81,14 @@ class LockedError(QemuLockedError):
 
     def __init__(self, conflicts: list[Conflict]) -> None:
         self.conflicts = conflicts
+        # resource -> its disk's role, where the plan is known: tells "share" from "read"
+        self.roles: dict[str, str] = {}
         super().__init__(self._line(*conflicts[0]))
 
-    @staticmethod
-    def _line(resource: str, wanted: str, holders: str) -> str:
-        return f"{resource} is locked {holders}; this VM needs it {wanted}"
+    def _line(self, resource: str, wanted: str, holders: str) -> str:
+        from qemu_locked.model import words
+
+        return words.refusal(resource, words.want(wanted, self.roles.get(resource, "")), holders)
 
     def lines(self) -> list[str]:
         return [self._line(*c).replace("\n", "\\n") for c in self.conflicts]

@@ -205,6 +205,8 @@ def main() -> NoReturn:
             from qemu_locked.beside import audit
 
             audit.refused(cfg, plan, os.getpid(), exc.conflicts)
+        if isinstance(exc, LockedError) and plan is not None:
+            exc.roles = {d.path: d.role for d in plan.disks}  # "share", not "read"
         fail(exc)
     except Exception as exc:  # a bug of ours: still one line, and QEMU does not start unlocked
         from qemu_locked.model.errors import InternalError

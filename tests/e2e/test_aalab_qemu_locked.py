@@ -65,10 +65,10 @@ def test_second_domain_and_hotplug_refused_naming_the_first(result: vm.Result, s
         assert result.passed("yama-1")["ptrace_scope"] == "1"
     refused = result.passed("refused-aa2" + suffix)["stderr"]
     assert "qemu-locked: " in refused and "guest 'aa1'" in refused, refused
-    assert "this VM needs it exclusive" in refused, refused
+    assert "qemu-locked: cannot write " in refused and ": in use (writing) by" in refused, refused
     hotplug = result.passed("refused-hotplug" + suffix)
     assert "Device or resource busy" in hotplug["stderr"], hotplug  # QEMU's open, refused
-    assert "/ql-shared.img is locked (exclusive) by pid" in hotplug["log"], hotplug
+    assert "cannot write /ql-shared.img: in use (writing) by pid" in hotplug["log"], hotplug
     assert "guest 'aa1'" in hotplug["log"], hotplug  # our line, in the domain log
 
 

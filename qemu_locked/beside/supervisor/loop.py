@@ -233,8 +233,8 @@ class Supervisor:
         from qemu_locked.beside import audit  # once answered: QEMU's call does not wait on it
 
         locks = self.locks
-        audit.refused(locks.config, locks.plan, self.vm_pid, conflicts or [], "open", line, path,
-                      mode)  # fmt: skip
+        audit.refused(locks.config, locks.plan, self.vm_pid, conflicts or [], AFTER_START, line,
+                      path, mode)  # fmt: skip
 
     def sweep(self) -> None:
         """Unlock what QEMU no longer has open, downgrade what it only reads (its
@@ -310,6 +310,8 @@ class Supervisor:
             try:
                 handlers[n.nr](n)
             except Exception as exc:  # a bug of ours: that one open fails, closed
+                if isinstance(exc, FileNotFoundError) and not kernel.valid(self.listener, n.id):
+                    continue  # the calling thread exited meanwhile (its /proc entries went)
                 say(f"supervisor: internal error on a trapped call: {type(exc).__name__}: {exc}")
                 try:
                     kernel.refuse(self.listener, n.id, errno.EIO)
