@@ -78,12 +78,13 @@ def test_status_check_doctor_as_root_and_as_the_vm_user(result: vm.Result, who: 
     disk = "/var/lib/libvirt/images/ql-shared.img"
     if who == "views-root":
         assert " aa1 " in views["status"] and disk in views["status"], views["status"]
-        assert f"{disk}  exclusive  exclusive by pid" in views["check"], views["check"]
+        assert f"{disk}  write   in use (writing) by pid" in views["check"], views["check"]
         assert "guest 'aa1'" in views["check"]
-    else:  # a confined QEMU's /proc entries are not the VM user's to read
-        assert "exclusive  hidden" in views["status"] and disk in views["status"], views
-        assert "1 hidden: locked by a local process" in views["status"], views["status"]
-        assert f"{disk}  exclusive  exclusive by a" in views["check"], views["check"]
+    else:  # a confined QEMU's /proc entries are not the VM user's to read: AppArmor says so
+        assert "writing  hidden" in views["status"] and disk in views["status"], views
+        assert ("1 hidden: locked by a holder this process cannot identify: the host's security "
+                "policy (AppArmor") in views["status"], views["status"]  # fmt: skip
+        assert f"{disk}  write   in use (writing) by a holder" in views["check"], views["check"]
         assert "another host" not in views["check"], views["check"]
     assert not [ln for ln in views["doctor"].splitlines() if ln.startswith("FAIL")], views["doctor"]
     if who == "views-root":

@@ -116,7 +116,7 @@ def test_disk_held_by_lockctl_run_is_refused(lab: Lab) -> None:
     try:
         wait_for(lambda: not lock_free(b, exclusive=False), 30, "qemu-lockctl run to lock")
         proc = attach(lab, one, b, "sdb")
-        refused(proc, f"cannot write {b}: in use (writing)")
+        refused(proc, f"cannot read {b}: in use (writing) by a local process")  # libvirt: RO first
     finally:
         tool.kill()
         tool.wait()

@@ -57,7 +57,7 @@ def test_two_domains_one_disk_across_hosts(
     define(hosts, b, "qlk-d2", disk, backend)
     assert a.virsh("start", "qlk-d1", check=False).returncode == 0
     line = refused(b.virsh("start", "qlk-d2", check=False))
-    assert backend == "lockd" or f"{disk} is locked (exclusive) by" in line, line
+    assert backend == "lockd" or f"cannot write {disk}: in use (writing) by" in line, line
     if backend in ("lockspace", "sanlock"):  # the lease names the holder
         names_holder(line, "qlk-d1", "host-a", backend)
     assert held(hosts, disk, backend) == {"host-a": "exclusive"}
@@ -153,7 +153,7 @@ def test_a_block_device_across_hosts(hosts: TwoHosts, a_b: tuple[Lab, Lab], back
     assert held(hosts, BLOCK_DISK, backend) == {"host-a": "exclusive"}
     line = refused(b.virsh("start", "qlk-blk2", check=False))
     if backend != "lockd":
-        assert f"{BLOCK_DISK} is locked (exclusive) by" in line, line
+        assert f"cannot write {BLOCK_DISK}: in use (writing) by" in line, line
         assert "host-a" in line, line
     assert held(hosts, BLOCK_DISK, backend) == {"host-a": "exclusive"}
     a.virsh("destroy", "qlk-blk1")
