@@ -225,7 +225,7 @@ def test_log_path_and_since_filter(syslog: Syslog, tmp_path: Path) -> None:
     head, row = r.stdout.splitlines()
     assert head.split() == ["TIME", "ACTION", "MODE", "GUEST", "PID", "HOST", "PATH", "ORIGIN",
                             "HOLDER"]  # fmt: skip
-    assert row.split()[1:7] == ["locked", "exclusive", "second", row.split()[4], HOST, two]
+    assert row.split()[1:7] == ["locked", "writing", "second", row.split()[4], HOST, two]
 
 
 def test_bad_since_and_an_unreadable_log_are_one_line(tmp_path: Path) -> None:

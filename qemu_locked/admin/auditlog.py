@@ -198,10 +198,21 @@ def log(
     def cell(value: object) -> str:
         return "-" if value is None or value == "" else str(value)
 
+    def words_of(row: dict[str, object]) -> dict[str, object]:
+        """MODE in the words of every message: what a refused VM asked for (write,
+        read), how a lock taken or let go was held (writing, sharing); --json keeps it."""
+        from qemu_locked.model.words import EXCLUSIVE, SHARED, how, want
+
+        mode = row["mode"]
+        if mode not in (EXCLUSIVE, SHARED):
+            return row
+        asked = row["action"] in ("refused", "timeout", "failed")
+        return dict(row, mode=want(str(mode)) if asked else how(str(mode)))
+
     header = ["TIME", "ACTION", "MODE", "GUEST", "PID", "HOST", "PATH", "ORIGIN", "HOLDER"]
     keys = ["time", "action", "mode", "guest", "pid", "host", "path", "origin", "holder"]
     if any(ev.detail for ev in events):
         header.append("DETAIL")
         keys.append("detail")
-    rows = [dict(to_json(ev), time=_when(ev.time, "seconds")) for ev in events]
+    rows = [words_of(dict(to_json(ev), time=_when(ev.time, "seconds"))) for ev in events]
     sys.stdout.write(table([[cell(r[k]) for k in keys] for r in rows], header))

@@ -22,6 +22,7 @@ from e2e.lab11.scenario import (
     migrate,
     names_holder,
     refused,
+    rolled_back,
     settled,
     stale_records,
     start_libvirtd,
@@ -96,11 +97,7 @@ def test_a_failed_migration_rolls_back(hosts: TwoHosts, a_b: tuple[Lab, Lab], ba
     r = a.virsh("migrate", "--live", "--p2p", "--unsafe", "qlk-fail", hosts.uri("host-b"),
                 "tcp://127.0.0.1:1", check=False)  # fmt: skip
     assert r.returncode != 0, r
-    assert a.virsh("domstate", "qlk-fail").stdout.strip() == "running"
-    assert b.virsh("domstate", "qlk-fail").stdout.strip() == "shut off"
-    assert held(hosts, disk, backend) == {"host-a": "exclusive"}
-    if backend == "lockspace":
-        assert stale_records(hosts, "host-b", "qlk-fail") == []
+    rolled_back(hosts, "qlk-fail", disk, backend)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

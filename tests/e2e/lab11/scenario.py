@@ -203,3 +203,14 @@ def start_libvirtd(lab: Lab) -> None:
     deadline = time.monotonic() + 30
     while lab.virsh("list", check=False).returncode != 0 and time.monotonic() < deadline:
         time.sleep(0.1)
+
+
+def rolled_back(hosts: TwoHosts, name: str, disk: str, backend: str) -> None:
+    """A migration A -> B that failed: the guest runs on on A, which holds its disk,
+    B has no domain running and left no lease record."""
+    a, b = hosts.hosts["host-a"], hosts.hosts["host-b"]
+    assert a.virsh("domstate", name).stdout.strip() == "running"
+    assert b.virsh("domstate", name).stdout.strip() == "shut off"
+    settled(hosts, disk, backend, {"host-a": "exclusive"})
+    if backend == "lockspace":
+        assert stale_records(hosts, "host-b", name) == []
