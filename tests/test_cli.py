@@ -329,7 +329,7 @@ def test_status_finds_holders_by_pid_and_guest(start, images: tuple[str, str]) -
         )
     table = lockctl("status", a).stdout.splitlines()
     assert table[0].split() == ["MODE", "PID", "GUEST", "COMMAND", "UUID", "SINCE", "HOST", "PATH"]
-    assert len(table) == 2 and table[1].split()[:3] == ["exclusive", str(vm.proc.pid), "status-vm"]
+    assert len(table) == 2 and table[1].split()[:3] == ["writing", str(vm.proc.pid), "status-vm"]
     assert table[1].endswith(a)
     vm.kill()
     assert json.loads(lockctl("status", "--json", a, b).stdout) == {"locks": [], "unlisted": []}
