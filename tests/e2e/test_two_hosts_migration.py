@@ -12,12 +12,13 @@ import json
 import os
 import subprocess
 import time
+import uuid
 from pathlib import Path
 
 import pytest
 
 from e2e.lab11.harness import Lab
-from e2e.lab11.hosts import TwoHosts
+from e2e.lab11.hosts import HOST_IDS, TwoHosts
 from e2e.lab11.scenario import (
     BACKENDS,
     BALLAST,
@@ -37,7 +38,7 @@ pytestmark = [pytest.mark.libvirt, pytest.mark.qemu, pytest.mark.root]
 
 
 def migrating(hosts: TwoHosts, backend: str, name: str, *others: str,
-              ) -> tuple[str, subprocess.Popen[str]]:  # fmt: skip
+              env: dict[str, str] | None = None) -> tuple[str, subprocess.Popen[str]]:  # fmt: skip
     """Domain ``name`` (with the ballast) and ``others`` (without) on one new disk,
     defined on both hosts; ``name`` started on A and migrating to B at 8 MiB/s:
     (the disk, `virsh migrate`), returned once B's QEMU is up, about 4 s before
@@ -49,7 +50,7 @@ def migrating(hosts: TwoHosts, backend: str, name: str, *others: str,
         f.write(os.urandom(32 << 20))
     blob.chmod(0o644)
     for lab in (a, b):
-        define(hosts, lab, name, disk, backend, ballast=True)
+        define(hosts, lab, name, disk, backend, ballast=True, env=env)
         for other in others:
             define(hosts, lab, other, disk, backend)
     assert a.virsh("start", name, check=False).returncode == 0
@@ -123,6 +124,32 @@ def test_the_destination_killed_mid_migration(
     assert pid.isdigit() and b.run("kill", "-9", pid).returncode == 0
     failed(proc, backend)
     rolled_back(hosts, "qlk-dkill", disk, backend)
+
+
+@pytest.mark.parametrize("backend", ["direct", "lockspace", "sanlock"])
+def test_a_destination_that_waits_too_long_says_who_and_is_killed(
+    hosts: TwoHosts, a_b: tuple[Lab, Lab], backend: str
+) -> None:
+    """The migration keeper under a real libvirtd (issue 23, its exact words): the
+    destination waits `incoming_wait` (2 s here, the migration takes ~4 s) for the
+    source to let go, then says in its domain log who holds what, and is killed;
+    the migration fails and the guest runs on on A."""
+    a = a_b[0]
+    log_file = hosts.work / "host-b/var-log-libvirt/qemu/qlk-wait.log"
+    before = log_file.stat().st_size if log_file.exists() else 0  # earlier backends' runs
+    disk, proc = migrating(hosts, backend, "qlk-wait", env={"QEMU_LOCKED_INCOMING_WAIT": "2"})
+    failed(proc, backend)
+    rolled_back(hosts, "qlk-wait", disk, backend)
+    pid = a.run("cat", "/run/libvirt/qemu/qlk-wait.pid").stdout.strip()
+    holder = (f"host id {HOST_IDS['host-a']} (host-a)" if backend == "sanlock" else
+              f"pid {pid}, guest 'qlk-wait' on host 'host-a'")  # fmt: skip
+    log = log_file.read_bytes()[before:].decode()
+    ours = [ln for ln in log.splitlines() if ln.startswith("qemu-locked: ")]
+    assert ours == [
+        f"qemu-locked: cannot start domain {uuid.uuid5(uuid.NAMESPACE_DNS, 'qlk-wait')} after 2 s "
+        f"of incoming migration: already running, held by {holder}; killing the VM "
+        "(incoming_timeout_action = kill)"
+    ], log
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

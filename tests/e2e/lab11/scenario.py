@@ -31,11 +31,12 @@ def image(hosts: TwoHosts, name: str) -> str:
 
 
 def define(hosts: TwoHosts, lab: Lab, name: str, disk: str, backend: str, uid: str = "",
-           ballast: bool = False) -> str:  # fmt: skip
+           ballast: bool = False, env: dict[str, str] | None = None) -> str:  # fmt: skip
     """The same XML a cluster would give every host (same name, same UUID); a
     disk under /dev is a block device (a LUN both hosts see).  ``ballast``: 32 MiB
     of random bytes loaded into the guest's RAM (a guest with no OS has nothing but
-    zero pages, which migrate in no time): a migration window to aim at."""
+    zero pages, which migrate in no time): a migration window to aim at.  ``env``:
+    qemu-locked settings the domain carries (they travel with a migration)."""
     source = (f"<disk type='block' device='disk'><driver name='qemu' type='raw'/>"
               f"<source dev='{disk}'/>" if disk.startswith("/dev/") else
               "<disk type='file' device='disk'><driver name='qemu' type='qcow2'/>"
@@ -50,6 +51,7 @@ def define(hosts: TwoHosts, lab: Lab, name: str, disk: str, backend: str, uid: s
         "</disk><serial type='pty'/><console type='pty'/></devices>"
         + "<qemu:commandline>"
         + ("" if backend == "lockd" else f"<qemu:env name='QEMU_LOCKED_BACKEND' value='{backend}'/>")
+        + "".join(f"<qemu:env name='{k}' value='{v}'/>" for k, v in (env or {}).items())
         + (f"<qemu:arg value='-device'/><qemu:arg value='loader,file={IMAGES}/{BALLAST},"
            "addr=0x1000000,force-raw=on'/>" if ballast else "")
         + "</qemu:commandline></domain>"
