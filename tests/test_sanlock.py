@@ -448,6 +448,13 @@ def test_block_devices_are_keyed_by_stable_id(cluster: Cluster, start, loop_devi
     other: VM = start("-drive", f"file={loop_device},format=raw", env=cluster.env(2))
     assert not other.started()
     assert f"cannot write {loop_device}: in use (writing) by host id 1 (host-1)" in other.stderr()
+    # `status` from the other host names the device by the path it was given, its key beside
+    r = run([QEMU_LOCKCTL, "status", "--json", loop_device], env=cluster.env(2))
+    assert r.returncode == 0, r.stderr
+    rows = [row for row in json.loads(r.stdout)["locks"] if row.get("source") == "sanlock"]
+    assert [(row["path"], row["key"], row["host"], row["mode"]) for row in rows] == [
+        (loop_device, file_key(loop_device), "host-1", "exclusive")
+    ], rows
 
 
 def test_status_for_a_path_names_holder_host_pid_and_guest(cluster: Cluster, start) -> None:

@@ -164,14 +164,17 @@ def status_rows(config: Config, paths: list[str] | None = None) -> list[StatusRo
         table = lease_table(config)
     except QemuLockedError:
         return []
-    wanted: set[str] | None = None
+    # Lease name -> (the path asked about, its key): a sanlock lease is named by a hash
+    # and keeps neither, so a row can say them only when the path was given.
+    wanted: dict[str, tuple[str, str]] | None = None
     if paths:
-        wanted = set()
+        wanted = {}
         for p in paths:
             try:
-                wanted.add(lease_name(disk_key(p, os.stat(p))))
+                key = disk_key(p, os.stat(p))
             except OSError:
                 continue
+            wanted[lease_name(key)] = (p, key)
     rows: list[StatusRow] = []
     me = config.sanlock_host_id
     for lease in table["leases"]:
@@ -183,10 +186,13 @@ def status_rows(config: Config, paths: list[str] | None = None) -> list[StatusRo
             if owner["host_id"] == me and lease["local"]:
                 pid = lease["local"][0]["pid"]
                 guest, uuid, _comm = procfs.guest_of(pid)
+            given = (wanted or {}).get(lease["lease"])
+            path = given[0] if given else f"sanlock:{lease['lease']}"
+            row_key = given[1] if given else None
             rows.append(StatusRow(
-                f"sanlock:{lease['lease']}", owner["mode"], pid,
-                owner["host"] or f"host id {owner['host_id']}", guest, uuid, None,
-                source="sanlock", host_id=owner["host_id"], slot=lease["slot"],
+                path, owner["mode"], pid, owner["host"] or f"host id {owner['host_id']}", guest,
+                uuid, None, source="sanlock", host_id=owner["host_id"], slot=lease["slot"],
+                key=row_key,
             ))  # fmt: skip
     return rows
 
