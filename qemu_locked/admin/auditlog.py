@@ -201,10 +201,11 @@ def log(
     def words_of(row: dict[str, object]) -> dict[str, object]:
         """MODE in the words of every message: what a refused VM asked for (write,
         read), how a lock taken or let go was held (writing, sharing); --json keeps it."""
-        from qemu_locked.model.words import EXCLUSIVE, SHARED, how, want
+        from qemu_locked.model.plan import MODES
+        from qemu_locked.model.words import how, want
 
         mode = row["mode"]
-        if mode not in (EXCLUSIVE, SHARED):
+        if mode not in MODES:
             return row
         asked = row["action"] in ("refused", "timeout", "failed")
         return dict(row, mode=want(str(mode)) if asked else how(str(mode)))

@@ -82,10 +82,11 @@ def text(found: dict[str, list[dict[str, object]]]) -> str:
 
 
 def _table(rows: list[dict[str, object]]) -> str:
-    from qemu_locked.model.words import EXCLUSIVE, SHARED, how
+    from qemu_locked.model.plan import MODES
+    from qemu_locked.model.words import how
 
     def cell(value: object, key: str = "") -> str:
-        if key == "mode" and value in (EXCLUSIVE, SHARED):
+        if key == "mode" and value in MODES:
             return how(str(value))  # the words of every message; --json keeps the mode
         return "-" if value is None or value == "" else str(value)
 

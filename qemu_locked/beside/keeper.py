@@ -133,12 +133,12 @@ class Wait:
                 return
             if time.monotonic() < self.deadline:
                 return
-            from qemu_locked.model import words
+            from qemu_locked.model.plan import EXCLUSIVE, SHARED
+            from qemu_locked.model.words import refusal
 
             holder = p.holders()
             why = f"after {self.config.incoming_wait:g} s of incoming migration"
-            mode = words.EXCLUSIVE if p.exclusive else words.SHARED
-            text = words.refusal(p.label, mode, holder, why)
+            text = refusal(p.label, EXCLUSIVE if p.exclusive else SHARED, holder, why)
         except Exception as exc:
             holder, why = None, f"cannot take the lock ({_why(exc, p.label)})"
             text = f"{p.label}: {why}"

@@ -12,9 +12,8 @@ EXIT_CONFLICT = 1  # qemu-lockctl check: would be refused
 EXIT_QEMU_REJECTS = 1
 EXIT_USAGE = 2  # bad argument, bad config, bad XML
 EXIT_LOCKED = 3  # a disk (or domain lease) is held by someone else
-EXIT_DISK = (
-    4  # a disk (for `log`, the system log) cannot be opened: missing, wrong type, permission
-)
+# a disk (for `log`, the system log) cannot be opened: missing, wrong type, permission
+EXIT_DISK = 4
 EXIT_BACKEND = 5  # the lock machinery itself failed (no OFD support, lockspace I/O)
 EXIT_DENIED = 6  # the host's security policy (AppArmor, SELinux) refused an open or a lock
 EXIT_INTERNAL = 70  # a bug in qemu-locked (EX_SOFTWARE); still one line, no traceback
@@ -88,7 +87,7 @@ class LockedError(QemuLockedError):
     def _line(self, resource: str, wanted: str, holders: str) -> str:
         from qemu_locked.model import words
 
-        return words.refusal(resource, words.want(wanted, self.roles.get(resource, "")), holders)
+        return words.refusal(resource, wanted, holders, role=self.roles.get(resource, ""))
 
     def lines(self) -> list[str]:
         return [self._line(*c).replace("\n", "\\n") for c in self.conflicts]

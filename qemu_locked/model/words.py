@@ -11,9 +11,10 @@ the audit trail all say it with these functions; ``--json`` keeps the lock modes
 
 from __future__ import annotations
 
-EXCLUSIVE, SHARED = "exclusive", "shared"
-SHAREABLE_ROLE = "shareable"  # model.plan.SHAREABLE (not imported: the start path's cost)
+from qemu_locked.model.plan import EXCLUSIVE, SHAREABLE, SHARED
+
 WRITING, SHARING = "writing", "sharing"
+DOMAIN = "domain "  # how a domain lease's label starts (lock.keys.domain_label)
 
 
 def want(mode: str, role: str = "") -> str:
@@ -21,12 +22,12 @@ def want(mode: str, role: str = "") -> str:
     when known, tells a shareable disk's writer from a reader)."""
     if mode == EXCLUSIVE:
         return "write"
-    return "share" if role == SHAREABLE_ROLE else "read"
+    return "share" if role == SHAREABLE else "read"
 
 
 def wanted(resource: str, mode: str, role: str = "") -> str:
     """:func:`want`, and ``start`` for a domain lease (the VM itself)."""
-    return "start" if resource.startswith("domain ") else want(mode, role)
+    return "start" if resource.startswith(DOMAIN) else want(mode, role)
 
 
 def how(mode: str) -> str:
@@ -50,15 +51,12 @@ def held(holders: str) -> str:
     return f"in use ({how(mode)}) by {who}"
 
 
-def refusal(resource: str, wanted: str, holders: str, when: str = "") -> str:
+def refusal(resource: str, mode: str, holders: str, when: str = "", role: str = "") -> str:
     """One refused resource: ``cannot write /x.img: in use (writing) by pid 1, guest 'a'``.
-    ``wanted`` is a word of :func:`want` or a lock mode; ``when`` goes after the
-    resource (the keeper's ``after 600 s of incoming migration``).  A domain lease is
-    the VM itself: ``cannot start domain UUID: already running, held by ...``."""
-    if wanted in (EXCLUSIVE, SHARED):
-        wanted = want(wanted)
-    wanted_word = "start" if resource.startswith("domain ") else wanted
-    what = f"cannot {wanted_word} {resource}{' ' + when if when else ''}"
-    if resource.startswith("domain "):
+    ``when`` goes after the resource (the keeper's ``after 600 s of incoming
+    migration``).  A domain lease is the VM itself: ``cannot start domain UUID:
+    already running, held by ...``."""
+    what = f"cannot {wanted(resource, mode, role)} {resource}" + (f" {when}" if when else "")
+    if resource.startswith(DOMAIN):
         return f"{what}: already running, held by {split_holders(holders)[1]}"
     return f"{what}: {held(holders)}"
