@@ -22,7 +22,6 @@ from qemu_locked.admin.common import (
 )  # fmt: skip
 from qemu_locked.admin.status_cli import other_key, status
 from qemu_locked.model import config as _config
-from qemu_locked.model.audit import held_text
 from qemu_locked.model.errors import (
     EXIT_CONFLICT,
     EXIT_USAGE,
@@ -31,6 +30,7 @@ from qemu_locked.model.errors import (
     UsageError,
 )
 from qemu_locked.model.plan import DiskRef, Plan
+from qemu_locked.model.words import held
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -206,7 +206,7 @@ def check(
         from qemu_locked.model.words import wanted as word
 
         roles = {d.path: d.role for d in p.disks}  # a shareable disk is wanted "share"
-        rows = [[res, word(res, wanted, roles.get(res, "")), held_text(who)]
+        rows = [[res, word(res, wanted, roles.get(res, "")), held(who)]
                 for res, wanted, who in found]  # fmt: skip
         sys.stdout.write(table(rows, ["RESOURCE", "WANTED", "HELD"]))
     else:

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import os
 
-from qemu_locked.model.audit import Event, held_text, send
+from qemu_locked.model.audit import Event, send
+from qemu_locked.model.words import held
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -92,7 +93,7 @@ def _record(config: Config, plan: Plan, vm_pid: int, entries: list[_Entry]) -> N
         host = config.effective_host()
         events = [
             Event(action, path, key_for(path, plan) if path else None, mode, plan.guest, vm_pid,
-                  host, held_text(holder) if holder else None, origin, detail)
+                  host, held(holder) if holder else None, origin, detail)
             for action, path, mode, holder, origin, detail in entries
         ]  # fmt: skip
         send(events, config)

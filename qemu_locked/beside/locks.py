@@ -74,6 +74,10 @@ def _refused(exc: QemuLockedError) -> Refused:
 
 class Locks:
     def __init__(self, config: Config, plan: Plan, qemu_pid: int) -> None:
+        if config.backend != "sanlock":
+            from qemu_locked.backends.lockspace import leases
+
+            leases.RECORD_PID = qemu_pid  # the leases taken here are QEMU's: records name it
         self.config = config
         self.plan = plan
         self.qemu_pid = qemu_pid

@@ -180,11 +180,3 @@ def send(events: list[Event], config: Config) -> None:
                 pass
     finally:
         sock.close()
-
-
-def held_text(who: str) -> str:
-    """``(exclusive) by pid 1, guest 'a'`` -> ``in use (writing) by pid 1, guest 'a'``:
-    the words of every message (model/words.py)."""
-    from qemu_locked.model.words import held
-
-    return held(who)

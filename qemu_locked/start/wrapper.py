@@ -200,13 +200,12 @@ def main() -> NoReturn:
         if held is not None:
             held.abandon()  # QEMU will not run: no record of ours may say it does
         if isinstance(exc, LockedError) and cfg is not None and plan is not None:
+            exc.roles = {d.path: d.role for d in plan.disks}  # "share", not "read"
             # Raised by acquire_all, before any seccomp filter is on this process:
             # sending here opens no file under it.
             from qemu_locked.beside import audit
 
             audit.refused(cfg, plan, os.getpid(), exc.conflicts)
-        if isinstance(exc, LockedError) and plan is not None:
-            exc.roles = {d.path: d.role for d in plan.disks}  # "share", not "read"
         fail(exc)
     except Exception as exc:  # a bug of ours: still one line, and QEMU does not start unlocked
         from qemu_locked.model.errors import InternalError

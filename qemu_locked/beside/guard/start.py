@@ -141,10 +141,6 @@ def _policy(args: list[str], lock_fds: list[int], config: Config, plan: Plan, vm
     from qemu_locked.model.errors import QemuLockedError
     from qemu_locked.parse.keyval import dict_or_opts
 
-    if config.backend != "sanlock":
-        from qemu_locked.backends.lockspace import leases
-
-        leases.RECORD_PID = vm_pid  # the leases it takes are QEMU's
     graph = Graph()
     locks = Locks(config, plan, vm_pid)
     locks.adopt(list(lock_fds))

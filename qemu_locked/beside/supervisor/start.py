@@ -108,10 +108,6 @@ def _serve(sock: _socket.socket, vm_pid: int, pidfd: int, lock_fds: list[int],
             from qemu_locked.beside import audit
             from qemu_locked.beside.locks import Locks
 
-            if config.backend != "sanlock":
-                from qemu_locked.backends.lockspace import leases
-
-                leases.RECORD_PID = vm_pid  # the leases it takes are QEMU's: records name it
             held = Locks(config, plan, vm_pid)
             held.adopt(lock_fds, keep=keep)
             if lock_fds:  # the start's locks, recorded here rather than on the VM's start path
